@@ -1,0 +1,3 @@
+"""ptq4dm: post-training quantization for diffusion models."""
+
+__version__ = "0.1.0"
