@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data import load_fashion_mnist
 from ..errors import Ptq4dmError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, atomic_write_text
 from ..models.loading import DEFAULT_SCHEDULER_CONFIG, save_diffusion_model
 
 # The bundled model: 2.6M parameters; residual blocks with GroupNorm+SiLU, skip concatenations,
@@ -60,6 +60,12 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, max_dec
             e.lerp_(p, 1 - decay)
 
 
+def _truncate_log(log_path: Path, step: int) -> None:
+    if log_path.exists():
+        rows = [r for r in log_path.read_text().splitlines() if json.loads(r)["step"] <= step]
+        atomic_write_text(log_path, "".join(r + "\n" for r in rows))
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -80,6 +86,7 @@ def train_ddpm(run_dir: Path, cfg: TrainConfig, data_root: str | None = None) ->
 
     images, _ = load_fashion_mnist("train", data_root)
     device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the initial weights are part of what the seed reproduces
     model = UNet2DModel(**FMNIST_UNET_CONFIG).to(device)
     ema = UNet2DModel(**FMNIST_UNET_CONFIG).to(device)
     ema.load_state_dict(model.state_dict())
@@ -96,6 +103,7 @@ def train_ddpm(run_dir: Path, cfg: TrainConfig, data_root: str | None = None) ->
         opt.load_state_dict(state["optimizer"])
         step, wall = int(state["step"]), float(state["wall_seconds"])
         print(f"resuming {run_dir} at step {step} ({wall / 3600:.2f} h so far)")
+    _truncate_log(log_path, step)  # rows written after the last checkpoint will be written again
 
     stop = {"now": False}
 

@@ -1,0 +1,35 @@
+# Every target installs what it needs first: a fresh machine runs `make demo` or `make test` and nothing else.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO   := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup demo test test-slow clean-venv
+
+setup: $(STAMP) $(FMNIST)
+
+# torch is pinned by constraints.txt on every pip call: an unpinned one pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip -c constraints.txt
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+$(FMNIST):
+	bash scripts/install-dataset.sh
+
+demo: setup
+	$(BIN)/ptq4dm sample --model fmnist-ddpm --scheduler ddim --steps 100 --num 500 --seed 0 --out $(DEMO)/samples
+	$(BIN)/ptq4dm eval $(DEMO)/samples --reference fmnist-test --json $(DEMO)/eval.json
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,141 @@
+"""The `ptq4dm` command line: one subcommand per job, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import Ptq4dmError
+
+
+def _add_train(sub):
+    from .training.ddpm import TrainConfig
+
+    p = sub.add_parser("train", help="train (or resume) the bundled Fashion-MNIST DDPM")
+    d = TrainConfig()
+    p.add_argument("--out", type=Path, default=Path("runs/train-fmnist-ddpm"), help="run folder; an existing one is resumed")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps to reach")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in plain fp32 (bf16 autocast is the default)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--data-root", default=None, help="folder of the Fashion-MNIST IDX files")
+
+    def run(a):
+        from .training.ddpm import train_ddpm
+
+        cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                          checkpoint_every=a.checkpoint_every, bf16=a.bf16, device=a.device)
+        print(f"EMA model written to {train_ddpm(a.out, cfg, a.data_root)}")
+    p.set_defaults(run=run)
+
+
+def _add_train_classifier(sub):
+    p = sub.add_parser("train-classifier", help="train the Fashion-MNIST feature classifier used by `eval`")
+    p.add_argument("--out", type=Path, default=Path("runs/fmnist-classifier"))
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+    def run(a):
+        from .training.classifier import train_classifier
+
+        acc = train_classifier(a.out, epochs=a.epochs, seed=a.seed, data_root=a.data_root, overwrite=a.overwrite)
+        print(f"test accuracy {acc:.4f}; classifier written to {a.out}")
+    p.set_defaults(run=run)
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="draw samples: a PNG grid and an .npz of the raw samples")
+    p.add_argument("--model", default="fmnist-ddpm", help="bundled name or a diffusers model folder")
+    p.add_argument("--scheduler", default="ddim", choices=["ddpm", "ddim", "dpm-solver"])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    def run(a):
+        from .images import save_grid, save_samples
+        from .io import atomic_dir
+        from .models import load_diffusion_model
+        from .sampling import make_scheduler, sample
+
+        if a.num < 1:
+            raise Ptq4dmError(f"--num must be at least 1, got {a.num}")
+        model = load_diffusion_model(a.model)
+        make_scheduler(a.scheduler, model.scheduler_config, a.steps)  # validates before any work
+        with atomic_dir(a.out, a.overwrite) as tmp:
+            t0 = time.perf_counter()
+            x = sample(model, a.scheduler, a.steps, a.num, a.seed, a.batch_size)
+            seconds = time.perf_counter() - t0
+            meta = {"model": str(a.model), "scheduler": a.scheduler, "steps": a.steps, "num": a.num,
+                    "seed": a.seed, "batch_size": a.batch_size, "seconds": round(seconds, 1)}
+            save_samples(tmp / "samples.npz", x, meta)
+            save_grid(x[:64], tmp / "grid.png")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"{a.num} samples in {seconds:.1f} s -> {a.out}/samples.npz, {a.out}/grid.png")
+    p.set_defaults(run=run)
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="FID, KID, IS and precision/recall of a sample set against a reference set")
+    p.add_argument("samples", type=Path, help="folder written by `ptq4dm sample`, or its samples.npz")
+    p.add_argument("--reference", default="fmnist-test",
+                   help="fmnist-test, fmnist-train, or another sample folder/.npz (default: the Fashion-MNIST test split)")
+    p.add_argument("--features", default="classifier", choices=["classifier", "inception"],
+                   help="embedding: the bundled Fashion-MNIST classifier, or InceptionV3 (pytorch-fid weights)")
+    p.add_argument("--classifier", default="fmnist-classifier", help="classifier folder for --features classifier")
+    p.add_argument("--inception-weights", type=Path, default=None, help="local pt_inception-2015-12-05-*.pth")
+    p.add_argument("--num-reference", type=int, default=None, help="use the first N reference images (default: all)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the FID interval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+    def run(a):
+        from .evaluation import evaluate_samples
+
+        results = evaluate_samples(a.samples, reference=a.reference, features=a.features, classifier=a.classifier,
+                                   inception_weights=a.inception_weights, num_reference=a.num_reference,
+                                   bootstrap=a.bootstrap, seed=a.seed, data_root=a.data_root)
+        from .metrics import format_table
+        print(format_table(results))
+        if a.json:
+            from .io import atomic_write_text
+            atomic_write_text(a.json, json.dumps(results, indent=2) + "\n")
+    p.set_defaults(run=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptq4dm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_train_classifier, _add_sample, _add_eval):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="ptq4dm: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except Ptq4dmError as e:
+        print(f"ptq4dm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ptq4dm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
