@@ -1,0 +1,33 @@
+import math
+
+import pytest
+import torch
+
+from ptq4dm.agreement import per_timestep_error, psnr, sample_agreement, sqnr_db, ssim
+from ptq4dm.sampling import unet_predictor
+
+
+def test_sqnr_matches_its_definition():
+    ref = torch.ones(1000)
+    assert sqnr_db(ref, ref) == math.inf
+    assert sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)  # noise power 0.01 of signal
+
+
+def test_psnr_and_ssim_extremes():
+    torch.manual_seed(0)
+    a = torch.rand(4, 1, 32, 32) * 2 - 1
+    assert ssim(a, a).allclose(torch.ones(4, dtype=torch.float64))
+    assert ssim(a, torch.rand(4, 1, 32, 32) * 2 - 1).abs().max() < 0.1  # independent noise: no structure shared
+    assert psnr(a, a + 0.02).mean().item() == pytest.approx(10 * math.log10(4 / 0.02**2), rel=1e-6)
+    noisy = sample_agreement(a, a + 0.3 * torch.randn_like(a))
+    slight = sample_agreement(a, a + 0.01 * torch.randn_like(a))
+    assert slight["psnr_db_mean"] > noisy["psnr_db_mean"] + 20 and slight["ssim_mean"] > noisy["ssim_mean"]
+
+
+def test_per_timestep_error_sees_a_perturbed_network(tiny_model):
+    fp = unet_predictor(tiny_model.unet)
+    res = per_timestep_error(tiny_model, fp, {"same": fp, "noisy": lambda x, t: fp(x, t) * 1.01},
+                             steps=5, num=2)
+    assert len(res["t"]) == 5 and res["t"] == sorted(res["t"], reverse=True)
+    assert all(v == math.inf for v in res["same"]["sqnr_db"])
+    assert all(v == pytest.approx(40.0, abs=1e-3) for v in res["noisy"]["sqnr_db"])
