@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ..errors import Ptq4dmError
 from ..io import atomic_dir
+from ..models.loading import load_safetensors
 
 TENSORS_FILE = "calibration.safetensors"
 META_FILE = "meta.json"
@@ -66,10 +65,7 @@ class CalibrationSet:
         for name in (TENSORS_FILE, META_FILE):
             if not (folder / name).is_file():
                 raise Ptq4dmError(f"{folder} is not a calibration set: {name} is missing; {how_to_fix}")
-        try:
-            tensors = load_safetensors((folder / TENSORS_FILE).read_bytes())
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise Ptq4dmError(f"{folder / TENSORS_FILE} is corrupt or truncated ({e}); {how_to_fix}") from None
+        tensors = load_safetensors(folder / TENSORS_FILE)
         try:
             meta = json.loads((folder / META_FILE).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

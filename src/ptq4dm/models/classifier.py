@@ -10,12 +10,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import Ptq4dmError
 from ..io import atomic_dir
-from .loading import check_safetensors, resolve_model_path
+from .loading import load_safetensors, resolve_model_path
 
 
 class FashionClassifier(nn.Module):
@@ -54,6 +54,5 @@ class FashionClassifier(nn.Module):
             raise Ptq4dmError(f"{root} is not a ptq4dm classifier folder (config.json + model.safetensors)")
         config = json.loads((root / "config.json").read_text())
         model = cls(**{k: config[k] for k in ("width", "feature_dim", "num_classes")})
-        check_safetensors(root / "model.safetensors")
-        model.load_state_dict(load_file(str(root / "model.safetensors")))
+        model.load_state_dict(load_safetensors(root / "model.safetensors"))
         return model.eval()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..errors import Ptq4dmError
 from ..io import atomic_dir
@@ -64,21 +65,26 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def check_safetensors(path: Path) -> None:
-    """Open a safetensors file's header and every tensor so that truncation is reported here, clearly."""
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or corrupt file is one clear error here, not mid-run."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                f.get_slice(key)[:]  # reads the bytes: a truncated file fails now, not mid-run
+        return load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise Ptq4dmError(f"weights file {path} is corrupt or truncated ({e}); re-download or re-save it") from None
 
 
-def _unet_dir(root: Path) -> Path:
+# A ptq4dm-quantized network is stored beside (and instead of) diffusers' config.json.
+QUANTIZED_MARKER = "quantization.json"
+
+
+def _locate(root: Path) -> tuple[Path, Path]:
+    """(folder that may hold scheduler/, folder of the network) for the layouts ptq4dm reads."""
+    if (root / "ptq.json").is_file() and (root / "model").is_dir():  # a `ptq4dm quantize` run folder
+        return _locate(root / "model")
     if (root / "model_index.json").is_file() and (root / "unet").is_dir():
-        return root / "unet"
-    if (root / "config.json").is_file():
-        return root
+        return root, root / "unet"
+    if (root / "config.json").is_file() or (root / QUANTIZED_MARKER).is_file():
+        return root, root
     raise Ptq4dmError(
         f"{root} is not a diffusers model folder: expected model_index.json with unet/, "
         "or a UNet2DModel folder with config.json and diffusion_pytorch_model.safetensors"
@@ -87,7 +93,24 @@ def _unet_dir(root: Path) -> Path:
 
 def load_diffusion_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> DiffusionModel:
     root = resolve_model_path(name_or_path)
-    unet_dir = _unet_dir(root)
+    root, unet_dir = _locate(root)
+    unet = _load_quantized_unet(unet_dir) if (unet_dir / QUANTIZED_MARKER).is_file() else _load_float_unet(unet_dir)
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        scheduler_config = {k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")}
+    else:
+        log.warning("%s ships no scheduler config: assuming DDPM, 1000 linear steps, epsilon prediction", root)
+        scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
+    return DiffusionModel(unet=unet, scheduler_config=scheduler_config, path=root)
+
+
+def _load_quantized_unet(unet_dir: Path) -> torch.nn.Module:
+    from ..quant import load_quantized  # the quantization layer builds on this module, not the reverse
+
+    return load_quantized(unet_dir).eval()
+
+
+def _load_float_unet(unet_dir: Path) -> UNet2DModel:
     config = json.loads((unet_dir / "config.json").read_text())
     if config.get("_class_name") != "UNet2DModel":
         raise Ptq4dmError(
@@ -100,23 +123,21 @@ def load_diffusion_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Dif
             f"{unet_dir} has no diffusion_pytorch_model.safetensors: ptq4dm loads safetensors only "
             "(never pickles); convert with `UNet2DModel.from_pretrained(...).save_pretrained(dir)`"
         )
-    check_safetensors(weights)
-    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).eval()
-    scheduler_file = root / "scheduler" / "scheduler_config.json"
-    if scheduler_file.is_file():
-        scheduler_config = {k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")}
-    else:
-        log.warning("%s ships no scheduler config: assuming DDPM, 1000 linear steps, epsilon prediction", root)
-        scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
-    return DiffusionModel(unet=unet, scheduler_config=scheduler_config, path=root)
+    load_safetensors(weights)  # diffusers would fail on a truncated file with a less helpful message
+    return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).eval()
 
 
 def save_diffusion_model(unet: UNet2DModel, scheduler_config: dict, out: Path, overwrite: bool = False) -> None:
     """Write a diffusers pipeline folder (DDPMPipeline layout), atomically."""
     with atomic_dir(out, overwrite) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        DDPMScheduler(**scheduler_config).save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": "DDPMPipeline", "_diffusers_version": __import__("diffusers").__version__,
-            "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"],
-        }, indent=2) + "\n")
+        write_pipeline_files(tmp, scheduler_config)
+
+
+def write_pipeline_files(folder: Path, scheduler_config: dict) -> None:
+    """The scheduler config and model_index.json that make `folder` a DDPMPipeline folder."""
+    DDPMScheduler(**scheduler_config).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "_diffusers_version": __import__("diffusers").__version__,
+        "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+    }, indent=2) + "\n")

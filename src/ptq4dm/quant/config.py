@@ -1,0 +1,126 @@
+"""QuantConfig: what to quantize and how, validated on construction and serialisable to JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from fnmatch import fnmatchcase
+
+from ..errors import Ptq4dmError
+from .observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
+from .quantizer import check_bits
+
+GRANULARITIES = ("per_channel", "per_tensor")
+
+# Layers kept in full precision by default (REFERENCE.md): NVIDIA ModelOpt's diffusion defaults exclude
+# the timestep-embedding path (time_embedding, time_emb_proj) and the first and last convolutions. The
+# timestep path is tiny (one vector per sample, not per pixel: no speed to gain) but its error shifts
+# every feature map at every step, and the sinusoidal embedding is known to lose accuracy at large t in
+# low precision. conv_in sees 1-3 input channels (negligible compute) and conv_out writes the predicted
+# noise that the sampler consumes directly. Set `exclude=[]` to quantize everything, as PTQ4DM's code did.
+DEFAULT_EXCLUDE = ("time_embedding.*", "*time_emb_proj", "conv_in", "conv_out")
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize a diffusion model (defaults: W8A8 as evaluated in PTQ4DM, int8-exportable).
+
+    weight_bits / activation_bits: 2..8, or None to keep weights / activations in full precision.
+    weight_granularity: "per_channel" (one scale per output channel; default, as in PTQ4DM's code and
+        what int8 backends support for weights) or "per_tensor". Activations are always per tensor: a
+        per-channel activation scale would sit on the reduction axis of the integer GEMM.
+    weight_symmetric: True (default): signed, zero point 0, so the int8 GEMM needs no weight zero-point term.
+    activation_symmetric: False (default): unsigned with a zero point, so one-sided activations (after
+        SiLU, softmax) use the whole grid and int8 backends get the u8 activations they want.
+    weight_observer: "mse" (default; Lp search per channel on the weight itself) or "minmax".
+    activation_observer: "mse" (default; Lp search on a streaming histogram of all calibration batches),
+        "percentile" or "minmax".
+    mse_p: the p of the Lp error minimised by the "mse" observers; 2.4 as chosen in PTQ4DM (paper
+        Table 4, and its reference code); 2.0 gives plain MSE.
+    percentile: for the "percentile" activation observer, clip to [100 - percentile, percentile].
+    quantize_attention_matmuls: also quantize the operands of Q.K^T (Q, K) and softmax.V (the softmax
+        output, V), as Q-Diffusion does. Off by default: PTQ4DM's code keeps them in full precision and
+        common int8 toolchains do not run attention in int8.
+    include / exclude: fnmatch patterns on module names (e.g. "down_blocks.*.resnets.*.conv1"). A Conv2d or
+        Linear layer (or an attention module, for the matmuls) is quantized when it matches an include
+        pattern and no exclude pattern. Every pattern must match something in the model.
+    """
+
+    weight_bits: int | None = 8
+    activation_bits: int | None = 8
+    weight_granularity: str = "per_channel"
+    weight_symmetric: bool = True
+    activation_symmetric: bool = False
+    weight_observer: str = "mse"
+    activation_observer: str = "mse"
+    mse_p: float = 2.4
+    percentile: float = 99.99
+    quantize_attention_matmuls: bool = False
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.activation_bits, "activation_bits")
+        _check_choice(self.weight_granularity, GRANULARITIES, "weight_granularity")
+        _check_choice(self.weight_observer, WEIGHT_OBSERVERS, "weight_observer")
+        _check_choice(self.activation_observer, ACTIVATION_OBSERVERS, "activation_observer")
+        for name in ("weight_symmetric", "activation_symmetric", "quantize_attention_matmuls"):
+            if not isinstance(getattr(self, name), bool):
+                raise Ptq4dmError(f"{name} = {getattr(self, name)!r} must be true or false")
+        if isinstance(self.mse_p, bool) or not isinstance(self.mse_p, (int, float)) or not self.mse_p > 0:
+            raise Ptq4dmError(f"mse_p = {self.mse_p!r} must be a positive number (2.4 in PTQ4DM, 2 for plain MSE)")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 50 < self.percentile <= 100:
+            raise Ptq4dmError(f"percentile = {self.percentile!r} must be in (50, 100], e.g. 99.99")
+        if self.quantize_attention_matmuls and self.activation_bits is None:
+            raise Ptq4dmError("quantize_attention_matmuls needs activation_bits: set activation_bits (e.g. 8) "
+                              "or turn quantize_attention_matmuls off")
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+                raise Ptq4dmError(f"{name} = {patterns!r} must be a list of non-empty name patterns, e.g. ['conv_in']")
+            setattr(self, name, list(patterns))
+
+    def select(self, names: list[str]) -> list[str]:
+        """The names to quantize among `names`; a pattern that matches none of them is an error."""
+        for kind, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(fnmatchcase(name, pattern) for name in names):
+                    examples = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                    raise Ptq4dmError(
+                        f"{kind} pattern {pattern!r} matches no quantizable layer of this model "
+                        f"(layers are named like: {examples or 'none found'}): fix or remove the pattern"
+                    )
+        return [name for name in names
+                if any(fnmatchcase(name, p) for p in self.include)
+                and not any(fnmatchcase(name, p) for p in self.exclude)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise Ptq4dmError(f"a quantization config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise Ptq4dmError(f"unknown quantization config keys {unknown}: valid keys are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise Ptq4dmError(f"quantization config is not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise Ptq4dmError(f"{name} = {value!r} is not known: choose one of {', '.join(choices)}")

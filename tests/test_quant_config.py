@@ -1,0 +1,59 @@
+import pytest
+
+from ptq4dm.errors import Ptq4dmError
+from ptq4dm.quant import DEFAULT_EXCLUDE, QuantConfig, quantize
+
+
+def test_json_round_trip_keeps_every_field():
+    config = QuantConfig(weight_bits=4, activation_bits=None, weight_granularity="per_tensor", weight_symmetric=False,
+                         activation_symmetric=True, weight_observer="minmax", activation_observer="percentile",
+                         mse_p=2.0, percentile=99.9, include=["down_blocks.*"], exclude=["*conv_shortcut"])
+    assert QuantConfig.from_json(config.to_json()) == config
+    assert QuantConfig.from_json(QuantConfig().to_json()) == QuantConfig()
+
+
+def test_defaults_follow_the_field():
+    config = QuantConfig()
+    assert (config.weight_bits, config.activation_bits) == (8, 8)
+    assert config.weight_granularity == "per_channel" and config.weight_symmetric and not config.activation_symmetric
+    assert (config.weight_observer, config.activation_observer, config.mse_p) == ("mse", "mse", 2.4)
+    assert not config.quantize_attention_matmuls
+    assert config.exclude == list(DEFAULT_EXCLUDE) and "time_embedding.*" in config.exclude
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"weight_bits": 0}, "weight_bits = 0"),
+    ({"activation_bits": 33}, "activation_bits = 33"),
+    ({"weight_observer": "kl"}, "weight_observer = 'kl'"),
+    ({"weight_observer": "percentile"}, "weight_observer"),
+    ({"activation_observer": "ema"}, "activation_observer = 'ema'"),
+    ({"weight_granularity": "per_group"}, "weight_granularity"),
+    ({"mse_p": 0}, "mse_p"),
+    ({"percentile": 20}, "percentile"),
+    ({"exclude": "conv_in"}, "exclude"),
+    ({"activation_bits": None, "quantize_attention_matmuls": True}, "quantize_attention_matmuls"),
+])
+def test_invalid_configs_are_refused_with_the_field_named(changes, message):
+    with pytest.raises(Ptq4dmError, match=message.replace("(", r"\(")):
+        QuantConfig(**changes)
+
+
+def test_unknown_json_keys_and_bad_json_are_refused():
+    with pytest.raises(Ptq4dmError, match="unknown quantization config keys"):
+        QuantConfig.from_json('{"weight_bit": 8}')
+    with pytest.raises(Ptq4dmError, match="not valid JSON"):
+        QuantConfig.from_json("{weight_bits: 8")
+
+
+def test_selection_applies_include_then_exclude():
+    names = ["conv_in", "down.0.conv1", "down.0.time_emb_proj", "up.0.conv1", "conv_out"]
+    config = QuantConfig(include=["down.*", "conv_*"], exclude=["*time_emb_proj", "conv_out"])
+    assert config.select(names) == ["conv_in", "down.0.conv1"]
+
+
+@pytest.mark.parametrize("field", ["include", "exclude"])
+def test_a_pattern_matching_no_layer_is_an_error_before_any_swap(tiny_unet, field):
+    config = QuantConfig(**{field: ["mid_block.*", "encoder.*"]})
+    with pytest.raises(Ptq4dmError, match=r"'encoder\.\*' matches no quantizable layer.*conv_in"):
+        quantize(tiny_unet, config)
+    assert not any("Quant" in type(m).__name__ for m in tiny_unet.modules())

@@ -1,0 +1,161 @@
+"""quantize / calibrate / freeze / save / load on the tiny diffusers UNet2DModel of conftest.py."""
+
+import copy
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import nn
+
+from ptq4dm.errors import Ptq4dmError
+from ptq4dm.quant import (QuantAttnProcessor, QuantConfig, QuantConv2d, QuantLinear, calibrate, freeze,
+                          load_quantized, quant_units, quantize, read_quantized_metadata, save_quantized)
+
+
+def _inputs(seed, batch=4):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 8, 8, generator=generator), torch.randint(0, 1000, (batch,), generator=generator)
+
+
+def _output(model, seed=100):
+    with torch.no_grad():
+        return model(*_inputs(seed)).sample
+
+
+def _calibrated(model, config, batches=4):
+    quantize(model, config)
+    with calibrate(model):
+        for seed in range(batches):
+            model(*_inputs(seed))
+    return freeze(model)
+
+
+def _sqnr_db(reference, approximation):
+    return (10 * torch.log10(reference.pow(2).sum() / (reference - approximation).pow(2).sum())).item()
+
+
+def test_quantize_swaps_selected_layers_and_leaves_the_rest_untouched(tiny_unet):
+    before = dict(tiny_unet.named_modules())
+    float_state = copy.deepcopy(tiny_unet.state_dict())
+    quantize(tiny_unet, QuantConfig())
+    after = dict(tiny_unet.named_modules())
+    for name in ["conv_in", "conv_out", "time_embedding.linear_1", "down_blocks.0.resnets.0.time_emb_proj"]:
+        assert after[name] is before[name] and type(after[name]) in (nn.Conv2d, nn.Linear)
+    for name, cls in [("down_blocks.0.resnets.0.conv1", QuantConv2d), ("down_blocks.1.attentions.0.to_q", QuantLinear)]:
+        assert isinstance(after[name], cls) and after[name].weight is before[name].weight
+    assert isinstance(tiny_unet.down_blocks[1].attentions[0].processor, AttnProcessor2_0)  # matmuls off by default
+    state = tiny_unet.state_dict()
+    for key, value in float_state.items():
+        assert torch.equal(state[key], value)
+
+
+def test_the_attention_processor_is_installed_only_when_asked_and_not_on_excluded_attentions(tiny_unet):
+    quantize(tiny_unet, QuantConfig(quantize_attention_matmuls=True, exclude=["up_blocks.*.attentions.*"]))
+    assert isinstance(tiny_unet.down_blocks[1].attentions[0].processor, QuantAttnProcessor)
+    assert isinstance(tiny_unet.up_blocks[0].attentions[0].processor, AttnProcessor2_0)
+    assert type(tiny_unet.up_blocks[0].attentions[0].to_q) is nn.Linear
+
+
+def test_the_calibration_pass_is_the_float_model(tiny_unet):
+    reference = _output(tiny_unet)
+    quantize(tiny_unet, QuantConfig(quantize_attention_matmuls=True))
+    with calibrate(tiny_unet):
+        calibrating = _output(tiny_unet)
+    # Written-out attention vs SDPA: equal up to float rounding.
+    torch.testing.assert_close(calibrating, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_life_cycle_errors_are_clear(tiny_unet):
+    with pytest.raises(Ptq4dmError, match="not quantized by ptq4dm"):
+        freeze(tiny_unet)
+    quantize(tiny_unet, QuantConfig())
+    with pytest.raises(Ptq4dmError, match="already quantized"):
+        quantize(tiny_unet, QuantConfig())
+    with pytest.raises(Ptq4dmError, match="no fixed quantization parameters"):
+        _output(tiny_unet)
+    with pytest.raises(Ptq4dmError, match="saw no calibration data"):
+        freeze(tiny_unet)
+    with calibrate(tiny_unet):
+        _output(tiny_unet)
+    freeze(tiny_unet)
+    with pytest.raises(Ptq4dmError, match="already frozen"):
+        with calibrate(tiny_unet):
+            pass
+
+
+def test_weight_only_quantization_needs_no_calibration(tiny_unet):
+    reference = _output(tiny_unet)
+    freeze(quantize(tiny_unet, QuantConfig(activation_bits=None)))
+    assert _sqnr_db(reference, _output(tiny_unet)) > 30
+
+
+def test_frozen_layers_expose_integer_parameters_for_an_exporter(tiny_unet):
+    _calibrated(tiny_unet, QuantConfig())
+    conv = tiny_unet.down_blocks[0].resnets[0].conv1
+    weight, inputs = conv.weight_params, conv.input_params
+    assert weight.scale.shape == (conv.out_channels,) and weight.axis == 0 and (weight.scale > 0).all()
+    assert (weight.qmin, weight.qmax) == (-127, 127) and not weight.zero_point.any()
+    assert inputs.scale.shape == () and (inputs.qmin, inputs.qmax) == (0, 255)
+    assert inputs.zero_point.dtype == torch.int32 and 0 <= inputs.zero_point.item() <= 255
+    codes = weight.quantize(conv.weight)
+    assert torch.equal(weight.dequantize(codes), conv.weight_quantizer(conv.weight))
+
+
+def test_w8a8_stays_close_to_full_precision_and_attention_matmuls_change_it_slightly(tiny_unet):
+    reference = _output(tiny_unet)
+    w8a8 = _calibrated(copy.deepcopy(tiny_unet), QuantConfig())
+    with_matmuls = _calibrated(copy.deepcopy(tiny_unet), QuantConfig(quantize_attention_matmuls=True))
+    plain, matmuls = _output(w8a8), _output(with_matmuls)
+    assert _sqnr_db(reference, plain) > 25
+    assert not torch.equal(plain, matmuls)
+    assert _sqnr_db(reference, matmuls) > 25 and _sqnr_db(plain, matmuls) > 30
+    # Lower precision costs accuracy: the quantizers really act on the forward.
+    w4a8 = _calibrated(copy.deepcopy(tiny_unet), QuantConfig(weight_bits=4))
+    assert _sqnr_db(reference, _output(w4a8)) < _sqnr_db(reference, plain)
+
+
+def test_save_and_load_give_bit_identical_outputs(tiny_unet, tmp_path):
+    model = _calibrated(tiny_unet, QuantConfig(quantize_attention_matmuls=True, activation_observer="percentile"))
+    save_quantized(model, tmp_path / "q", extra_config={"calibration": "ndtc", "samples": 16})
+    loaded = load_quantized(tmp_path / "q")
+    assert torch.equal(_output(loaded), _output(model))
+    assert quant_units(loaded).keys() == quant_units(model).keys()
+    metadata = read_quantized_metadata(tmp_path / "q")
+    assert metadata["extra_config"] == {"calibration": "ndtc", "samples": 16}
+    assert metadata["model_class"] == "UNet2DModel" and metadata["model_config"]["block_out_channels"] == [8, 16]
+    params = metadata["quant_params"]["down_blocks.0.resnets.0.conv1"]
+    assert params["weight_quantizer"]["scale"] == model.down_blocks[0].resnets[0].conv1.weight_params.scale.tolist()
+    assert set(metadata["quant_params"]["down_blocks.1.attentions.0.processor"]) == {
+        "query_quantizer", "key_quantizer", "probs_quantizer", "value_quantizer"}
+
+
+def test_save_refuses_unfrozen_models_and_existing_folders(tiny_unet, tmp_path):
+    quantize(tiny_unet, QuantConfig())
+    with pytest.raises(Ptq4dmError, match="not frozen"):
+        save_quantized(tiny_unet, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    with calibrate(tiny_unet):
+        _output(tiny_unet)
+    freeze(tiny_unet)
+    save_quantized(tiny_unet, tmp_path / "q")
+    with pytest.raises(Ptq4dmError, match="already exists"):
+        save_quantized(tiny_unet, tmp_path / "q")
+    save_quantized(tiny_unet, tmp_path / "q", overwrite=True)
+
+
+def test_load_reports_missing_and_corrupt_files(tiny_unet, tmp_path):
+    with pytest.raises(Ptq4dmError, match="no quantization.json"):
+        load_quantized(tmp_path)
+    _calibrated(tiny_unet, QuantConfig(), batches=1)
+    save_quantized(tiny_unet, tmp_path / "q")
+    weights = tmp_path / "q" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(Ptq4dmError, match="corrupt or truncated"):
+        load_quantized(tmp_path / "q")
+    weights.unlink()
+    with pytest.raises(Ptq4dmError, match="no model.safetensors"):
+        load_quantized(tmp_path / "q")
+    (tmp_path / "q" / "quantization.json").write_text("{not json")
+    weights.write_bytes(b"")
+    with pytest.raises(Ptq4dmError, match="quantization.json is corrupt"):
+        load_quantized(tmp_path / "q")
