@@ -103,8 +103,8 @@ Features: the bundled Fashion-MNIST classifier (`fmnist-classifier`). Sampling t
 
 For scale, {a.num} real *training* images against the test split with the same features:
 FID {real['fid']:.2f}, KID {real['kid_mean']:.4f} ± {real['kid_std']:.4f}, IS {real['is_mean']:.2f}.
-IS of the samples is {100 * results['is_mean'] / results['reference_is_mean']:.0f}% of the IS of the real test split
-({results['reference_is_mean']:.2f}).
+IS of the samples is {100 * results['is_mean'] / results['is_reference_mean']:.0f}% of the IS of the real test split
+({results['is_reference_mean']:.2f}).
 
 Measured by: `python benchmarks/bundled_model.py --run runs/train-fmnist-ddpm --num {a.num}`
 

@@ -34,3 +34,12 @@ def tiny_model_dir(tiny_unet, tmp_path):
 
 def write_json(path, obj):
     path.write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def tiny_model_dir32(tmp_path):
+    """A tiny random UNet at the bundled model's resolution, so the metrics' classifier can embed its samples."""
+    torch.manual_seed(0)
+    out = tmp_path / "tiny-ddpm-32"
+    save_diffusion_model(UNet2DModel(**{**TINY_UNET, "sample_size": 32}), dict(DEFAULT_SCHEDULER_CONFIG), out)
+    return out

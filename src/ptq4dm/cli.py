@@ -115,17 +115,96 @@ def _add_eval(sub):
     p.set_defaults(run=run)
 
 
+def _bits(text: str) -> int | None:
+    """A bit width on the command line: an integer, or "off" (full precision)."""
+    if text.lower() in ("off", "none", "fp", "32"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width: use 2..8 or 'off'") from None
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. preset=reference-code or loc=0.6")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _add_quantize(sub):
+    p = sub.add_parser("quantize", help="post-training quantization: calibrate, freeze, save, report")
+    p.add_argument("--model", default="fmnist-ddpm")
+    p.add_argument("--wbits", type=_bits, default=8, help="weight bits 2..8 or 'off' (default 8)")
+    p.add_argument("--abits", type=_bits, default=8, help="activation bits 2..8 or 'off' (default 8)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="QuantConfig JSON (observers, granularity, include/exclude...); --wbits/--abits override it")
+    p.add_argument("--exclude", nargs="*", default=None, help="layer name patterns kept in full precision "
+                   "(default: the timestep-embedding path, conv_in and conv_out)")
+    p.add_argument("--quantize-attention", action="store_true", help="also quantize the Q.K^T and softmax.V operands")
+    p.add_argument("--calib", default="ndtc", help="calibration strategy: ndtc, uniform, random, last-step, real-data")
+    p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--calib-scheduler", default="ddim", choices=["ddpm", "ddim", "dpm-solver"])
+    p.add_argument("--calib-steps", type=int, default=100, help="steps of the FP chain calibration inputs come from")
+    p.add_argument("--calib-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy parameter, repeatable: e.g. preset=reference-code, loc=0.6, shape=-2")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-report", dest="report", action="store_false", help="skip the comparison with FP")
+    p.add_argument("--eval-num", type=int, default=500, help="samples per model in the report")
+    p.add_argument("--eval-steps", type=int, default=100)
+    p.add_argument("--eval-scheduler", default="ddim", choices=["ddpm", "ddim", "dpm-solver"])
+    p.add_argument("--data-root", default=None)
+
+    def run(a):
+        from .models import load_diffusion_model
+        from .ptq import CalibrationSettings, run_ptq
+        from .quant import QuantConfig
+        from .report import ReportSettings, compare_to_fp, write_report
+        from .sampling import make_scheduler, unet_predictor
+
+        base = QuantConfig.from_json(a.config.read_text()).to_dict() if a.config else {}
+        overrides = {"weight_bits": a.wbits, "activation_bits": a.abits}
+        if a.exclude is not None:
+            overrides["exclude"] = a.exclude
+        if a.quantize_attention:
+            overrides["quantize_attention_matmuls"] = True
+        config = QuantConfig.from_dict({**base, **overrides})
+        calib = CalibrationSettings(strategy=a.calib, size=a.calib_size, scheduler=a.calib_scheduler,
+                                    steps=a.calib_steps, seed=a.seed, params=dict(a.calib_param))
+        model = load_diffusion_model(a.model)
+        if a.report:
+            make_scheduler(a.eval_scheduler, model.scheduler_config, a.eval_steps)
+            if a.eval_num < 2:
+                raise Ptq4dmError(f"--eval-num must be at least 2, got {a.eval_num}")
+        t0 = time.perf_counter()
+        qunet, _ = run_ptq(model, config, calib, a.out, overwrite=a.overwrite, data_root=a.data_root)
+        print(f"quantized model written to {a.out}/model in {time.perf_counter() - t0:.0f} s")
+        if a.report:
+            settings = ReportSettings(scheduler=a.eval_scheduler, steps=a.eval_steps, num=a.eval_num, data_root=a.data_root)
+            name = f"W{a.wbits or 'fp'}A{a.abits or 'fp'}-{a.calib}"
+            results = compare_to_fp(model, {name: unet_predictor(qunet)}, settings, a.out)
+            print(write_report(results, a.out, f"ptq4dm report: {name} on {a.model}", " ".join(["ptq4dm", *a.argv])))
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptq4dm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_train_classifier, _add_sample, _add_eval):
+    for add in (_add_train, _add_train_classifier, _add_sample, _add_eval, _add_quantize):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ptq4dm: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # reports quote the command that made them
     try:
         args.run(args)
     except Ptq4dmError as e:

@@ -35,7 +35,11 @@ def feature_extractor(features: str = "classifier", classifier: str | Path = "fm
 
 
 def evaluate_images(samples: torch.Tensor, reference: torch.Tensor, extractor, bootstrap: int = 200, seed: int = 0) -> dict:
+    """Metrics of `samples` against `reference`. Raw samples are clamped to [-1, 1] first, as every diffusion
+    pipeline does when it turns them into images: the metrics judge the images a user would get."""
     from .metrics import evaluate
+
+    samples = samples.clamp(-1, 1)
 
     if samples.shape[1:] != reference.shape[1:]:
         raise Ptq4dmError(f"samples {tuple(samples.shape[1:])} and reference {tuple(reference.shape[1:])} differ in shape")

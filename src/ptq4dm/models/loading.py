@@ -124,7 +124,7 @@ def _load_float_unet(unet_dir: Path) -> UNet2DModel:
             "(never pickles); convert with `UNet2DModel.from_pretrained(...).save_pretrained(dir)`"
         )
     load_safetensors(weights)  # diffusers would fail on a truncated file with a less helpful message
-    return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).eval()
+    return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False).eval()
 
 
 def save_diffusion_model(unet: UNet2DModel, scheduler_config: dict, out: Path, overwrite: bool = False) -> None:
