@@ -240,12 +240,17 @@ class HistogramObserver(Observer):
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1)
-        _check_finite(x)
         if x.numel() == 0:
             return
-        self._grow_to(x.min().item(), x.max().item())
-        # Dividing by a power of two is exact in floating point, so floor() puts x in its true bin.
-        bins = torch.floor(x / self.bin_width).long() - self.start
+        min_val, max_val = (v.item() for v in torch.aminmax(x))
+        if not (math.isfinite(min_val) and math.isfinite(max_val)):  # NaN and inf reach the min or max
+            _check_finite(x)
+        self._grow_to(min_val, max_val)
+        # Scaling by a power of two is exact in floating point, so floor() puts x in its true bin; the
+        # scaled values are integers below 2^24 in magnitude (see _fitting_exponent), so float32 holds
+        # them and their difference with `start` exactly. This runs on every activation of every
+        # calibration batch, hence the in-place, single-allocation form.
+        bins = x.mul(2.0 ** -self.exponent).floor_().sub_(self.start).to(torch.int32)
         batch_counts = torch.bincount(bins, minlength=self.bins)
         self.counts = batch_counts if self.counts is None else self.counts + batch_counts.to(self.counts.device)
 
