@@ -44,9 +44,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="DDIM steps of the calibration chains and of evaluation")
     p.add_argument("--eval-num", type=int, default=500)
     p.add_argument("--error-num", type=int, default=64)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="calibration seeds; all get the per-step SQNR, the first also samples + FID/KID/IS/PSNR")
     p.add_argument("--sample-bits", nargs="*", default=None,
-                   help="bit widths that also get samples + FID/KID/IS/PSNR (default: all); others get per-step SQNR only")
+                   help="bit widths that get samples + FID/KID/IS/PSNR (default: all); others get per-step SQNR only")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -63,7 +64,8 @@ def main() -> None:
         config = QuantConfig(weight_bits=wbits, activation_bits=abits)
         candidates = {f"{bits} {strategy} s{seed}": unet_predictor(calibrate_and_freeze(quantized_copy(model.unet, config), calibration))
                       for (strategy, seed), calibration in calibration_sets.items()}
-        results[bits] = compare_to_fp(model, candidates, settings, a.out / bits, draw_samples=bits in sample_bits)
+        sampled = {f"{bits} {strategy} s{a.seeds[0]}" for strategy in a.strategies} if bits in sample_bits else set()
+        results[bits] = compare_to_fp(model, candidates, settings, a.out / bits, sampled=sampled)
         print(format_study(results), flush=True)
 
     seconds = time.perf_counter() - t_start

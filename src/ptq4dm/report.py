@@ -77,10 +77,11 @@ def plot_per_timestep(errors: dict, path: Path, title: str) -> None:
 
 
 def compare_to_fp(model: DiffusionModel, candidates: dict[str, NoisePredictor], settings: ReportSettings,
-                  out: Path, draw_samples: bool = True) -> dict:
+                  out: Path, sampled: set[str] | None = None) -> dict:
     """All three views for every candidate against the FP model; figures go to `out`.
 
-    draw_samples=False keeps only the per-timestep view (no sampling, no FID): a cheap screen.
+    Candidates not in `sampled` (default: all are) get only the per-timestep view, a cheap screen
+    without sampling or FID.
     """
     out.mkdir(parents=True, exist_ok=True)
     fp = unet_predictor(model.unet)
@@ -98,7 +99,7 @@ def compare_to_fp(model: DiffusionModel, candidates: dict[str, NoisePredictor], 
         sqnr = np.array(errors[name]["sqnr_db"])
         results[name] = {"metrics": None, "agreement": None,
                          "sqnr_db_mean": float(np.mean(sqnr)), "sqnr_db_min": float(np.min(sqnr))}
-        if draw_samples:
+        if sampled is None or name in sampled:
             q_x = sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, eps=eps)
             save_grid(q_x[:64], out / f"samples_{name.replace(' ', '_')}.png")
             results[name]["metrics"] = evaluate_images(q_x, reference, extractor, settings.bootstrap, settings.seed)
