@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .distributed import init_from_env, shutdown
 from .errors import Ptq4dmError
 
 
@@ -64,8 +65,9 @@ def _add_sample(sub):
     p.add_argument("--overwrite", action="store_true")
 
     def run(a):
+        from .distributed import is_main_process, rank_and_world
         from .images import save_grid, save_samples
-        from .io import atomic_dir
+        from .io import atomic_dir, check_new_output
         from .models import load_diffusion_model
         from .sampling import make_scheduler, sample
 
@@ -73,12 +75,16 @@ def _add_sample(sub):
             raise Ptq4dmError(f"--num must be at least 1, got {a.num}")
         model = load_diffusion_model(a.model)
         make_scheduler(a.scheduler, model.scheduler_config, a.steps)  # validates before any work
+        check_new_output(a.out, a.overwrite)
+        t0 = time.perf_counter()
+        x = sample(model, a.scheduler, a.steps, a.num, a.seed, a.batch_size)
+        seconds = time.perf_counter() - t0
+        if not is_main_process():  # under torchrun, rank 0 writes what all ranks drew
+            return
+        meta = {"model": str(a.model), "scheduler": a.scheduler, "steps": a.steps, "num": a.num,
+                "seed": a.seed, "batch_size": a.batch_size, "processes": rank_and_world()[1],
+                "seconds": round(seconds, 1)}
         with atomic_dir(a.out, a.overwrite) as tmp:
-            t0 = time.perf_counter()
-            x = sample(model, a.scheduler, a.steps, a.num, a.seed, a.batch_size)
-            seconds = time.perf_counter() - t0
-            meta = {"model": str(a.model), "scheduler": a.scheduler, "steps": a.steps, "num": a.num,
-                    "seed": a.seed, "batch_size": a.batch_size, "seconds": round(seconds, 1)}
             save_samples(tmp / "samples.npz", x, meta)
             save_grid(x[:64], tmp / "grid.png")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -203,9 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="ptq4dm: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:  # `torchrun ... -m ptq4dm.cli -- sample --num 8`: the `--` keeps torchrun off our options
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     args.argv = argv  # reports quote the command that made them
     try:
+        init_from_env()
         args.run(args)
     except Ptq4dmError as e:
         print(f"ptq4dm: error: {e}", file=sys.stderr)
@@ -213,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ptq4dm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
 
 

@@ -28,6 +28,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def check_new_output(path: Path, overwrite: bool = False) -> None:
+    """Refuse to replace a user's existing output unless asked: call before any long work."""
+    if Path(path).exists() and not overwrite:
+        raise Ptq4dmError(f"{path} already exists: choose another --out or pass --overwrite")
+
+
 def atomic_dir(final: Path, overwrite: bool = False):
     """Context manager yielding a temporary folder that replaces `final` only when the block succeeds."""
     return _AtomicDir(Path(final), overwrite)
@@ -35,8 +41,7 @@ def atomic_dir(final: Path, overwrite: bool = False):
 
 class _AtomicDir:
     def __init__(self, final: Path, overwrite: bool):
-        if final.exists() and not overwrite:
-            raise Ptq4dmError(f"{final} already exists: choose another --out or pass --overwrite")
+        check_new_output(final, overwrite)
         self.final = final
         self.overwrite = overwrite
 

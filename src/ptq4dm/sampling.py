@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm import tqdm
 
+from .distributed import gather_batches, my_batches
 from .errors import Ptq4dmError
 from .models.loading import DiffusionModel
 
@@ -68,17 +69,19 @@ def initial_noise(num: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @torch.no_grad()
 def sample(model: DiffusionModel, scheduler_kind: str = "ddim", steps: int = 100, num: int = 64, seed: int = 0,
            batch_size: int = 256, eps: NoisePredictor | None = None, progress: bool = True) -> torch.Tensor:
-    """Draw `num` samples (float32, model range, unclamped). Deterministic for (seed, batch_size).
+    """Draw `num` samples (float32, model range, unclamped). Deterministic for (seed, batch_size), and the
+    same under torchrun with any number of processes (see `ptq4dm.distributed`).
 
     `eps` replaces the model's own network (a quantized copy or an engine) while keeping its schedule.
     """
     eps = eps or unet_predictor(model.unet)
     x_T = initial_noise(num, model.sample_shape, seed)
-    out = []
-    batches = range(0, num, batch_size)
-    for b, start in enumerate(tqdm(batches, desc=f"sample {scheduler_kind}-{steps}", unit="batch", disable=not progress)):
+    num_batches = -(-num // batch_size)
+    mine = {}
+    # Under torchrun each process draws its share of the batches; alone, it draws them all.
+    for b in tqdm(my_batches(num_batches), desc=f"sample {scheduler_kind}-{steps}", unit="batch", disable=not progress):
         scheduler = make_scheduler(scheduler_kind, model.scheduler_config, steps)
         # Stochastic schedulers (DDPM) draw fresh noise per step from a per-batch generator.
         g = torch.Generator().manual_seed(seed * 7919 + b + 1)
-        out.append(denoise(eps, scheduler, x_T[start:start + batch_size], generator=g))
-    return torch.cat(out)
+        mine[b] = denoise(eps, scheduler, x_T[b * batch_size:(b + 1) * batch_size], generator=g)
+    return gather_batches(mine, num_batches)
