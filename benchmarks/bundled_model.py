@@ -26,7 +26,7 @@ from ptq4dm.evaluation import evaluate_images, feature_extractor, load_reference
 from ptq4dm.images import save_grid  # noqa: E402
 from ptq4dm.metrics import format_table  # noqa: E402
 from ptq4dm.models.loading import BUNDLED, load_diffusion_model  # noqa: E402
-from ptq4dm.sampling import sample  # noqa: E402
+from ptq4dm.report import ReportSettings, fp_samples  # noqa: E402
 from ptq4dm.training.ddpm import FMNIST_UNET_CONFIG  # noqa: E402
 
 HUB = BUNDLED["fmnist-ddpm"]
@@ -51,7 +51,8 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=Path("runs/train-fmnist-ddpm"))
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=ReportSettings().seed,
+                   help="sampling seed (default: the reports' seed, so `ptq4dm quantize` reuses these FP samples)")
     a = p.parse_args()
 
     state = torch.load(a.run / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -64,7 +65,7 @@ def main() -> None:
 
     model = load_diffusion_model(tmp)
     t0 = time.perf_counter()
-    x = sample(model, "ddim", a.steps, a.num, a.seed)
+    x = fp_samples(model, ReportSettings(scheduler="ddim", steps=a.steps, num=a.num, seed=a.seed))
     sample_seconds = time.perf_counter() - t0
     save_grid(x[:100], tmp / "samples_ddim100.png", ncol=10)
     extractor = feature_extractor("classifier")

@@ -50,14 +50,20 @@ def _weights_digest(model: DiffusionModel) -> str:
     return h.hexdigest()[:16]
 
 
-def fp_samples(model: DiffusionModel, settings: ReportSettings) -> torch.Tensor:
-    """The FP model's samples for these settings, cached on disk: every report and study run reuses them."""
-    key = f"{_weights_digest(model)}-{settings.scheduler}{settings.steps}-n{settings.num}-s{settings.seed}"
-    path = CACHE_DIR / f"{key}.npz"
-    if path.is_file():
-        return load_samples(path)[0]
-    x = sample(model, settings.scheduler, settings.steps, settings.num, settings.seed)
-    save_samples(path, x, {"model": str(model.path), **asdict(settings)})
+def fp_samples(model: DiffusionModel, settings: ReportSettings, batch_size: int = 256) -> torch.Tensor:
+    """The FP model's samples for these settings, cached on disk: every report and study run reuses them.
+
+    Sample i depends only on (seed, i) for a deterministic sampler, so a cached larger set serves any
+    smaller request as its first `num` samples (e.g. the model card's 2,000 serve a report's 500).
+    """
+    prefix = f"{_weights_digest(model)}-{settings.scheduler}{settings.steps}-s{settings.seed}-b{batch_size}"
+    deterministic = settings.scheduler != "ddpm"
+    for path in CACHE_DIR.glob(f"{prefix}-n*.npz"):
+        cached_num = int(path.stem.rsplit("-n", 1)[1])
+        if cached_num == settings.num or (deterministic and cached_num > settings.num):
+            return load_samples(path)[0][:settings.num]
+    x = sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, batch_size)
+    save_samples(CACHE_DIR / f"{prefix}-n{settings.num}.npz", x, {"model": str(model.path), **asdict(settings)})
     return x
 
 
