@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=Path("runs/train-fmnist-ddpm"))
     p.add_argument("--num", type=int, default=2000)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--threads-note", default="2 threads", help="how the training run used the CPU, for the card")
     p.add_argument("--seed", type=int, default=ReportSettings().seed,
                    help="sampling seed (default: the reports' seed, so `ptq4dm quantize` reuses these FP samples)")
     a = p.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
     t0 = time.perf_counter()
     x = fp_samples(model, ReportSettings(scheduler="ddim", steps=a.steps, num=a.num, seed=a.seed))
     sample_seconds = time.perf_counter() - t0
-    save_grid(x[:100], tmp / "samples_ddim100.png", ncol=10)
+    save_grid(x[:100], tmp / "samples.png", ncol=10)
     extractor = feature_extractor("classifier")
     test = load_reference("fmnist-test")
     results = evaluate_images(x, test, extractor)
@@ -86,30 +87,33 @@ It has the parts that make diffusion PTQ hard: ResNet blocks with GroupNorm + Si
 self-attention at 16x16 and the sinusoidal timestep embedding.
 
 ## Training
-- Command: `OMP_NUM_THREADS=1 ptq4dm train --out runs/train-fmnist-ddpm --steps {train_cfg['steps']}`
-  (stopped and published at step {int(state['step'])}; resumable: the same command continues it).
+- Command: `ptq4dm train --out runs/train-fmnist-ddpm --steps {int(state['step'])}` (the run was started
+  with `--steps {train_cfg['steps']}` and published at step {int(state['step'])}; `ptq4dm train` resumes it).
 - Steps: {int(state['step'])} of batch {train_cfg['batch_size']} ({int(state['step']) * train_cfg['batch_size'] / 60000:.1f} epochs),
   AdamW lr {train_cfg['lr']} (warm-up {train_cfg['warmup_steps']} steps), grad clip {train_cfg['grad_clip']},
   bf16 autocast = {train_cfg['bf16']}, seed {train_cfg['seed']}.
-- Wall time: {float(state['wall_seconds']) / 3600:.2f} h of optimizer steps on a 2-core AMD EPYC (Zen 4) CPU,
-  one thread (the other core was shared with development work).
+- Wall time: {float(state['wall_seconds']) / 3600:.2f} h of optimizer steps on a 2-core AMD EPYC (Zen 4) CPU
+  ({a.threads_note}).
 - Loss curve: `loss.png`; raw log: `train_log.jsonl`.
 
 ![loss](loss.png)
 
 ## Quality ({a.num} DDIM-{a.steps} samples, seed {a.seed}, vs the 10,000-image test split)
-Features: the bundled Fashion-MNIST classifier (`fmnist-classifier`). Sampling took {sample_seconds / 60:.1f} min.
+Features: the bundled Fashion-MNIST classifier (`fmnist-classifier`). Sampling (or reading the FP-sample
+cache, `~/.cache/ptq4dm`) took {sample_seconds / 60:.1f} min.
 
+```
 {table}
+```
 
 For scale, {a.num} real *training* images against the test split with the same features:
 FID {real['fid']:.2f}, KID {real['kid_mean']:.4f} ± {real['kid_std']:.4f}, IS {real['is_mean']:.2f}.
 IS of the samples is {100 * results['is_mean'] / results['is_reference_mean']:.0f}% of the IS of the real test split
 ({results['is_reference_mean']:.2f}).
 
-Measured by: `python benchmarks/bundled_model.py --run runs/train-fmnist-ddpm --num {a.num}`
+Measured by: `python benchmarks/bundled_model.py --run runs/train-fmnist-ddpm --num {a.num} --steps {a.steps}`
 
-![samples](samples_ddim100.png)
+![samples](samples.png)
 """
     (tmp / "README.md").write_text(card)
     (tmp / "quality.json").write_text(json.dumps({"samples": results, "train_vs_test": real,
