@@ -32,3 +32,13 @@ def test_sample_writes_grid_and_npz_and_refuses_to_overwrite(tiny_model_dir, tmp
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_missing_dataset_and_truncated_weights_are_one_line_errors(tiny_model_dir, tmp_path):
+    r = run_cli("train-classifier", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and "dataset-fashion-mnist" in r.stderr and "Traceback" not in r.stderr
+    weights = tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    r = run_cli("sample", "--model", str(tiny_model_dir), "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
