@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .distributed import init_from_env, shutdown
+from .engines import ENGINES
 from .errors import Ptq4dmError
 
 
@@ -61,6 +62,10 @@ def _add_sample(sub):
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--engine", default="torch", choices=["torch", *ENGINES],
+                   help="torch runs a model folder; openvino and onnxruntime run a folder written by `ptq4dm export`")
+    p.add_argument("--threads", type=int, default=None, help="threads of the openvino / onnxruntime engine "
+                   "(default: the engine's own choice)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -68,20 +73,19 @@ def _add_sample(sub):
         from .distributed import is_main_process, rank_and_world
         from .images import save_grid, save_samples
         from .io import atomic_dir, check_new_output
-        from .models import load_diffusion_model
         from .sampling import make_scheduler, sample
 
         if a.num < 1:
             raise Ptq4dmError(f"--num must be at least 1, got {a.num}")
-        model = load_diffusion_model(a.model)
+        model, eps = _model_and_predictor(a.model, a.engine, a.threads)
         make_scheduler(a.scheduler, model.scheduler_config, a.steps)  # validates before any work
         check_new_output(a.out, a.overwrite)
         t0 = time.perf_counter()
-        x = sample(model, a.scheduler, a.steps, a.num, a.seed, a.batch_size)
+        x = sample(model, a.scheduler, a.steps, a.num, a.seed, a.batch_size, eps=eps)
         seconds = time.perf_counter() - t0
         if not is_main_process():  # under torchrun, rank 0 writes what all ranks drew
             return
-        meta = {"model": str(a.model), "scheduler": a.scheduler, "steps": a.steps, "num": a.num,
+        meta = {"model": str(a.model), "engine": a.engine, "scheduler": a.scheduler, "steps": a.steps, "num": a.num,
                 "seed": a.seed, "batch_size": a.batch_size, "processes": rank_and_world()[1],
                 "seconds": round(seconds, 1)}
         with atomic_dir(a.out, a.overwrite) as tmp:
@@ -89,6 +93,73 @@ def _add_sample(sub):
             save_grid(x[:64], tmp / "grid.png")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         print(f"{a.num} samples in {seconds:.1f} s -> {a.out}/samples.npz, {a.out}/grid.png")
+    p.set_defaults(run=run)
+
+
+def _model_and_predictor(model_arg: str, engine: str, threads: int | None):
+    """What `sample` draws from: a model folder on torch, or an exported folder on an int8 engine."""
+    from .export import is_exported_folder, load_exported
+    from .models import load_diffusion_model
+
+    if engine == "torch":
+        if threads is not None:
+            raise Ptq4dmError("--threads sets the threads of --engine openvino or onnxruntime; the torch engine "
+                              "follows OMP_NUM_THREADS")
+        if is_exported_folder(model_arg):
+            raise Ptq4dmError(f"{model_arg} holds an exported ONNX graph: sample it with --engine "
+                              f"{' or --engine '.join(ENGINES)}")
+        return load_diffusion_model(model_arg), None
+    if not is_exported_folder(model_arg):
+        raise Ptq4dmError(f"--engine {engine} runs a folder written by `ptq4dm export`, and {model_arg} is not one: "
+                          f"run `ptq4dm export --model {model_arg} --format onnx --out EXPORTED` first")
+    from .engines import load_engine
+
+    exported = load_exported(model_arg)
+    return exported, load_engine(engine, exported.onnx_file, threads)
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="export a (quantized) model to ONNX with its own int8 scales, for the engines")
+    p.add_argument("--model", required=True, help="a `ptq4dm quantize` run folder, a quantized or FP model folder")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="onnx: QuantizeLinear/DequantizeLinear graph")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    def run(a):
+        from .export import export_model
+        from .io import check_new_output
+        from .models import load_diffusion_model
+
+        check_new_output(a.out, a.overwrite)
+        t0 = time.perf_counter()
+        description = export_model(load_diffusion_model(a.model), a.out, a.overwrite)
+        quantization = description["quantization"]
+        what = "FP32 graph" if quantization is None else (
+            f"int8 QDQ graph of {quantization['quantized_layers']} quantized layers "
+            f"({description['quantize_linear_nodes']} QuantizeLinear, {description['dequantize_linear_nodes']} "
+            "DequantizeLinear)")
+        print(f"{what} written to {a.out} in {time.perf_counter() - t0:.0f} s; "
+              f"sample it with `ptq4dm sample --model {a.out} --engine openvino`")
+    p.set_defaults(run=run)
+
+
+def _add_bench(sub):
+    from .engines.benchmark import add_arguments
+
+    p = sub.add_parser("bench", help="time the int8 engines against FP32 (UNet forward and DDIM sampling)")
+    p.add_argument("--model", required=True, help="a model quantized by `ptq4dm quantize` (run folder or model/)")
+    add_arguments(p)
+
+    def run(a):
+        from .engines.benchmark import format_tables, run_benchmark, settings_from_args
+        from .io import atomic_write_text
+        from .models import load_diffusion_model
+
+        settings = settings_from_args(a)
+        result = run_benchmark(load_diffusion_model(a.model), settings, a.work)
+        print(format_tables(result))
+        if a.json:
+            atomic_write_text(a.json, json.dumps(result, indent=2) + "\n")
     p.set_defaults(run=run)
 
 
@@ -201,7 +272,7 @@ def _add_quantize(sub):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptq4dm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_train_classifier, _add_sample, _add_eval, _add_quantize):
+    for add in (_add_train, _add_train_classifier, _add_sample, _add_eval, _add_quantize, _add_export, _add_bench):
         add(sub)
     return parser
 

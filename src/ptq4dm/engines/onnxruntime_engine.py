@@ -1,0 +1,35 @@
+"""ONNX Runtime on the CPU execution provider, all graph optimizations on.
+
+What it makes of ptq4dm's QDQ graph (measured with its optimized-model dump, onnxruntime 1.32): the quantized
+Linear layers become MatMulIntegerToFloat (u8 x s8 integer GEMM, float output), but the quantized convolutions
+stay FP32 Conv on dequantized tensors. ORT fuses a convolution into QLinearConv only when its output is
+quantized too (DequantizeLinear -> Conv -> QuantizeLinear, its QDQ Conv selector) and its bias is an int32
+DequantizeLinear; ptq4dm quantizes layer inputs and keeps outputs in float, so there is no such Q to fuse.
+Expect the int8 graph to be no faster than FP32 in ORT; OpenVINO runs the same graph's convolutions in u8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..export.onnx_graph import INPUT_NAMES, OUTPUT_NAME
+from ..sampling import NoisePredictor
+from .optional import import_optional
+from .predictor import numpy_predictor
+
+
+def load(onnx_file: Path, threads: int | None = None) -> NoisePredictor:
+    ort = import_optional("onnxruntime", "the onnxruntime engine")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1  # one UNet call at a time: all threads go to the operators
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: its warnings are about hardware-specific fusions
+    session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    sample_name, timestep_name = INPUT_NAMES
+
+    def run(sample, timestep):
+        return session.run([OUTPUT_NAME], {sample_name: sample, timestep_name: timestep})[0]
+    return numpy_predictor(run)

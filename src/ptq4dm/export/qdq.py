@@ -1,0 +1,143 @@
+"""Export-time stand-ins for QuantConv2d / QuantLinear that emit ONNX QuantizeLinear / DequantizeLinear nodes.
+
+A frozen ptq4dm layer computes (quant/quantizer.py follows ONNX semantics exactly)
+
+    y = op(DequantizeLinear(QuantizeLinear(x, s_x, z_x)), DequantizeLinear(W_q, s_w, z_w), bias)
+
+`QDQLayer` writes exactly that into the exported graph, with ptq4dm's own numbers and nothing recomputed:
+
+- the input: QuantizeLinear -> DequantizeLinear with the frozen per-tensor scale and zero point (uint8 by
+  default, what int8 backends want for activations);
+- the weight: the integer codes W_q computed once here by ptq4dm's own QuantParams.quantize, stored as an
+  int8 (symmetric) or uint8 initializer, then DequantizeLinear per output channel (axis 0). Storing codes
+  instead of Q(float weight) matters: ptq4dm's symmetric grid is the narrow [-127, 127], while ONNX
+  QuantizeLinear saturates to int8's [-128, 127], so a clipped weight would get a different code;
+- the float Conv / MatMul on the dequantized tensors, which backends fuse into integer kernels.
+
+The nodes are made with torch.onnx.ops.symbolic, which the dynamo exporter turns into plain ONNX nodes; each
+carries the layer's name in its metadata (METADATA_LAYER) so that graph checks can map nodes to layers.
+The exporter's optimizer merges identical nodes: layers that read the same tensor with the same input
+parameters (to_q / to_k / to_v of one attention) end up sharing one QuantizeLinear / DequantizeLinear pair.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import Ptq4dmError
+from ..quant.api import quant_units
+from ..quant.layers import QuantLayer
+from ..quant.quantizer import QuantParams
+
+METADATA_PREFIX = "ptq4dm."
+METADATA_LAYER = METADATA_PREFIX + "layer"
+METADATA_ROLE = METADATA_PREFIX + "role"  # "input" (activation pair) or "weight" (weight codes)
+
+LayerOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def storage_dtype(params: QuantParams) -> torch.dtype:
+    """The ONNX integer type that holds the codes: int8 for a signed grid, uint8 for an unsigned one."""
+    return torch.int8 if params.qmin < 0 else torch.uint8
+
+
+def _check_activation_exportable(params: QuantParams, layer: str) -> None:
+    """QuantizeLinear saturates to its type's full range, so the grid must be exactly that range."""
+    info = torch.iinfo(storage_dtype(params))
+    if (params.qmin, params.qmax) != (info.min, info.max):
+        raise Ptq4dmError(
+            f"layer {layer!r} quantizes its input to the integer range [{params.qmin}, {params.qmax}], but ONNX "
+            f"QuantizeLinear saturates to [{info.min}, {info.max}]: int8 export needs 8-bit asymmetric "
+            "activations (activation_bits 8, activation_symmetric false: the default QuantConfig)"
+        )
+
+
+def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, layer: str) -> torch.Tensor:
+    """An ONNX QuantizeLinear node (per tensor) in the exported graph; export only."""
+    return torch.onnx.ops.symbolic("QuantizeLinear", (x, scale, zero_point), dtype=zero_point.dtype, shape=x.shape,
+                                   metadata_props={METADATA_LAYER: layer, METADATA_ROLE: "input"})
+
+
+def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None, layer: str,
+                      role: str) -> torch.Tensor:
+    """An ONNX DequantizeLinear node (per tensor, or per channel along `axis`) in the exported graph; export only."""
+    attrs = {} if axis is None else {"axis": axis}
+    return torch.onnx.ops.symbolic("DequantizeLinear", (q, scale, zero_point), attrs, dtype=scale.dtype,
+                                   shape=q.shape, metadata_props={METADATA_LAYER: layer, METADATA_ROLE: role})
+
+
+def _layer_op(layer: QuantLayer) -> LayerOp:
+    """The float computation of a Conv2d or Linear on given (dequantized) input and weight."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros":
+            raise Ptq4dmError(f"layer {layer.quant_name!r} pads with {layer.padding_mode!r}: int8 export supports "
+                              "zero padding only (exclude this layer from quantization)")
+        return partial(F.conv2d, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                       groups=layer.groups)
+    return F.linear
+
+
+class QDQLayer(nn.Module):
+    """A frozen QuantConv2d / QuantLinear as the ONNX graph computes it (export only: the Q/DQ ops are symbolic).
+
+    Buffers keep the layer's names, so initializers read like the source model ("...conv1.weight_codes").
+    """
+
+    def __init__(self, layer: QuantLayer):
+        super().__init__()
+        self.name = layer.quant_name
+        self.op = _layer_op(layer)
+        weight, input_ = layer.weight_params, layer.input_params  # raise if the model is not frozen
+        if input_ is not None:
+            _check_activation_exportable(input_, self.name)
+            self.register_buffer("input_scale", input_.scale.detach().clone())
+            self.register_buffer("input_zero_point", input_.zero_point.to(storage_dtype(input_)))
+        self.input_quantized = input_ is not None
+        if weight is None:
+            self.register_buffer("weight", layer.weight.detach().clone())
+        else:
+            self.register_buffer("weight_codes", weight.quantize(layer.weight.detach()).to(storage_dtype(weight)))
+            self.register_buffer("weight_scale", weight.scale.detach().clone())
+            self.register_buffer("weight_zero_point", weight.zero_point.to(storage_dtype(weight)))
+        self.weight_axis = None if weight is None else weight.axis
+        self.weight_quantized = weight is not None
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantized:
+            q = quantize_linear(x, self.input_scale, self.input_zero_point, self.name)
+            x = dequantize_linear(q, self.input_scale, self.input_zero_point, None, self.name, "input")
+        if self.weight_quantized:
+            weight = dequantize_linear(self.weight_codes, self.weight_scale, self.weight_zero_point, self.weight_axis,
+                                       self.name, "weight")
+        else:
+            weight = self.weight
+        return self.op(x, weight, self.bias)
+
+
+def qdq_copy(unet: nn.Module) -> nn.Module:
+    """A copy of a frozen quantized `unet` whose quantized layers export as Q/DQ; a float `unet` is copied as is."""
+    units = quant_units(unet)
+    unsupported = [name for name, unit in units.items() if not isinstance(unit, QuantLayer)]
+    if unsupported:
+        raise Ptq4dmError(
+            f"int8 export does not support quantized attention matmuls yet ({unsupported[0]!r}): quantize "
+            "without --quantize-attention (quantize_attention_matmuls false, the default)"
+        )
+    unfrozen = [name for name, unit in units.items() if not unit.is_frozen]
+    if unfrozen:
+        raise Ptq4dmError(f"{len(unfrozen)} quantized layer(s) are not frozen (e.g. {unfrozen[0]!r}): calibrate the "
+                          "model and call freeze(model) before exporting it")
+    replacements = {name: QDQLayer(unit) for name, unit in units.items()}  # checks every layer before copying
+    exported = copy.deepcopy(unet)
+    for name, replacement in replacements.items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = exported.get_submodule(parent_name) if parent_name else exported
+        setattr(parent, child_name, replacement)
+    return exported.eval()

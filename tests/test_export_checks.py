@@ -1,0 +1,85 @@
+"""What the export and the engines refuse, with a clear error, before needing any of the int8 packages."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from ptq4dm.cli import main
+from ptq4dm.engines import load_engine
+from ptq4dm.errors import Ptq4dmError
+from ptq4dm.export import load_exported, qdq_copy
+from ptq4dm.export.folder import DESCRIPTION_FILE, FORMAT, FORMAT_VERSION
+from ptq4dm.ptq import quantized_copy
+from ptq4dm.quant import QuantConfig, calibrate, freeze
+
+INSTALL_HINT = "pip install -c constraints.txt 'ptq4dm[int8]'"
+
+
+def _frozen(unet, **config):
+    q = quantized_copy(unet, QuantConfig(**config))
+    with calibrate(q):
+        q(torch.randn(4, 1, 8, 8), torch.tensor([0, 300, 600, 999]))
+    return freeze(q)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"activation_symmetric": True}, r"integer range \[-127, 127\], but ONNX QuantizeLinear saturates to \[-128, 127\]"),
+    ({"activation_bits": 4}, r"integer range \[0, 15\]"),
+    ({"quantize_attention_matmuls": True}, "does not support quantized attention matmuls"),
+])
+def test_export_refuses_what_onnx_qdq_cannot_reproduce_exactly(tiny_unet, config, message):
+    with pytest.raises(Ptq4dmError, match=message):
+        qdq_copy(_frozen(tiny_unet, **config))
+
+
+def test_export_refuses_an_unfrozen_model(tiny_unet):
+    with pytest.raises(Ptq4dmError, match="not frozen"):
+        qdq_copy(quantized_copy(tiny_unet, QuantConfig()))
+
+
+def test_weights_of_any_bit_width_export_as_their_codes(tiny_unet):
+    """Weights are stored as codes (not re-quantized by QuantizeLinear), so a 4-bit grid is kept exactly."""
+    layer = qdq_copy(_frozen(tiny_unet, weight_bits=4, activation_bits=None)).down_blocks[0].resnets[0].conv1
+    assert layer.weight_codes.dtype == torch.int8 and layer.weight_codes.abs().max() <= 7
+    assert not layer.input_quantized
+
+
+@pytest.mark.parametrize("module", ["openvino", "onnxruntime"])
+def test_a_missing_engine_package_names_the_install_command(monkeypatch, tmp_path, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if it were not installed
+    with pytest.raises(Ptq4dmError, match=f"needs the Python package '{module}'.*" + INSTALL_HINT.replace("[", r"\[")
+                       .replace("]", r"\]")):
+        load_engine(module, tmp_path / "model.onnx")
+
+
+def test_export_without_the_exporter_packages_names_the_install_command(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert INSTALL_HINT in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_engine_and_bad_threads(tmp_path):
+    with pytest.raises(Ptq4dmError, match="unknown engine 'tensorrt'"):
+        load_engine("tensorrt", tmp_path / "model.onnx")
+    with pytest.raises(Ptq4dmError, match="threads must be at least 1"):
+        load_engine("openvino", tmp_path / "model.onnx", threads=0)
+
+
+def test_broken_export_folders_are_clear_errors(tmp_path):
+    with pytest.raises(Ptq4dmError, match="not an exported model folder"):
+        load_exported(tmp_path)
+    (tmp_path / DESCRIPTION_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(Ptq4dmError, match="incomplete or corrupt"):  # no scheduler config either
+        load_exported(tmp_path)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text("{}")
+    with pytest.raises(Ptq4dmError, match="format version 2"):
+        load_exported(tmp_path)
+    (tmp_path / DESCRIPTION_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                        "onnx_file": "model.onnx"}))
+    with pytest.raises(Ptq4dmError, match="has no model.onnx"):
+        load_exported(tmp_path)
