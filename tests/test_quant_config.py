@@ -32,6 +32,8 @@ def test_defaults_follow_the_field():
     ({"percentile": 20}, "percentile"),
     ({"exclude": "conv_in"}, "exclude"),
     ({"activation_bits": None, "quantize_attention_matmuls": True}, "quantize_attention_matmuls"),
+    ({"weight_bits": None, "quantize_conv_outputs": True}, "quantize_conv_outputs needs weight_bits"),
+    ({"quantize_conv_outputs": 1}, "quantize_conv_outputs = 1"),
 ])
 def test_invalid_configs_are_refused_with_the_field_named(changes, message):
     with pytest.raises(Ptq4dmError, match=message.replace("(", r"\(")):

@@ -114,8 +114,35 @@ def test_w8a8_stays_close_to_full_precision_and_attention_matmuls_change_it_slig
     assert _sqnr_db(reference, _output(w4a8)) < _sqnr_db(reference, plain)
 
 
+def test_conv_outputs_land_on_their_grid_and_biases_on_the_accumulator_grid(tiny_unet):
+    """quantize_conv_outputs: every quantized convolution's output is a dequantized uint8 code, its bias an int32
+    code on input scale x weight scale; linear layers keep float outputs."""
+    reference = _output(tiny_unet)
+    model = _calibrated(copy.deepcopy(tiny_unet), QuantConfig(quantize_conv_outputs=True))
+    conv, linear = model.down_blocks[0].resnets[0].conv1, model.down_blocks[1].attentions[0].to_q
+    assert linear.output_quantizer is None and linear.bias_params is None
+    out, bias = conv.output_params, conv.bias_params
+    assert (out.qmin, out.qmax) == (0, 255) and out.scale.shape == ()
+    assert torch.equal(bias.scale, conv.input_params.scale * conv.weight_params.scale) and not bias.zero_point.any()
+    x = torch.randn(2, conv.in_channels, 8, 8)
+    with torch.no_grad():
+        y = conv(x)
+        codes = y / out.scale + out.zero_point
+        assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= 0 and codes.max() <= 255
+        assert torch.equal(y, out.fake_quantize(y))  # idempotent: already on the grid
+        # Exactly the layer as an integer kernel computes it: dequantized input and weight, int32 bias codes.
+        bias_codes = bias.quantize(conv.bias)
+        expected = torch.nn.functional.conv2d(conv.input_quantizer(x), conv.weight_quantizer(conv.weight),
+                                              bias_codes.float() * bias.scale, padding=1)
+        assert torch.equal(y, out.fake_quantize(expected))
+    # One more rounding per convolution: still close to FP, a little further than input-only W8A8.
+    w8a8 = _calibrated(copy.deepcopy(tiny_unet), QuantConfig())
+    assert 20 < _sqnr_db(reference, _output(model)) < _sqnr_db(reference, _output(w8a8))
+
+
 def test_save_and_load_give_bit_identical_outputs(tiny_unet, tmp_path):
-    model = _calibrated(tiny_unet, QuantConfig(quantize_attention_matmuls=True, activation_observer="percentile"))
+    model = _calibrated(tiny_unet, QuantConfig(quantize_attention_matmuls=True, activation_observer="percentile",
+                                               quantize_conv_outputs=True))
     save_quantized(model, tmp_path / "q", extra_config={"calibration": "ndtc", "samples": 16})
     loaded = load_quantized(tmp_path / "q")
     assert torch.equal(_output(loaded), _output(model))
@@ -125,6 +152,7 @@ def test_save_and_load_give_bit_identical_outputs(tiny_unet, tmp_path):
     assert metadata["model_class"] == "UNet2DModel" and metadata["model_config"]["block_out_channels"] == [8, 16]
     params = metadata["quant_params"]["down_blocks.0.resnets.0.conv1"]
     assert params["weight_quantizer"]["scale"] == model.down_blocks[0].resnets[0].conv1.weight_params.scale.tolist()
+    assert set(params) == {"weight_quantizer", "input_quantizer", "output_quantizer"}
     assert set(metadata["quant_params"]["down_blocks.1.attentions.0.processor"]) == {
         "query_quantizer", "key_quantizer", "probs_quantizer", "value_quantizer"}
 

@@ -1,11 +1,12 @@
 """ONNX Runtime on the CPU execution provider, all graph optimizations on.
 
-What it makes of ptq4dm's QDQ graph (measured with its optimized-model dump, onnxruntime 1.32): the quantized
-Linear layers become MatMulIntegerToFloat (u8 x s8 integer GEMM, float output), but the quantized convolutions
-stay FP32 Conv on dequantized tensors. ORT fuses a convolution into QLinearConv only when its output is
-quantized too (DequantizeLinear -> Conv -> QuantizeLinear, its QDQ Conv selector) and its bias is an int32
-DequantizeLinear; ptq4dm quantizes layer inputs and keeps outputs in float, so there is no such Q to fuse.
-Expect the int8 graph to be no faster than FP32 in ORT; OpenVINO runs the same graph's convolutions in u8.
+What it makes of ptq4dm's QDQ graph (measured with its optimized-model dump, onnxruntime 1.32): quantized
+Linear layers become MatMulIntegerToFloat (u8 x s8 integer GEMM, float output). A quantized convolution
+becomes QLinearConv only when its output is quantized too (DequantizeLinear -> Conv -> QuantizeLinear, its
+QDQ Conv selector) with an int32 DequantizeLinear bias: the form QuantConfig(quantize_conv_outputs=True)
+exports (`ptq4dm quantize --quantize-conv-outputs`). With the default input-only quantization the
+convolutions stay FP32 Conv on dequantized tensors, and the int8 graph is no faster than FP32 here;
+OpenVINO runs that same graph's convolutions in u8.
 """
 
 from __future__ import annotations

@@ -2,7 +2,11 @@
 
 OpenVINO turns each QuantizeLinear/DequantizeLinear pair into a FakeQuantize and its low-precision
 transformations run the quantized convolutions and matmuls in u8 x s8 (checked in its runtime model: every
-quantized Convolution and FullyConnected reports runtimePrecision u8).
+quantized Convolution and FullyConnected reports runtimePrecision u8). With quantized convolution outputs
+(QuantConfig.quantize_conv_outputs) it moves each output's dequantization into the following GroupNorm,
+which rounds differently from the graph's order (about 1e-4 relative) and flips a few percent of the next
+input codes: its samples are as close to FP as ptq4dm's simulation, but not code for code the same
+(tests/test_export.py). The default input-only graph it runs code for code.
 
 The inference precision is pinned to FP32. Left to itself, OpenVINO picks bf16 for the float parts on CPUs
 with bf16 support, this machine included: the FP32 baseline would not be FP32, and the sinusoidal timestep
@@ -20,12 +24,13 @@ from .optional import import_optional
 from .predictor import numpy_predictor
 
 
-def load(onnx_file: Path, threads: int | None = None) -> NoisePredictor:
+def load(model_file: Path, threads: int | None = None) -> NoisePredictor:
+    """`model_file`: an ONNX graph, or OpenVINO IR (.xml, as NNCF writes it)."""
     ov = import_optional("openvino", "the openvino engine")
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(str(onnx_file), "CPU", config)
+    compiled = ov.Core().compile_model(str(model_file), "CPU", config)
     request = compiled.create_infer_request()
     sample_name, timestep_name = INPUT_NAMES
     output = compiled.output(OUTPUT_NAME)

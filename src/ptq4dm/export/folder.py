@@ -43,12 +43,17 @@ def _quantization(unet: torch.nn.Module) -> dict | None:
     if config.activation_bits is not None:
         inputs = ("8-bit per tensor: QuantizeLinear (uint8, zero point) -> DequantizeLinear before each quantized "
                   "layer; layers that read the same tensor with the same parameters share one pair")
+    outputs = "float32 (not quantized)"
+    if config.quantize_conv_outputs:
+        outputs = ("convolutions: int32 bias codes -> DequantizeLinear, output QuantizeLinear (uint8) -> "
+                   "DequantizeLinear (ONNX Runtime fuses these into QLinearConv); linear layers: float32")
     return {
         "quantized_layers": len(units),
         "layers_with_quantized_weights": sum(unit.weight_params is not None for unit in units.values()),
         "layers_with_quantized_inputs": sum(unit.input_params is not None for unit in units.values()),
         "weights": weights,
         "inputs": inputs,
+        "outputs": outputs,
         "quant_config": config.to_dict(),
     }
 

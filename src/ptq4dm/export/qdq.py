@@ -12,7 +12,10 @@ A frozen ptq4dm layer computes (quant/quantizer.py follows ONNX semantics exactl
   int8 (symmetric) or uint8 initializer, then DequantizeLinear per output channel (axis 0). Storing codes
   instead of Q(float weight) matters: ptq4dm's symmetric grid is the narrow [-127, 127], while ONNX
   QuantizeLinear saturates to int8's [-128, 127], so a clipped weight would get a different code;
-- the float Conv / MatMul on the dequantized tensors, which backends fuse into integer kernels.
+- the float Conv / MatMul on the dequantized tensors, which backends fuse into integer kernels;
+- with QuantConfig.quantize_conv_outputs, a convolution's bias as int32 codes -> DequantizeLinear (scale input
+  scale x weight scale, per channel) and its output through QuantizeLinear -> DequantizeLinear: the
+  DequantizeLinear -> Conv -> QuantizeLinear form that ONNX Runtime fuses into QLinearConv.
 
 The nodes are made with torch.onnx.ops.symbolic, which the dynamo exporter turns into plain ONNX nodes; each
 carries the layer's name in its metadata (METADATA_LAYER) so that graph checks can map nodes to layers.
@@ -37,7 +40,7 @@ from ..quant.quantizer import QuantParams
 
 METADATA_PREFIX = "ptq4dm."
 METADATA_LAYER = METADATA_PREFIX + "layer"
-METADATA_ROLE = METADATA_PREFIX + "role"  # "input" (activation pair) or "weight" (weight codes)
+METADATA_ROLE = METADATA_PREFIX + "role"  # "input" / "output" (activation pairs), "weight" / "bias" (codes)
 
 LayerOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -58,10 +61,11 @@ def _check_activation_exportable(params: QuantParams, layer: str) -> None:
         )
 
 
-def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, layer: str) -> torch.Tensor:
+def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, layer: str,
+                    role: str) -> torch.Tensor:
     """An ONNX QuantizeLinear node (per tensor) in the exported graph; export only."""
     return torch.onnx.ops.symbolic("QuantizeLinear", (x, scale, zero_point), dtype=zero_point.dtype, shape=x.shape,
-                                   metadata_props={METADATA_LAYER: layer, METADATA_ROLE: "input"})
+                                   metadata_props={METADATA_LAYER: layer, METADATA_ROLE: role})
 
 
 def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None, layer: str,
@@ -107,18 +111,38 @@ class QDQLayer(nn.Module):
             self.register_buffer("weight_zero_point", weight.zero_point.to(storage_dtype(weight)))
         self.weight_axis = None if weight is None else weight.axis
         self.weight_quantized = weight is not None
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        output, bias = layer.output_params, layer.bias_params
+        if output is not None:
+            _check_activation_exportable(output, self.name)
+            self.register_buffer("output_scale", output.scale.detach().clone())
+            self.register_buffer("output_zero_point", output.zero_point.to(storage_dtype(output)))
+        self.output_quantized = output is not None
+        if bias is not None:
+            self.register_buffer("bias_codes", bias.quantize(layer.bias.detach()))  # int32, as the accumulator
+            self.register_buffer("bias_scale", bias.scale.detach().clone())
+            self.register_buffer("bias_zero_point", bias.zero_point.clone())
+        else:
+            self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        self.bias_quantized = bias is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantized:
-            q = quantize_linear(x, self.input_scale, self.input_zero_point, self.name)
+            q = quantize_linear(x, self.input_scale, self.input_zero_point, self.name, "input")
             x = dequantize_linear(q, self.input_scale, self.input_zero_point, None, self.name, "input")
         if self.weight_quantized:
             weight = dequantize_linear(self.weight_codes, self.weight_scale, self.weight_zero_point, self.weight_axis,
                                        self.name, "weight")
         else:
             weight = self.weight
-        return self.op(x, weight, self.bias)
+        if self.bias_quantized:
+            bias = dequantize_linear(self.bias_codes, self.bias_scale, self.bias_zero_point, 0, self.name, "bias")
+        else:
+            bias = self.bias
+        y = self.op(x, weight, bias)
+        if self.output_quantized:
+            q = quantize_linear(y, self.output_scale, self.output_zero_point, self.name, "output")
+            y = dequantize_linear(q, self.output_scale, self.output_zero_point, None, self.name, "output")
+        return y
 
 
 def qdq_copy(unet: nn.Module) -> nn.Module:

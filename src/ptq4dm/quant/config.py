@@ -41,6 +41,12 @@ class QuantConfig:
     quantize_attention_matmuls: also quantize the operands of Q.K^T (Q, K) and softmax.V (the softmax
         output, V), as Q-Diffusion does. Off by default: PTQ4DM's code keeps them in full precision and
         common int8 toolchains do not run attention in int8.
+    quantize_conv_outputs: also quantize the output of every quantized Conv2d (per tensor, like its input)
+        and its bias to int32 codes on the grid input scale x weight scale. An engine can then run the whole
+        layer as one integer convolution with an 8-bit output: ONNX Runtime fuses DequantizeLinear -> Conv ->
+        QuantizeLinear into QLinearConv only in that form, and leaves convolutions in FP32 otherwise. It adds
+        one rounding per convolution. PTQ4DM's reference code quantizes layer outputs as well. Off by
+        default; needs weight_bits and activation_bits.
     include / exclude: fnmatch patterns on module names (e.g. "down_blocks.*.resnets.*.conv1"). A Conv2d or
         Linear layer (or an attention module, for the matmuls) is quantized when it matches an include
         pattern and no exclude pattern. Every pattern must match something in the model.
@@ -56,6 +62,7 @@ class QuantConfig:
     mse_p: float = 2.4
     percentile: float = 99.99
     quantize_attention_matmuls: bool = False
+    quantize_conv_outputs: bool = False
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
 
@@ -65,7 +72,7 @@ class QuantConfig:
         _check_choice(self.weight_granularity, GRANULARITIES, "weight_granularity")
         _check_choice(self.weight_observer, WEIGHT_OBSERVERS, "weight_observer")
         _check_choice(self.activation_observer, ACTIVATION_OBSERVERS, "activation_observer")
-        for name in ("weight_symmetric", "activation_symmetric", "quantize_attention_matmuls"):
+        for name in ("weight_symmetric", "activation_symmetric", "quantize_attention_matmuls", "quantize_conv_outputs"):
             if not isinstance(getattr(self, name), bool):
                 raise Ptq4dmError(f"{name} = {getattr(self, name)!r} must be true or false")
         if isinstance(self.mse_p, bool) or not isinstance(self.mse_p, (int, float)) or not self.mse_p > 0:
@@ -76,6 +83,9 @@ class QuantConfig:
         if self.quantize_attention_matmuls and self.activation_bits is None:
             raise Ptq4dmError("quantize_attention_matmuls needs activation_bits: set activation_bits (e.g. 8) "
                               "or turn quantize_attention_matmuls off")
+        if self.quantize_conv_outputs and (self.activation_bits is None or self.weight_bits is None):
+            raise Ptq4dmError("quantize_conv_outputs needs weight_bits and activation_bits (the int32 bias grid is "
+                              "input scale x weight scale): set both, or turn quantize_conv_outputs off")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
