@@ -1,16 +1,19 @@
-"""int8 speed on the reference architecture: ptq4dm's QDQ graph on OpenVINO / ONNX Runtime against FP32.
+"""int8 speed on the reference architecture: ptq4dm's QDQ graph on OpenVINO / ONNX Runtime against FP32 and peers.
 
 Builds the DDPM CIFAR-10 UNet2DModel (block_out_channels (128, 256, 256, 256), 2 layers per block, attention
 at 16x16; 35.7M parameters, random weights), the model of the speed anchors in shared/REFERENCE.md, so the
 table printed here reads against the peers' figures measured on this machine. It is quantized W8A8 with
 the default QuantConfig; the calibration inputs are forward-noised Gaussian images at uniform timesteps,
 enough for a speed measurement (speed does not depend on the ranges; quality is measured elsewhere).
-Then it runs the benchmark behind `ptq4dm bench` (ptq4dm.engines.benchmark).
+Then it runs the benchmark behind `ptq4dm bench` (ptq4dm.engines.benchmark), where the peers' recipes
+(NNCF, ORT quantize_static, PT2E, torch.compile BF16) calibrate on the same inputs.
 
-    python benchmarks/int8_speed.py                       # batch 1, 16, 64; 2 threads; about 15 minutes
+    python benchmarks/int8_speed.py --json runs/int8_speed.json        # batch 1, 16, 64; 2 threads
     python benchmarks/int8_speed.py --tiny --batch-sizes 1 2 --iterations 2 --sample-steps 2   # smoke run
 
-Needs the int8 extra: pip install -c constraints.txt 'ptq4dm[int8]'.
+Random weights make the per-step SQNR of this script meaningless for quality (the benchmark of the trained
+bundled model, `ptq4dm bench --model RUN`, measures that), so it is skipped here by default.
+Needs the extras: pip install -c constraints.txt 'ptq4dm[int8,peers]'.
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a narrow model, for a smoke run of the script")
     parser.add_argument("--calib-size", type=int, default=64)
+    parser.add_argument("--quantize-conv-outputs", action="store_true", help="QuantConfig(quantize_conv_outputs=True):"
+                        " the form ONNX Runtime runs as QLinearConv")
     add_arguments(parser)
+    parser.set_defaults(quality_num=0)
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
     torch.set_num_threads(settings.threads)
@@ -59,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     unet = UNet2DModel(**(TINY if args.tiny else CIFAR10_DDPM)).eval()
     model = DiffusionModel(unet, dict(DEFAULT_SCHEDULER_CONFIG), Path("random-weights-cifar10-ddpm"))
     calibration = calibration_inputs(model.sample_shape, args.calib_size, args.seed)
-    qunet = calibrate_and_freeze(quantized_copy(unet, QuantConfig()), calibration, batch_size=16, progress=False)
-    result = run_benchmark(DiffusionModel(qunet, model.scheduler_config, model.path), settings, args.work)
+    config = QuantConfig(quantize_conv_outputs=args.quantize_conv_outputs)
+    qunet = calibrate_and_freeze(quantized_copy(unet, config), calibration, batch_size=16, progress=False)
+    result = run_benchmark(DiffusionModel(qunet, model.scheduler_config, model.path), settings, args.work, calibration)
     result["model_config"] = "tiny" if args.tiny else "cifar10-ddpm"
+    result["quantize_conv_outputs"] = args.quantize_conv_outputs
     print(format_tables(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,9 +16,9 @@ from diffusers import UNet2DModel
 
 from conftest import TINY_UNET
 
-INSTALL = "pip install -c constraints.txt 'ptq4dm[int8]'"
-for _module in ("onnx", "onnxscript", "onnxruntime", "openvino"):
-    pytest.importorskip(_module, reason=f"{_module} is not installed; install the int8 extra: {INSTALL}")
+INSTALL = "pip install -c constraints.txt 'ptq4dm[int8,peers]'"
+for _module in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "torchao"):
+    pytest.importorskip(_module, reason=f"{_module} is not installed; install the extras: {INSTALL}")
 
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
@@ -27,6 +27,8 @@ from ptq4dm.agreement import per_timestep_error, sqnr_db  # noqa: E402
 from ptq4dm.calibration import generate_calibration_set  # noqa: E402
 from ptq4dm.cli import main  # noqa: E402
 from ptq4dm.engines import ENGINES, load_engine  # noqa: E402
+from ptq4dm.engines.benchmark import unet_macs  # noqa: E402
+from ptq4dm.engines.peers import PEERS  # noqa: E402
 from ptq4dm.export import export_model, load_exported  # noqa: E402
 from ptq4dm.export.qdq import METADATA_LAYER, METADATA_ROLE  # noqa: E402
 from ptq4dm.images import load_samples  # noqa: E402
@@ -47,17 +49,21 @@ MIN_STEP_SQNR_DB = 30.0
 MIN_MEDIAN_SQNR_DB = 60.0
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    """(FP model, frozen W8A8 copy as a DiffusionModel, its pipeline folder)."""
+def _quantized(folder, config: QuantConfig):
+    """(FP model, frozen quantized copy as a DiffusionModel, its pipeline folder)."""
     torch.manual_seed(0)
     unet = UNet2DModel(**TINY_UNET).eval()
-    folder = tmp_path_factory.mktemp("quantized") / "model"
     fp = DiffusionModel(unet, {**DEFAULT_SCHEDULER_CONFIG, "prediction_type": "sample"}, folder)
     calibration = generate_calibration_set("uniform", fp, 32, steps=10, seed=0, progress=False)
-    qunet = calibrate_and_freeze(quantized_copy(unet, QuantConfig()), calibration, progress=False)
+    qunet = calibrate_and_freeze(quantized_copy(unet, config), calibration, progress=False)
     save_quantized_pipeline(qunet, fp, folder, provenance={"test": True})
     return fp, DiffusionModel(qunet, fp.scheduler_config, folder), folder
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The default W8A8 (inputs and weights quantized)."""
+    return _quantized(tmp_path_factory.mktemp("quantized") / "model", QuantConfig())
 
 
 @pytest.fixture(scope="module")
@@ -191,18 +197,57 @@ def test_openvino_keeps_the_timestep_embedding_in_fp32(exported, quantized):
         assert sqnr_db(quantized[1].unet(x, t).sample, eps(x, t)) >= MIN_STEP_SQNR_DB
 
 
-def test_engines_agree_with_fake_quantization_at_every_timestep(exported, quantized):
-    fp, qmodel, _ = quantized
-    engines = {name: load_engine(name, exported[0].onnx_file, threads=1) for name in ENGINES}
+def _assert_engines_follow_the_simulation(fp, qmodel, onnx_file, engine_names=ENGINES):
+    engines = {name: load_engine(name, onnx_file, threads=1) for name in engine_names}
     result = per_timestep_error(fp, unet_predictor(qmodel.unet), {**engines, "fp32": unet_predictor(fp.unet)},
                                 steps=10, num=4)
-    report = {name: [round(s, 1) for s in result[name]["sqnr_db"]] for name in [*ENGINES, "fp32"]}
+    report = {name: [round(s, 1) for s in result[name]["sqnr_db"]] for name in [*engine_names, "fp32"]}
     print("SQNR against ptq4dm's fake quantization per timestep", result["t"], report)
-    for name in ENGINES:
+    for name in engine_names:
         sqnr = np.array(result[name]["sqnr_db"])
         assert sqnr.min() >= MIN_STEP_SQNR_DB and np.median(sqnr) >= MIN_MEDIAN_SQNR_DB, (name, report)
     # The bounds tell an engine that implements ptq4dm's quantization from one that does not.
     assert np.median(result["fp32"]["sqnr_db"]) < MIN_MEDIAN_SQNR_DB, report
+
+
+def test_engines_agree_with_fake_quantization_at_every_timestep(exported, quantized):
+    _assert_engines_follow_the_simulation(quantized[0], quantized[1], exported[0].onnx_file)
+
+
+def test_quantized_conv_outputs_become_integer_convolutions_in_onnxruntime(exported, tmp_path):
+    """With quantize_conv_outputs, ORT fuses every quantized convolution into QLinearConv (u8 in, s8 weights,
+    int32 bias, u8 out), with inputs alone it keeps them FP32; and it still follows the simulation.
+
+    OpenVINO runs this graph too, but not code for code: its low-precision transformations move the output
+    dequantization through the following GroupNorm, which changes that normalisation by about 1e-4 relative
+    and flips a few percent of the next layer's input codes (measured by comparing every intermediate tensor
+    with ORT's unoptimised run). Its result is as close to FP as the simulation's, which is checked here.
+    """
+    ort = pytest.importorskip("onnxruntime")
+    fp, qmodel, folder = _quantized(tmp_path / "model", QuantConfig(quantize_conv_outputs=True))
+    description = export_model(qmodel, tmp_path / "onnx")
+    assert description["quantization"]["quant_config"]["quantize_conv_outputs"]
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    convs = [name for name, unit in quant_units(qmodel.unet).items() if isinstance(unit, torch.nn.Conv2d)]
+    assert sorted(_meta(n)[METADATA_LAYER] for n in _qdq_nodes(graph, "DequantizeLinear", "bias")) == sorted(convs)
+    for node in _qdq_nodes(graph, "DequantizeLinear", "bias"):
+        assert _initializer(graph, node.input[0]).dtype == np.int32
+
+    def fused_convs(onnx_file, dump):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # its warning that the dump is hardware-specific
+        options.optimized_model_filepath = str(dump)
+        ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(dump)).graph.node].count("QLinearConv")
+
+    assert fused_convs(tmp_path / "onnx" / "model.onnx", tmp_path / "fused.onnx") == len(convs)
+    assert fused_convs(exported[0].onnx_file, tmp_path / "inputs-only.onnx") == 0
+    _assert_engines_follow_the_simulation(fp, qmodel, tmp_path / "onnx" / "model.onnx", ["onnxruntime"])
+    openvino = load_engine("openvino", tmp_path / "onnx" / "model.onnx", threads=1)
+    result = per_timestep_error(fp, unet_predictor(fp.unet), {"simulation": unet_predictor(qmodel.unet),
+                                                             "openvino": openvino}, steps=10, num=4)
+    simulation, engine = np.array(result["simulation"]["sqnr_db"]), np.array(result["openvino"]["sqnr_db"])
+    assert np.median(engine) >= np.median(simulation) - 1.0 and engine.min() >= simulation.min() - 3.0, result
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -226,19 +271,51 @@ def test_sample_cli_tells_which_folder_goes_with_which_engine(exported, quantize
 
 
 def test_bench_smoke(quantized, tmp_path, capsys):
+    """The whole benchmark on the tiny model, peers included: each peer calibrates on ptq4dm's calibration set."""
+    calibration = tmp_path / "calibration"
+    generate_calibration_set("uniform", quantized[0], 16, steps=4, seed=0, progress=False).save(calibration)
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(quantized[2]), "--batch-sizes", "1", "2", "--iterations", "2", "--warmup", "0",
-                 "--threads", "1", "--sample-steps", "2", "--sample-num", "2", "--sample-iterations", "1",
+    assert main(["bench", "--model", str(quantized[2]), "--calibration", str(calibration), "--batch-sizes", "1",
+                 "2", "--iterations", "2", "--warmup", "1", "--threads", "1", "--quality-steps", "3",
+                 "--quality-num", "2", "--sample-steps", "2", "--sample-num", "2", "--sample-iterations", "1",
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
-    backends = ["pytorch-fp32-eager", "onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8", "openvino-int8"]
-    assert [r["backend"] for r in result["forward"]] == backends * 2 and [r["batch"] for r in result["forward"]] \
-        == [1] * 5 + [2] * 5
+    backends = ["pytorch-fp32-eager", "onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8", "openvino-int8",
+                *PEERS]
+    assert [r["backend"] for r in result["forward"]] == backends * 2
+    assert [r["batch"] for r in result["forward"]] == [1] * len(backends) + [2] * len(backends)
     assert [r["backend"] for r in result["sampling"]] == backends and all(b in table for b in backends)
+    assert [r["backend"] for r in result["quality"]] == backends[1:]
     rows = {(r["backend"], r["batch"]): r for r in result["forward"]}
     assert rows[("pytorch-fp32-eager", 1)]["speedup_vs_eager"] == 1.0
     assert rows[("openvino-fp32", 2)]["sqnr_db_vs_fp32"] > 80  # same float graph, float rounding only
     assert rows[("openvino-int8", 2)]["size_mb"] < rows[("openvino-fp32", 2)]["size_mb"]
+    assert rows[("onnxruntime-int8-static", 2)]["size_mb"] < rows[("onnxruntime-fp32", 2)]["size_mb"]
     assert all(r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in result["forward"])
+    gops = rows[("pytorch-fp32-eager", 2)]
+    assert gops["gops"] == pytest.approx(2 * result["macs_per_sample"] * 2 / (gops["median_ms"] * 1e6))
+    quality = {r["backend"]: r for r in result["quality"]}
+    # Same float graph: float rounding only. Every int8 recipe: quantization noise, finite but far from FP.
+    assert quality["openvino-fp32"]["sqnr_db_min"] > 80 and len(quality["openvino-fp32"]["sqnr_db"]) == 3
+    for name in ["openvino-int8", "onnxruntime-int8", "openvino-int8-nncf", "onnxruntime-int8-static",
+                 "pt2e-x86-inductor"]:
+        assert 5 < quality[name]["sqnr_db_median"] < 60, (name, quality[name])
 
+
+def test_bench_without_a_calibration_set_asks_for_one_or_no_peers(quantized, tmp_path, capsys):
+    assert main(["bench", "--model", str(quantized[2]), "--batch-sizes", "1"]) == 2
+    assert "--calibration DIR" in capsys.readouterr().err
+
+
+def test_unet_macs_of_the_cifar10_ddpm_match_the_published_count():
+    """REFERENCE.md: the DDPM CIFAR-10 UNet does 6.22 G MACs per sample (6.05 G in Conv/Linear, the rest in the
+    attention matmuls at 16x16)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from int8_speed import CIFAR10_DDPM
+
+    macs = unet_macs(UNet2DModel(**CIFAR10_DDPM).eval(), (3, 32, 32))
+    assert macs == pytest.approx(6.22e9, rel=0.002)

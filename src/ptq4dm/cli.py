@@ -146,17 +146,32 @@ def _add_export(sub):
 def _add_bench(sub):
     from .engines.benchmark import add_arguments
 
-    p = sub.add_parser("bench", help="time the int8 engines against FP32 (UNet forward and DDIM sampling)")
+    p = sub.add_parser("bench", help="time ptq4dm's int8 engines against FP32 and the peers' recipes (UNet forward, "
+                       "per-step SQNR, DDIM sampling)")
     p.add_argument("--model", required=True, help="a model quantized by `ptq4dm quantize` (run folder or model/)")
+    p.add_argument("--calibration", type=Path, default=None, help="the calibration set the peers calibrate on "
+                   "(default: calibration/ of the `ptq4dm quantize` run folder)")
     add_arguments(p)
 
     def run(a):
+        from .calibration import CalibrationSet
         from .engines.benchmark import format_tables, run_benchmark, settings_from_args
         from .io import atomic_write_text
         from .models import load_diffusion_model
 
         settings = settings_from_args(a)
-        result = run_benchmark(load_diffusion_model(a.model), settings, a.work)
+        model = load_diffusion_model(a.model)
+        calibration = None
+        if settings.peers:
+            # A run folder holds model/ and calibration/ side by side; --model may name either level.
+            found = [d / "calibration" for d in (Path(a.model), model.path.parent) if (d / "calibration").is_dir()]
+            folder = a.calibration or next(iter(found), None)
+            if folder is None:
+                raise Ptq4dmError(f"no calibration set beside {a.model} for the peers to calibrate on: pass "
+                                  "--calibration DIR (a `ptq4dm quantize` run's calibration/), or --peers alone "
+                                  "to compare with FP32 only")
+            calibration = CalibrationSet.load(folder)
+        result = run_benchmark(model, settings, a.work, calibration)
         print(format_tables(result))
         if a.json:
             atomic_write_text(a.json, json.dumps(result, indent=2) + "\n")
@@ -222,6 +237,8 @@ def _add_quantize(sub):
     p.add_argument("--exclude", nargs="*", default=None, help="layer name patterns kept in full precision "
                    "(default: the timestep-embedding path, conv_in and conv_out)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize the Q.K^T and softmax.V operands")
+    p.add_argument("--quantize-conv-outputs", action="store_true", help="also quantize convolution outputs and "
+                   "biases (int32), so that ONNX Runtime runs the exported convolutions in int8 (QLinearConv)")
     p.add_argument("--calib", default="ndtc", help="calibration strategy: ndtc, uniform, random, last-step, real-data")
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--calib-scheduler", default="ddim", choices=["ddpm", "ddim", "dpm-solver"])
@@ -250,6 +267,8 @@ def _add_quantize(sub):
             overrides["exclude"] = a.exclude
         if a.quantize_attention:
             overrides["quantize_attention_matmuls"] = True
+        if a.quantize_conv_outputs:
+            overrides["quantize_conv_outputs"] = True
         config = QuantConfig.from_dict({**base, **overrides})
         calib = CalibrationSettings(strategy=a.calib, size=a.calib_size, scheduler=a.calib_scheduler,
                                     steps=a.calib_steps, seed=a.seed, params=dict(a.calib_param))

@@ -1,11 +1,17 @@
-"""How fast ptq4dm's int8 graph runs, against FP32 on the same weights (`ptq4dm bench`, benchmarks/int8_speed.py).
+"""How fast ptq4dm's int8 graph runs, against FP32 and against the peers' own recipes, on the same weights
+(`ptq4dm bench`, benchmarks/int8_speed.py).
 
-Five backends: PyTorch FP32 eager; the float graph (ptq4dm.export of the unquantized twin) on ONNX Runtime
-and on OpenVINO; ptq4dm's int8 QDQ graph on ONNX Runtime and on OpenVINO. Two measurements:
+Backends: PyTorch FP32 eager; the float graph (ptq4dm.export of the unquantized twin) on ONNX Runtime and on
+OpenVINO; ptq4dm's int8 QDQ graph on ONNX Runtime and on OpenVINO; and the peers of ptq4dm.engines.peers
+(torch.compile BF16, NNCF, ORT quantize_static, PT2E), calibrated on the same inputs as ptq4dm. Three
+measurements:
 
 - the UNet forward at each batch size: median latency and its spread (interquartile range), speedups
-  against PyTorch FP32 eager and against the faster FP32 engine, SQNR of the output against PyTorch FP32
-  on the same inputs, and the model's size on disk (float32 state for PyTorch, the ONNX file otherwise);
+  against PyTorch FP32 eager and against the faster FP32 engine, effective GOP/s (2 x the multiply-accumulates of
+  the FP model's Conv/Linear layers and attention matmuls, per second), SQNR of the output against PyTorch FP32 on the same
+  inputs, and the model's size (float32 state for PyTorch, the files on disk for the engines);
+- quality on the model's own inputs: the noise-prediction SQNR against PyTorch FP32 at every step of
+  held-out FP DDIM chains (the same x_t for all, so errors do not compound);
 - end-to-end DDIM sampling through ptq4dm.sampling.sample: median seconds, speedups, SQNR of the final
   samples against PyTorch FP32's (errors compound along the chain here).
 
@@ -26,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..agreement import sqnr_db
+from ..agreement import per_timestep_error, sqnr_db
+from ..calibration import CalibrationSet
 from ..errors import Ptq4dmError
 from ..export.onnx_graph import export_onnx
 from ..models.loading import DiffusionModel
@@ -34,6 +41,7 @@ from ..quant.api import quant_units
 from ..sampling import NoisePredictor, sample, unet_predictor
 from . import load_engine
 from .optional import import_optional
+from .peers import PEERS
 
 EAGER = "pytorch-fp32-eager"
 
@@ -47,6 +55,9 @@ class BenchSettings:
     sample_steps: int = 20  # 0 skips the sampling measurement
     sample_num: int = 16
     sample_iterations: int = 3
+    quality_steps: int = 20  # DDIM steps of the per-step SQNR chains
+    quality_num: int = 8  # held-out chains for the per-step SQNR (0 skips it)
+    peers: tuple[str, ...] = tuple(PEERS)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,8 +67,13 @@ class BenchSettings:
         for what, value in positive.items():
             if value < 1:
                 raise Ptq4dmError(f"{what} must be at least 1, got {value}")
-        if self.warmup < 0 or self.sample_steps < 0:
-            raise Ptq4dmError("warmup and sample steps cannot be negative")
+        if self.warmup < 0 or self.sample_steps < 0 or self.quality_num < 0:
+            raise Ptq4dmError("warmup, sample steps and quality num cannot be negative")
+        if self.quality_num and self.quality_steps < 1:
+            raise Ptq4dmError(f"quality steps must be at least 1, got {self.quality_steps}")
+        unknown = [name for name in self.peers if name not in PEERS]
+        if unknown:
+            raise Ptq4dmError(f"unknown peer {unknown[0]!r}: choose among {', '.join(PEERS)}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "measurement (0 skips it)")
     parser.add_argument("--sample-num", type=int, default=d.sample_num, help="samples drawn, as one batch")
     parser.add_argument("--sample-iterations", type=int, default=d.sample_iterations)
+    parser.add_argument("--quality-steps", type=int, default=d.quality_steps, help="DDIM steps of the held-out "
+                        "chains of the per-step SQNR")
+    parser.add_argument("--quality-num", type=int, default=d.quality_num, help="held-out chains of the per-step "
+                        "SQNR (0 skips it)")
+    parser.add_argument("--peers", nargs="*", default=list(d.peers), metavar="PEER",
+                        help=f"the peers' recipes to compare with (default: all of {', '.join(PEERS)}; none: "
+                        "give the option alone)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--work", type=Path, default=None, help="keep the exported graphs here (default: a temporary "
                         "folder)")
@@ -80,7 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(batch_sizes=tuple(args.batch_sizes), iterations=args.iterations, warmup=args.warmup,
                          threads=args.threads, sample_steps=args.sample_steps, sample_num=args.sample_num,
-                         sample_iterations=args.sample_iterations, seed=args.seed)
+                         sample_iterations=args.sample_iterations, quality_steps=args.quality_steps,
+                         quality_num=args.quality_num, peers=tuple(args.peers), seed=args.seed)
 
 
 @dataclass
@@ -104,10 +128,14 @@ def _file_bytes(onnx_file: Path) -> int:
     return sum(f.stat().st_size for f in onnx_file.parent.glob(onnx_file.name + "*"))
 
 
-def build_backends(qunet: nn.Module, sample_shape: tuple[int, ...], work: Path, threads: int) -> list[Backend]:
+def build_backends(qunet: nn.Module, sample_shape: tuple[int, ...], work: Path, threads: int,
+                   calibration: CalibrationSet | None = None, peers: tuple[str, ...] = ()) -> list[Backend]:
     if not quant_units(qunet):
         raise Ptq4dmError("the benchmark compares a ptq4dm-quantized model with its FP32 original: pass a model made "
                           "by `ptq4dm quantize` (its run folder or its model/ folder)")
+    if peers and calibration is None:
+        raise Ptq4dmError("the peers' int8 recipes calibrate on the inputs ptq4dm was calibrated on: give the "
+                          "calibration set (a `ptq4dm quantize` run folder has it in calibration/), or no peers")
     fp = float_twin(qunet)
     graphs = {"fp32": work / "fp32" / "model.onnx", "int8": work / "int8" / "model.onnx"}
     for precision, unet in (("fp32", fp), ("int8", qunet)):
@@ -119,7 +147,39 @@ def build_backends(qunet: nn.Module, sample_shape: tuple[int, ...], work: Path, 
         for engine in ("onnxruntime", "openvino"):
             backends.append(Backend(f"{engine}-{precision}", load_engine(engine, graphs[precision], threads),
                                     _file_bytes(graphs[precision]), fp32_engine=precision == "fp32"))
+    for name in peers:
+        eps, size = PEERS[name](fp_unet=fp, fp32_onnx=graphs["fp32"], calibration=calibration, work=work,
+                                threads=threads)
+        backends.append(Backend(name, eps, size, fp32_engine=False))
     return backends
+
+
+def unet_macs(unet: nn.Module, sample_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one sample: Conv2d and Linear layers plus the attention matmuls (Q K^T and A V),
+    where nearly all of a UNet's work is; normalisations and activations are left out."""
+    from diffusers.models.attention_processor import Attention
+
+    total = 0
+
+    def layer(module, inputs, output):
+        nonlocal total
+        per_output = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.in_features
+        total += output[0].numel() * per_output
+
+    def attention_matmuls(to_q, inputs, output):
+        nonlocal total
+        tokens, inner = output[0].shape[-2:]
+        total += 2 * tokens * tokens * inner
+
+    hooks = [m.register_forward_hook(layer) for m in unet.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    hooks += [m.to_q.register_forward_hook(attention_matmuls) for m in unet.modules() if isinstance(m, Attention)]
+    try:
+        with torch.no_grad():
+            unet(torch.zeros(1, *sample_shape), torch.tensor([500]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 def _spread(seconds: list[float]) -> dict:
@@ -145,7 +205,8 @@ def _add_speedups(rows: list[dict]) -> None:
 
 
 @torch.no_grad()
-def time_forward(backends: list[Backend], sample_shape: tuple[int, ...], settings: BenchSettings) -> list[dict]:
+def time_forward(backends: list[Backend], sample_shape: tuple[int, ...], settings: BenchSettings,
+                 macs_per_sample: int) -> list[dict]:
     rows = []
     generator = torch.Generator().manual_seed(settings.seed)
     for batch in settings.batch_sizes:
@@ -163,6 +224,7 @@ def time_forward(backends: list[Backend], sample_shape: tuple[int, ...], setting
                 seconds[backend.name].append(time.perf_counter() - start)
                 outputs.setdefault(backend.name, out)
         batch_rows = [{"backend": b.name, "batch": batch, **_spread(seconds[b.name]), "fp32_engine": b.fp32_engine,
+                       "gops": 2 * macs_per_sample * batch / (np.median(seconds[b.name]) * 1e9),
                        "sqnr_db_vs_fp32": sqnr_db(outputs[EAGER], outputs[b.name]), "size_mb": b.size_bytes / 2**20}
                       for b in backends]
         _add_speedups(batch_rows)
@@ -188,24 +250,47 @@ def time_sampling(backends: list[Backend], model: DiffusionModel, settings: Benc
     return rows
 
 
-def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | None = None) -> dict:
-    """Benchmark the quantized `model` (its .unet frozen by ptq4dm) against its FP32 original."""
+def step_quality(backends: list[Backend], model: DiffusionModel, settings: BenchSettings) -> list[dict]:
+    """Noise-prediction SQNR against PyTorch FP32 at every step of held-out FP DDIM chains."""
+    eager = next(b for b in backends if b.name == EAGER)
+    errors = per_timestep_error(model, eager.eps, {b.name: b.eps for b in backends if b is not eager},
+                                steps=settings.quality_steps, num=settings.quality_num)
+    rows = []
+    for b in backends:
+        if b is not eager:
+            sqnr = np.array(errors[b.name]["sqnr_db"])
+            rows.append({"backend": b.name, "steps": settings.quality_steps, "num": settings.quality_num,
+                         "sqnr_db_mean": float(sqnr.mean()), "sqnr_db_min": float(sqnr.min()),
+                         "sqnr_db_median": float(np.median(sqnr)), "sqnr_db": sqnr.tolist()})
+    return rows
+
+
+def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | None = None,
+                  calibration: CalibrationSet | None = None) -> dict:
+    """Benchmark the quantized `model` (its .unet frozen by ptq4dm) against its FP32 original and the peers,
+    which calibrate on `calibration` (needed when settings.peers is not empty)."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
         with tempfile.TemporaryDirectory(prefix="ptq4dm-bench-") as tmp:
-            backends = build_backends(model.unet, model.sample_shape, Path(work or tmp), settings.threads)
-            forward = time_forward(backends, model.sample_shape, settings)
+            backends = build_backends(model.unet, model.sample_shape, Path(work or tmp), settings.threads,
+                                      calibration, settings.peers)
+            macs = unet_macs(float_twin(model.unet), model.sample_shape)
+            forward = time_forward(backends, model.sample_shape, settings, macs)
+            quality = step_quality(backends, model, settings) if settings.quality_num else []
             sampling = time_sampling(backends, model, settings) if settings.sample_steps else []
     finally:
         torch.set_num_threads(threads_before)
     return {"model": str(model.path), "sample_shape": list(model.sample_shape), "settings": asdict(settings),
-            "versions": _versions(), "forward": forward, "sampling": sampling}
+            "macs_per_sample": macs, "versions": _versions(settings.peers), "forward": forward, "quality": quality,
+            "sampling": sampling}
 
 
-def _versions() -> dict:
+def _versions(peers: tuple[str, ...]) -> dict:
+    packages = ["onnxruntime", "openvino"] + ["nncf"] * ("openvino-int8-nncf" in peers) + \
+        ["torchao"] * ("pt2e-x86-inductor" in peers)
     return {"torch": torch.__version__, **{name: import_optional(name, "the benchmark").__version__
-                                          for name in ("onnxruntime", "openvino")}}
+                                          for name in packages}}
 
 
 def _speedup(value: float | None) -> str:
@@ -216,12 +301,22 @@ def format_tables(result: dict) -> str:
     """The results as two Markdown tables (forward latency, then sampling)."""
     lines = [f"UNet forward, {result['settings']['threads']} threads, median of {result['settings']['iterations']} "
              f"(IQR = q3 - q1), model {result['model']}", "",
-             "| backend | batch | median ms | IQR ms | vs FP32 eager | vs best FP32 engine | SQNR vs FP32 dB | size MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Work: {result['macs_per_sample'] / 1e9:.3g} G multiply-accumulates per sample; SQNR on "
+             "random inputs", "",
+             "| backend | batch | median ms | IQR ms | vs FP32 eager | vs best FP32 engine | GOP/s | SQNR vs FP32 dB "
+             "| size MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["forward"]:
         lines.append(f"| {r['backend']} | {r['batch']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
                      f"{_speedup(r['speedup_vs_eager'])} | {_speedup(r['speedup_vs_best_fp32_engine'])} | "
-                     f"{r['sqnr_db_vs_fp32']:.1f} | {r['size_mb']:.2f} |")
+                     f"{r['gops']:.0f} | {r['sqnr_db_vs_fp32']:.1f} | {r['size_mb']:.2f} |")
+    if result["quality"]:
+        first = result["quality"][0]
+        lines += ["", f"Noise-prediction SQNR against PyTorch FP32 at each step of {first['num']} held-out FP "
+                  f"DDIM-{first['steps']} chains (same x_t for every backend)", "",
+                  "| backend | mean dB | median dB | min dB |", "|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['sqnr_db_mean']:.1f} | {r['sqnr_db_median']:.1f} | {r['sqnr_db_min']:.1f} |"
+                  for r in result["quality"]]
     if result["sampling"]:
         first = result["sampling"][0]
         lines += ["", f"DDIM sampling, {first['steps']} steps, {first['num']} samples in one batch, median of "
