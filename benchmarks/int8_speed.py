@@ -24,13 +24,14 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
 
-from ptq4dm.calibration import CalibrationSet
+from ptq4dm.calibration import CalibrationSet  # first: ptq4dm quiets torchao's import noise before diffusers
 from ptq4dm.engines.benchmark import add_arguments, format_tables, run_benchmark, settings_from_args
 from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
 from ptq4dm.ptq import calibrate_and_freeze, quantized_copy
 from ptq4dm.quant import QuantConfig
+
+from diffusers import UNet2DModel  # noqa: E402  (after ptq4dm, see above)
 
 CIFAR10_DDPM = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
                     layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
