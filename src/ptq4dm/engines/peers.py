@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..calibration import CalibrationSet
-from ..export.onnx_graph import INPUT_NAMES
+from ..export.onnx_graph import INPUT_NAMES, NoisePredictionGraph
 from ..sampling import NoisePredictor
 from .optional import import_optional
 
@@ -119,24 +119,13 @@ def _attribute(module: nn.Module, dotted: str):
     return module
 
 
-class _FloatTimestep(nn.Module):
-    """The UNet with a float timestep input and a plain tensor output, as PT2E wants it."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, return_dict=False)[0]
-
-
 def pt2e_x86_inductor(fp_unet: nn.Module, calibration: CalibrationSet, **_) -> tuple[NoisePredictor, int]:
     import_optional("torchao", "the pt2e-x86-inductor peer")
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq  # registers inductor passes
 
-    graph = _FloatTimestep(fp_unet).eval()
+    graph = NoisePredictionGraph(fp_unet).eval()  # plain tensor out; fed float timesteps below
     by_batch: dict[int, Callable] = {}
     sizes: list[int] = []
 
