@@ -171,7 +171,7 @@ def unet_macs(unet: nn.Module, sample_shape: tuple[int, ...]) -> int:
         tokens, inner = output[0].shape[-2:]
         total += 2 * tokens * tokens * inner
 
-    hooks = [m.register_forward_hook(layer) for m in unet.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    hooks = [m.register_forward_hook(layer) for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     hooks += [m.to_q.register_forward_hook(attention_matmuls) for m in unet.modules() if isinstance(m, Attention)]
     try:
         with torch.no_grad():
@@ -275,7 +275,7 @@ def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | N
         with tempfile.TemporaryDirectory(prefix="ptq4dm-bench-") as tmp:
             backends = build_backends(model.unet, model.sample_shape, Path(work or tmp), settings.threads,
                                       calibration, settings.peers)
-            macs = unet_macs(float_twin(model.unet), model.sample_shape)
+            macs = unet_macs(model.unet, model.sample_shape)  # quantized layers are Conv2d / Linear too
             forward = time_forward(backends, model.sample_shape, settings, macs)
             quality = step_quality(backends, model, settings) if settings.quality_num else []
             sampling = time_sampling(backends, model, settings) if settings.sample_steps else []

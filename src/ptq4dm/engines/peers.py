@@ -19,6 +19,7 @@ Every builder returns (noise predictor, bytes on disk or in memory of the deploy
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -108,15 +109,9 @@ def onnxruntime_static(fp32_onnx: Path, calibration: CalibrationSet, work: Path,
 
 def _constant_bytes(graph_module: torch.fx.GraphModule) -> int:
     """Bytes of the tensors a converted PT2E graph holds (int8 weights after convert_pt2e folds them)."""
-    tensors = {node.target: _attribute(graph_module, node.target)
+    tensors = {node.target: operator.attrgetter(node.target)(graph_module)
                for node in graph_module.graph.nodes if node.op == "get_attr"}
     return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
-
-
-def _attribute(module: nn.Module, dotted: str):
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def pt2e_x86_inductor(fp_unet: nn.Module, calibration: CalibrationSet, **_) -> tuple[NoisePredictor, int]:
