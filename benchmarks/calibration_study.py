@@ -5,6 +5,7 @@ bit-width pair, the model is quantized, calibrated and frozen, then compared wit
 `ptq4dm.report.compare_to_fp`: per-timestep noise-prediction SQNR on held-out chains, PSNR/SSIM of
 same-seed samples, and FID (bootstrap CI) / KID (± std) / IS against the Fashion-MNIST test split.
 Calibration sets are made once per (strategy, seed) and reused across bit widths; FP samples are cached.
+With --reconstruct, every quantized model also gets a row with BRECQ (or AdaRound) on its calibration set.
 Writes study.md (the table), study.json and one folder of figures per bit width to --out.
 
     python benchmarks/calibration_study.py --out runs/study
@@ -13,6 +14,7 @@ Writes study.md (the table), study.json and one folder of figures per bit width 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import sys
@@ -21,8 +23,10 @@ from pathlib import Path
 
 from ptq4dm.io import atomic_write_text
 from ptq4dm.models import load_diffusion_model
-from ptq4dm.ptq import CalibrationSettings, calibrate_and_freeze, make_calibration_set, quantized_copy
-from ptq4dm.quant import QuantConfig
+from ptq4dm.ptq import (CalibrationSettings, calibrate_and_freeze, make_calibration_set, quantized_copy,
+                        reconstruct_on_calibration)
+from ptq4dm.quant import QuantConfig, ReconstructionSettings
+from ptq4dm.quant.reconstruction import METHOD_NAMES
 from ptq4dm.report import COMPARISON_HEADER, ReportSettings, compare_to_fp, comparison_row
 from ptq4dm.sampling import unet_predictor
 
@@ -48,6 +52,9 @@ def main() -> None:
                    help="calibration seeds; all get the per-step SQNR, the first also samples + FID/KID/IS/PSNR")
     p.add_argument("--sample-bits", nargs="*", default=None,
                    help="bit widths that get samples + FID/KID/IS/PSNR (default: all); others get per-step SQNR only")
+    p.add_argument("--reconstruct", choices=["block", "layer"], default=None,
+                   help="also report each model after BRECQ (block) or AdaRound (layer) reconstruction")
+    p.add_argument("--recon-iters", type=int, default=1000)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -62,9 +69,16 @@ def main() -> None:
     for bits in a.bits:
         wbits, abits = parse_bits(bits)
         config = QuantConfig(weight_bits=wbits, activation_bits=abits)
-        candidates = {f"{bits} {strategy} s{seed}": unet_predictor(calibrate_and_freeze(quantized_copy(model.unet, config), calibration))
-                      for (strategy, seed), calibration in calibration_sets.items()}
-        sampled = {f"{bits} {strategy} s{a.seeds[0]}" for strategy in a.strategies} if bits in sample_bits else set()
+        candidates = {}
+        for (strategy, seed), calibration in calibration_sets.items():
+            qunet = calibrate_and_freeze(quantized_copy(model.unet, config), calibration)
+            candidates[f"{bits} {strategy} s{seed}"] = unet_predictor(qunet)
+            if a.reconstruct:
+                learned = copy.deepcopy(qunet)
+                reconstruct_on_calibration(learned, model, calibration, ReconstructionSettings(
+                    granularity=a.reconstruct, iterations=a.recon_iters, seed=seed))
+                candidates[f"{bits} {strategy}+{METHOD_NAMES[a.reconstruct]} s{seed}"] = unet_predictor(learned)
+        sampled = {name for name in candidates if name.endswith(f" s{a.seeds[0]}")} if bits in sample_bits else set()
         results[bits] = compare_to_fp(model, candidates, settings, a.out / bits, sampled=sampled)
         print(format_study(results), flush=True)
 

@@ -172,7 +172,8 @@ def test_each_stored_x_t_is_the_network_input_at_its_timestep(tiny_model, strate
     if scheduler == "ddim":  # deterministic chains: one batch of all samples, in their own order, agrees too
         inputs, _ = record_chain(tiny_model, scheduler, steps, x_T, None)
         expected = torch.stack([inputs[p][row] for row, p in enumerate(positions)])
-        torch.testing.assert_close(calib.x, expected, rtol=1e-5, atol=1e-5)
+        # Batch sizes round differently (clipped x_0 included); a wrong pairing would be O(1) off.
+        torch.testing.assert_close(calib.x, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_chains_stop_once_their_samples_are_kept_and_cost_is_counted():

@@ -34,3 +34,15 @@ def test_bad_scheduler_arguments(tiny_model):
         make_scheduler("euler", tiny_model.scheduler_config, 10)
     with pytest.raises(Ptq4dmError, match="--steps must be between 1 and 1000"):
         make_scheduler("ddim", tiny_model.scheduler_config, 0)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_x0_clipping_follows_the_models_scheduler_config(tiny_model, kind):
+    def draw(clip):
+        tiny_model.scheduler_config = {**tiny_model.scheduler_config, "clip_sample": clip}
+        # A network that always predicts negative noise: the implied x_0 runs far above 1.
+        return denoise(lambda x, t: -3 * torch.ones_like(x), make_scheduler(kind, tiny_model.scheduler_config, 10),
+                       torch.randn(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    clipped, free = draw(True), draw(False)
+    assert free.max() > 2
+    assert clipped.max() < 1.2  # x_0 clipped to [-1, 1] at every step; the last step adds sqrt(1 - alpha_bar_0) noise

@@ -239,6 +239,11 @@ def _add_quantize(sub):
     p.add_argument("--quantize-attention", action="store_true", help="also quantize the Q.K^T and softmax.V operands")
     p.add_argument("--quantize-conv-outputs", action="store_true", help="also quantize convolution outputs and "
                    "biases (int32), so that ONNX Runtime runs the exported convolutions in int8 (QLinearConv)")
+    p.add_argument("--reconstruct", choices=["block", "layer"], default=None,
+                   help="after calibration, learn the weights' rounding: block = BRECQ (as in Q-Diffusion), "
+                   "layer = AdaRound layer by layer (default: round to nearest)")
+    p.add_argument("--recon-iters", type=int, default=1000, help="reconstruction iterations per block/layer")
+    p.add_argument("--recon-samples", type=int, default=256, help="calibration inputs used by reconstruction")
     p.add_argument("--calib", default="ndtc", help="calibration strategy: ndtc, uniform, random, last-step, real-data")
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--calib-scheduler", default="ddim", choices=["ddpm", "ddim", "dpm-solver"])
@@ -257,7 +262,8 @@ def _add_quantize(sub):
     def run(a):
         from .models import load_diffusion_model
         from .ptq import CalibrationSettings, run_ptq
-        from .quant import QuantConfig
+        from .quant import QuantConfig, ReconstructionSettings
+        from .quant.reconstruction import METHOD_NAMES
         from .report import ReportSettings, compare_to_fp, write_report
         from .sampling import make_scheduler, unet_predictor
 
@@ -272,17 +278,29 @@ def _add_quantize(sub):
         config = QuantConfig.from_dict({**base, **overrides})
         calib = CalibrationSettings(strategy=a.calib, size=a.calib_size, scheduler=a.calib_scheduler,
                                     steps=a.calib_steps, seed=a.seed, params=dict(a.calib_param))
+        reconstruction = None if a.reconstruct is None else ReconstructionSettings(
+            granularity=a.reconstruct, iterations=a.recon_iters, samples=a.recon_samples, seed=a.seed)
+        if reconstruction is not None and config.weight_bits is None:
+            raise Ptq4dmError("--reconstruct learns the rounding of quantized weights: it needs --wbits (e.g. 8 or 4)")
         model = load_diffusion_model(a.model)
         if a.report:
             make_scheduler(a.eval_scheduler, model.scheduler_config, a.eval_steps)
             if a.eval_num < 2:
                 raise Ptq4dmError(f"--eval-num must be at least 2, got {a.eval_num}")
         t0 = time.perf_counter()
-        qunet, _ = run_ptq(model, config, calib, a.out, overwrite=a.overwrite, data_root=a.data_root)
+        qunet, _ = run_ptq(model, config, calib, a.out, reconstruction=reconstruction, overwrite=a.overwrite,
+                           data_root=a.data_root)
         print(f"quantized model written to {a.out}/model in {time.perf_counter() - t0:.0f} s")
+        if reconstruction is not None:
+            units = json.loads((a.out / "ptq.json").read_text())["reconstruction"]["units"]
+            improved = sum(u["mse_learned"] < u["mse_nearest"] for u in units)
+            print(f"reconstruction ({a.reconstruct}): learned rounding lowered the output error of {improved} of "
+                  f"{len(units)} units against round-to-nearest (per unit in {a.out}/ptq.json)")
         if a.report:
             settings = ReportSettings(scheduler=a.eval_scheduler, steps=a.eval_steps, num=a.eval_num, data_root=a.data_root)
             name = f"W{a.wbits or 'fp'}A{a.abits or 'fp'}-{a.calib}"
+            if reconstruction is not None:
+                name += f"-{METHOD_NAMES[a.reconstruct]}"
             results = compare_to_fp(model, {name: unet_predictor(qunet)}, settings, a.out)
             print(write_report(results, a.out, f"ptq4dm report: {name} on {a.model}", " ".join(["ptq4dm", *a.argv])))
     p.set_defaults(run=run)

@@ -21,7 +21,7 @@ from .data import load_fashion_mnist
 from .errors import Ptq4dmError
 from .io import atomic_dir
 from .models.loading import DiffusionModel, write_pipeline_files
-from .quant import QuantConfig, calibrate, freeze, quantize, save_quantized
+from .quant import QuantConfig, ReconstructionSettings, calibrate, freeze, quantize, reconstruct, save_quantized
 
 
 @dataclass
@@ -63,6 +63,12 @@ def calibrate_and_freeze(qunet: torch.nn.Module, calibration: CalibrationSet, ba
     return freeze(qunet)
 
 
+def reconstruct_on_calibration(qunet: torch.nn.Module, model: DiffusionModel, calibration: CalibrationSet,
+                               settings: ReconstructionSettings, progress: bool = True) -> list[dict]:
+    """BRECQ / AdaRound of the frozen `qunet` against the FP UNet, on (a subset of) the calibration inputs."""
+    return reconstruct(qunet, model.unet, (calibration.x, calibration.t), settings, progress=progress)
+
+
 def save_quantized_pipeline(qunet: torch.nn.Module, model: DiffusionModel, out: Path, provenance: dict,
                             overwrite: bool = False) -> None:
     """A pipeline folder (unet/ quantized, scheduler/, model_index.json) that load_diffusion_model reads."""
@@ -72,8 +78,10 @@ def save_quantized_pipeline(qunet: torch.nn.Module, model: DiffusionModel, out: 
 
 
 def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings, out: Path, *,
-            overwrite: bool = False, data_root: str | None = None, progress: bool = True) -> tuple[torch.nn.Module, CalibrationSet]:
-    """Quantize `model` with `config`, calibrated on `calib`; write the model and calibration set to `out`.
+            reconstruction: ReconstructionSettings | None = None, overwrite: bool = False, data_root: str | None = None,
+            progress: bool = True) -> tuple[torch.nn.Module, CalibrationSet]:
+    """Quantize `model` with `config`, calibrated on `calib` (then reconstructed, if `reconstruction` is given);
+    write the model and calibration set to `out`.
 
     Every check (bits, patterns against this model's layers, strategy and its parameters) runs before the
     first network evaluation. Returns the frozen quantized UNet and its calibration set.
@@ -86,10 +94,14 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
     calibration_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     calibrate_and_freeze(qunet, calibration, calib.batch_size, progress)
-    freeze_seconds = time.perf_counter() - t0
+    seconds = {"calibration_set": round(calibration_seconds, 1), "observe_and_freeze": round(time.perf_counter() - t0, 1)}
     provenance = {"base_model": str(model.path), "calibration": asdict(calib),
-                  "calibration_cost": calibration.meta["cost"],
-                  "seconds": {"calibration_set": round(calibration_seconds, 1), "observe_and_freeze": round(freeze_seconds, 1)}}
+                  "calibration_cost": calibration.meta["cost"], "seconds": seconds}
+    if reconstruction is not None:
+        t0 = time.perf_counter()
+        units = reconstruct_on_calibration(qunet, model, calibration, reconstruction, progress)
+        seconds["reconstruction"] = round(time.perf_counter() - t0, 1)
+        provenance["reconstruction"] = {"settings": reconstruction.to_dict(), "units": units}
     with atomic_dir(out, overwrite) as tmp:
         save_quantized_pipeline(qunet, model, tmp / "model", provenance)
         calibration.save(tmp / "calibration")

@@ -42,8 +42,9 @@ class ReportSettings:
     data_root: str | None = None
 
 
-def _weights_digest(model: DiffusionModel) -> str:
-    h = hashlib.sha256()
+def _model_digest(model: DiffusionModel) -> str:
+    """Weights and schedule (the scheduler config decides e.g. x_0 clipping): what the FP samples depend on."""
+    h = hashlib.sha256(json.dumps(model.scheduler_config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.unet.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -56,7 +57,7 @@ def fp_samples(model: DiffusionModel, settings: ReportSettings, batch_size: int 
     Sample i depends only on (seed, i) for a deterministic sampler, so a cached larger set serves any
     smaller request as its first `num` samples (e.g. the model card's 2,000 serve a report's 500).
     """
-    prefix = f"{_weights_digest(model)}-{settings.scheduler}{settings.steps}-s{settings.seed}-b{batch_size}"
+    prefix = f"{_model_digest(model)}-{settings.scheduler}{settings.steps}-s{settings.seed}-b{batch_size}"
     deterministic = settings.scheduler != "ddpm"
     for path in CACHE_DIR.glob(f"{prefix}-n*.npz"):
         cached_num = int(path.stem.rsplit("-n", 1)[1])

@@ -33,7 +33,10 @@ def make_scheduler(kind: str, scheduler_config: dict, steps: int):
     train_steps = scheduler_config.get("num_train_timesteps", 1000)
     if not 1 <= steps <= train_steps:
         raise Ptq4dmError(f"--steps must be between 1 and {train_steps} (the model's training steps), got {steps}")
-    extra = {"clip_sample": False} if kind in ("ddpm", "ddim") else {}
+    # Clipping of the predicted x_0 (clip_sample, thresholding) follows the model's own scheduler config, as
+    # in a diffusers pipeline: pixel-space DDPMs clip to [-1, 1] (Ho et al.'s clip_denoised; the bundled
+    # model's samples carry speckle noise without it), latent models do not.
+    extra = {}
     if kind == "ddim":
         # Deterministic DDIM (eta = 0) with the final alpha of the training schedule, as in Song et al.
         extra["set_alpha_to_one"] = False

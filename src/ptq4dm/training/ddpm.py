@@ -36,6 +36,11 @@ FMNIST_UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     norm_num_groups=16, attention_head_dim=32,
 )
+# The schedule it is trained on, and how it samples: Ho et al.'s linear betas, without clipping the
+# predicted x_0 (measured at step 2,900 on 500 DDIM samples, classifier features: clipping removes the
+# speckle of some samples but moves the set away from the data, FID 45 and recall 0.30 against about 28
+# and 0.77 unclipped).
+FMNIST_SCHEDULER_CONFIG = {**DEFAULT_SCHEDULER_CONFIG, "clip_sample": False}
 
 
 @dataclass
@@ -92,7 +97,7 @@ def train_ddpm(run_dir: Path, cfg: TrainConfig, data_root: str | None = None) ->
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scheduler = DDPMScheduler(**DEFAULT_SCHEDULER_CONFIG)
+    scheduler = DDPMScheduler(**FMNIST_SCHEDULER_CONFIG)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     step, wall = 0, 0.0
@@ -115,7 +120,7 @@ def train_ddpm(run_dir: Path, cfg: TrainConfig, data_root: str | None = None) ->
     def checkpoint():
         _save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(),
                                      "optimizer": opt.state_dict(), "step": step, "wall_seconds": wall})
-        save_diffusion_model(ema, DEFAULT_SCHEDULER_CONFIG, run_dir / "model", overwrite=True)
+        save_diffusion_model(ema, FMNIST_SCHEDULER_CONFIG, run_dir / "model", overwrite=True)
 
     n = len(images)
     steps_per_epoch = n // cfg.batch_size
