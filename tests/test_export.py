@@ -35,6 +35,7 @@ from ptq4dm.images import load_samples  # noqa: E402
 from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, load_diffusion_model  # noqa: E402
 from ptq4dm.ptq import calibrate_and_freeze, quantized_copy, save_quantized_pipeline  # noqa: E402
 from ptq4dm.quant import QuantConfig, quant_units  # noqa: E402
+from ptq4dm.quant.fake_quant import SplitFakeQuantize  # noqa: E402
 from ptq4dm.sampling import unet_predictor  # noqa: E402
 
 # Agreement bounds, from measurements on this model (5 seeds of the tiny UNet, 10 DDIM steps, 4 samples):
@@ -248,6 +249,24 @@ def test_quantized_conv_outputs_become_integer_convolutions_in_onnxruntime(expor
                                                              "openvino": openvino}, steps=10, num=4)
     simulation, engine = np.array(result["simulation"]["sqnr_db"]), np.array(result["openvino"]["sqnr_db"])
     assert np.median(engine) >= np.median(simulation) - 1.0 and engine.min() >= simulation.min() - 3.0, result
+
+
+def test_split_shortcuts_export_as_one_integer_layer_per_part(tmp_path):
+    """A split input (one scale for the decoder's channels, one for the skip's) exports as two Q/DQ layers on
+    the two channel ranges, each with its part's per-tensor parameters, and the engines still follow the
+    simulation."""
+    fp, qmodel, _ = _quantized(tmp_path / "model", QuantConfig(split_shortcuts=True))
+    export_model(qmodel, tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    split = {name: unit for name, unit in quant_units(qmodel.unet).items()
+             if isinstance(unit.input_quantizer, SplitFakeQuantize)}
+    assert split
+    for name, unit in split.items():
+        nodes = [n for n in _qdq_nodes(graph, "QuantizeLinear") if _meta(n)[METADATA_LAYER] == name]
+        assert len(nodes) == 2, name
+        scales = sorted(float(_initializer(graph, n.input[1])) for n in nodes)
+        assert scales == sorted(unit.input_quantizer.scale.tolist()) and scales[0] != scales[1]
+    _assert_engines_follow_the_simulation(fp, qmodel, tmp_path / "onnx" / "model.onnx")
 
 
 @pytest.mark.parametrize("engine", ENGINES)

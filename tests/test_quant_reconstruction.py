@@ -128,12 +128,13 @@ def test_reconstruction_refuses_unfrozen_or_float_weight_models(fp_unet):
         reconstruct(float_weights, fp_unet, calib, progress=False)
 
 
-def test_quantize_cli_reconstructs_and_records_it(tiny_model_dir, tmp_path, capsys):
+def test_quantize_cli_splits_reconstructs_and_records_it(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["quantize", "--model", str(tiny_model_dir), "--wbits", "4", "--calib", "uniform", "--calib-size", "16",
                  "--calib-steps", "4", "--reconstruct", "block", "--recon-iters", "3", "--recon-samples", "8",
-                 "--no-report", "--out", str(run)]) == 0
+                 "--split-shortcuts", "--no-report", "--out", str(run)]) == 0
     ptq = json.loads((run / "ptq.json").read_text())
+    assert ptq["quant_config"]["split_shortcuts"] and ptq["quant_config"]["weight_bits"] == 4
     assert ptq["reconstruction"]["settings"]["granularity"] == "block"
     assert len(ptq["reconstruction"]["units"]) > 0 and "reconstruction" in ptq["seconds"]
     assert "reconstruction (block)" in capsys.readouterr().out

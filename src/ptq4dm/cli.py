@@ -239,6 +239,8 @@ def _add_quantize(sub):
     p.add_argument("--quantize-attention", action="store_true", help="also quantize the Q.K^T and softmax.V operands")
     p.add_argument("--quantize-conv-outputs", action="store_true", help="also quantize convolution outputs and "
                    "biases (int32), so that ONNX Runtime runs the exported convolutions in int8 (QLinearConv)")
+    p.add_argument("--split-shortcuts", action="store_true", help="Q-Diffusion's shortcut splitting: the decoder's "
+                   "skip-concatenation shortcuts get one input range for their own features and one for the skip")
     p.add_argument("--reconstruct", choices=["block", "layer"], default=None,
                    help="after calibration, learn the weights' rounding: block = BRECQ (as in Q-Diffusion), "
                    "layer = AdaRound layer by layer (default: round to nearest)")
@@ -275,6 +277,8 @@ def _add_quantize(sub):
             overrides["quantize_attention_matmuls"] = True
         if a.quantize_conv_outputs:
             overrides["quantize_conv_outputs"] = True
+        if a.split_shortcuts:
+            overrides["split_shortcuts"] = True
         config = QuantConfig.from_dict({**base, **overrides})
         calib = CalibrationSettings(strategy=a.calib, size=a.calib_size, scheduler=a.calib_scheduler,
                                     steps=a.calib_steps, seed=a.seed, params=dict(a.calib_param))

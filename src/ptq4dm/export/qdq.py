@@ -13,6 +13,9 @@ A frozen ptq4dm layer computes (quant/quantizer.py follows ONNX semantics exactl
   instead of Q(float weight) matters: ptq4dm's symmetric grid is the narrow [-127, 127], while ONNX
   QuantizeLinear saturates to int8's [-128, 127], so a clipped weight would get a different code;
 - the float Conv / MatMul on the dequantized tensors, which backends fuse into integer kernels;
+- a split input (QuantConfig.split_shortcuts: one scale for the decoder's channels, one for the skip's) as
+  two such layers on the two channel ranges with the matching halves of the weight, summed: a per-part
+  scale sits on the reduction axis, which no integer kernel takes, but each half is an ordinary int8 layer;
 - with QuantConfig.quantize_conv_outputs, a convolution's bias as int32 codes -> DequantizeLinear (scale input
   scale x weight scale, per channel) and its output through QuantizeLinear -> DequantizeLinear: the
   DequantizeLinear -> Conv -> QuantizeLinear form that ONNX Runtime fuses into QLinearConv.
@@ -98,10 +101,19 @@ class QDQLayer(nn.Module):
         self.name = layer.quant_name
         self.op = _layer_op(layer)
         weight, input_ = layer.weight_params, layer.input_params  # raise if the model is not frozen
+        # Channel where the input's second part (a skip) starts, for a split input quantizer; None otherwise.
+        self.input_split = None if input_ is None or input_.axis is None else layer.input_quantizer.split
         if input_ is not None:
             _check_activation_exportable(input_, self.name)
-            self.register_buffer("input_scale", input_.scale.detach().clone())
-            self.register_buffer("input_zero_point", input_.zero_point.to(storage_dtype(input_)))
+            scale, zero_point = input_.scale.detach(), input_.zero_point.to(storage_dtype(input_))
+            if self.input_split is not None:  # per channel: the first part's values, then the skip's
+                if getattr(layer, "groups", 1) != 1:
+                    raise Ptq4dmError(f"layer {self.name!r} has a split input and grouped convolution: not exportable")
+                self.register_buffer("skip_input_scale", scale[self.input_split].clone())
+                self.register_buffer("skip_input_zero_point", zero_point[self.input_split].clone())
+                scale, zero_point = scale[0], zero_point[0]
+            self.register_buffer("input_scale", scale.clone())
+            self.register_buffer("input_zero_point", zero_point.clone())
         self.input_quantized = input_ is not None
         if weight is None:
             self.register_buffer("weight", layer.weight.detach().clone())
@@ -125,10 +137,13 @@ class QDQLayer(nn.Module):
             self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.bias_quantized = bias is not None
 
+    def _input_qdq(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        q = quantize_linear(x, scale, zero_point, self.name, "input")
+        return dequantize_linear(q, scale, zero_point, None, self.name, "input")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantized:
-            q = quantize_linear(x, self.input_scale, self.input_zero_point, self.name, "input")
-            x = dequantize_linear(q, self.input_scale, self.input_zero_point, None, self.name, "input")
+        if self.input_quantized and self.input_split is None:
+            x = self._input_qdq(x, self.input_scale, self.input_zero_point)
         if self.weight_quantized:
             weight = dequantize_linear(self.weight_codes, self.weight_scale, self.weight_zero_point, self.weight_axis,
                                        self.name, "weight")
@@ -138,7 +153,12 @@ class QDQLayer(nn.Module):
             bias = dequantize_linear(self.bias_codes, self.bias_scale, self.bias_zero_point, 0, self.name, "bias")
         else:
             bias = self.bias
-        y = self.op(x, weight, bias)
+        if self.input_split is None:
+            y = self.op(x, weight, bias)
+        else:
+            k = self.input_split
+            y = self.op(self._input_qdq(x[:, :k], self.input_scale, self.input_zero_point), weight[:, :k], bias) + \
+                self.op(self._input_qdq(x[:, k:], self.skip_input_scale, self.skip_input_zero_point), weight[:, k:], None)
         if self.output_quantized:
             q = quantize_linear(y, self.output_scale, self.output_zero_point, self.name, "output")
             y = dequantize_linear(q, self.output_scale, self.output_zero_point, None, self.name, "output")

@@ -39,6 +39,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
                 f"attention {name!r} uses {type(attentions[name].processor).__name__}, but matmul quantization "
                 "supports diffusers' AttnProcessor2_0 only: exclude it or set quantize_attention_matmuls to false"
             )
+    splits = _shortcut_splits(model, selected) if config.split_shortcuts else {}
     for name in selected:
         if name in attentions:
             attentions[name].set_processor(QuantAttnProcessor(config, name).to(_device_of(attentions[name])))
@@ -46,9 +47,19 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
             layer = layers[name]
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child_name, QUANTIZED_TYPES[type(layer)].from_float(layer, config, name))
+            setattr(parent, child_name, QUANTIZED_TYPES[type(layer)].from_float(layer, config, name, splits.get(name)))
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
+
+
+def _shortcut_splits(model: nn.Module, selected: list[str]) -> dict[str, int]:
+    from ..models.blocks import skip_concat_splits  # model plumbing: which layers read a skip concatenation
+
+    splits = {name: split for name, split in skip_concat_splits(model).items() if name in selected}
+    if not splits:
+        raise Ptq4dmError(f"split_shortcuts: {type(model).__name__} has no quantized layer that reads a UNet skip "
+                          "concatenation (decoder resnets' conv_shortcut): turn split_shortcuts off for this model")
+    return splits
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -47,6 +47,12 @@ class QuantConfig:
         QuantizeLinear into QLinearConv only in that form, and leaves convolutions in FP32 otherwise. It adds
         one rounding per convolution. PTQ4DM's reference code quantizes layer outputs as well. Off by
         default; needs weight_bits and activation_bits.
+    split_shortcuts: Q-Diffusion's shortcut splitting. The 1x1 shortcut convolutions of a UNet's decoder read
+        the raw concatenation of the decoder's features and the encoder's skip, two parts with different
+        ranges; each part gets its own input scale and zero point (which layers and where they split:
+        ptq4dm.models.blocks.skip_concat_splits). The int8 export runs such a layer as two integer
+        convolutions, one per part, summed. Off by default; not with quantize_conv_outputs (an int32 bias
+        grid needs one input scale).
     include / exclude: fnmatch patterns on module names (e.g. "down_blocks.*.resnets.*.conv1"). A Conv2d or
         Linear layer (or an attention module, for the matmuls) is quantized when it matches an include
         pattern and no exclude pattern. Every pattern must match something in the model.
@@ -63,6 +69,7 @@ class QuantConfig:
     percentile: float = 99.99
     quantize_attention_matmuls: bool = False
     quantize_conv_outputs: bool = False
+    split_shortcuts: bool = False
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
 
@@ -72,7 +79,8 @@ class QuantConfig:
         _check_choice(self.weight_granularity, GRANULARITIES, "weight_granularity")
         _check_choice(self.weight_observer, WEIGHT_OBSERVERS, "weight_observer")
         _check_choice(self.activation_observer, ACTIVATION_OBSERVERS, "activation_observer")
-        for name in ("weight_symmetric", "activation_symmetric", "quantize_attention_matmuls", "quantize_conv_outputs"):
+        for name in ("weight_symmetric", "activation_symmetric", "quantize_attention_matmuls", "quantize_conv_outputs",
+                     "split_shortcuts"):
             if not isinstance(getattr(self, name), bool):
                 raise Ptq4dmError(f"{name} = {getattr(self, name)!r} must be true or false")
         if isinstance(self.mse_p, bool) or not isinstance(self.mse_p, (int, float)) or not self.mse_p > 0:
@@ -86,6 +94,10 @@ class QuantConfig:
         if self.quantize_conv_outputs and (self.activation_bits is None or self.weight_bits is None):
             raise Ptq4dmError("quantize_conv_outputs needs weight_bits and activation_bits (the int32 bias grid is "
                               "input scale x weight scale): set both, or turn quantize_conv_outputs off")
+        if self.split_shortcuts and (self.activation_bits is None or self.quantize_conv_outputs):
+            raise Ptq4dmError("split_shortcuts splits the input quantizer of the skip-concatenation layers: it needs "
+                              "activation_bits and cannot be combined with quantize_conv_outputs (one int32 bias grid "
+                              "needs one input scale); turn one of them off")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):

@@ -67,12 +67,55 @@ class FakeQuantize(nn.Module):
         return f"bits={self.bits}, {kind}, {granularity}, frozen={self.is_frozen}"
 
 
-def activation_quantizer(config: QuantConfig) -> FakeQuantize | None:
-    """A per-tensor activation quantizer as configured, or None when activations stay in full precision."""
+class SplitFakeQuantize(FakeQuantize):
+    """Q-Diffusion's shortcut splitting: one per-tensor range for input channels [0, split) and another for
+    [split, channels), for a layer that reads the concatenation of two feature maps with different ranges
+    (a UNet decoder's own features and the encoder's skip). The frozen parameters are per channel along
+    axis 1, each channel carrying its part's scale and zero point."""
+
+    def __init__(self, observers: tuple[Observer, Observer], bits: int, symmetric: bool, split: int, channels: int):
+        super().__init__(observers[0], bits, symmetric)
+        self.second_observer = observers[1]
+        self.split, self.channels = split, channels
+        self.register_buffer("scale", torch.ones(2))
+        self.register_buffer("zero_point", torch.zeros(2, dtype=torch.int32))
+
+    @property
+    def has_data(self) -> bool:
+        return self.observer.has_data and self.second_observer.has_data
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.observer.observe(x[:, :self.split])
+        self.second_observer.observe(x[:, self.split:])
+
+    def freeze(self) -> None:
+        parts = [o.compute_params(self.bits, self.symmetric) for o in (self.observer, self.second_observer)]
+        self.scale.copy_(torch.stack([p.scale for p in parts]))
+        self.zero_point.copy_(torch.stack([p.zero_point for p in parts]))
+        self.frozen.fill_(True)
+
+    @property
+    def params(self) -> QuantParams:
+        if not self.is_frozen:
+            raise Ptq4dmError("quantization parameters are not fixed yet: calibrate(model), then freeze(model)")
+        sizes = torch.tensor([self.split, self.channels - self.split], device=self.scale.device)
+        return QuantParams(self.scale.repeat_interleave(sizes), self.zero_point.repeat_interleave(sizes), self.bits,
+                           self.symmetric, axis=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, split={self.split} of {self.channels} channels"
+
+
+def activation_quantizer(config: QuantConfig, split: tuple[int, int] | None = None) -> FakeQuantize | None:
+    """A per-tensor activation quantizer as configured (per part, for split = (split channel, channels)),
+    or None when activations stay in full precision."""
     if config.activation_bits is None:
         return None
-    observer = make_activation_observer(config.activation_observer, config.mse_p, config.percentile)
-    return FakeQuantize(observer, config.activation_bits, config.activation_symmetric)
+    def observer() -> Observer:
+        return make_activation_observer(config.activation_observer, config.mse_p, config.percentile)
+    if split is not None:
+        return SplitFakeQuantize((observer(), observer()), config.activation_bits, config.activation_symmetric, *split)
+    return FakeQuantize(observer(), config.activation_bits, config.activation_symmetric)
 
 
 def weight_quantizer(config: QuantConfig, out_channels: int) -> FakeQuantize | None:

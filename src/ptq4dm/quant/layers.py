@@ -26,14 +26,17 @@ class QuantLayer(QuantUnit):
     input_quantizer: FakeQuantize | None
     output_quantizer: FakeQuantize | None
 
-    def _take_over(self, float_layer: nn.Module, config: QuantConfig, name: str, quantize_output: bool) -> None:
-        """Adopt the float layer's parameters and mode, and add the configured quantizers."""
+    def _take_over(self, float_layer: nn.Module, config: QuantConfig, name: str, quantize_output: bool,
+                   input_split: int | None = None) -> None:
+        """Adopt the float layer's parameters and mode, and add the configured quantizers (the input's in two
+        parts, split at channel `input_split`, for Q-Diffusion's shortcut splitting)."""
         self.weight = float_layer.weight
         self.bias = float_layer.bias
         self.train(float_layer.training)
         self.quant_name = name
         self.weight_quantizer = weight_quantizer(config, self.weight.shape[0])
-        self.input_quantizer = activation_quantizer(config)
+        self.input_quantizer = activation_quantizer(
+            config, None if input_split is None else (input_split, self.weight.shape[1]))
         self.output_quantizer = activation_quantizer(config) if quantize_output else None
         for quantizer in self.quantizers():
             quantizer.to(self.weight.device)
@@ -68,7 +71,8 @@ class QuantLayer(QuantUnit):
 
     @property
     def input_params(self) -> QuantParams | None:
-        """Frozen input-activation scale / zero point (per tensor); None if inputs stay float."""
+        """Frozen input-activation scale / zero point (per tensor, or per channel along axis 1 for a split
+        input); None if inputs stay float."""
         return None if self.input_quantizer is None else self.input_quantizer.params
 
     @property
@@ -88,11 +92,11 @@ class QuantLayer(QuantUnit):
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QuantConfig, name: str) -> "QuantConv2d":
+    def from_float(cls, conv: nn.Conv2d, config: QuantConfig, name: str, input_split: int | None = None) -> "QuantConv2d":
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                     padding_mode=conv.padding_mode, device="meta")
-        layer._take_over(conv, config, name, quantize_output=config.quantize_conv_outputs)
+        layer._take_over(conv, config, name, quantize_output=config.quantize_conv_outputs, input_split=input_split)
         return layer
 
     def apply_layer(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -101,10 +105,10 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
 
 class QuantLinear(QuantLayer, nn.Linear):
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: QuantConfig, name: str) -> "QuantLinear":
+    def from_float(cls, linear: nn.Linear, config: QuantConfig, name: str, input_split: int | None = None) -> "QuantLinear":
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         # Linear outputs stay float: integer GEMM engines already take float outputs (ORT MatMulIntegerToFloat).
-        layer._take_over(linear, config, name, quantize_output=False)
+        layer._take_over(linear, config, name, quantize_output=False, input_split=input_split)
         return layer
 
     def apply_layer(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
