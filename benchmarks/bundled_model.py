@@ -81,6 +81,8 @@ def main() -> None:
 A diffusers `UNet2DModel` ({n_params / 1e6:.2f}M parameters) trained by ptq4dm as DDPM (T = 1000, linear betas
 1e-4..0.02, epsilon prediction) on the 60,000 Fashion-MNIST training images, padded to 32x32, in [-1, 1].
 Weights are the EMA (decay {train_cfg['ema_decay']}) copy. Layout: `DDPMPipeline.from_pretrained(<this folder>)` works.
+The scheduler config sets `clip_sample` false: samples are drawn without clipping the predicted x_0 (with
+clipping they lose their speckle but score worse on the classifier features; see FMNIST_SCHEDULER_CONFIG).
 
 Architecture (`ptq4dm.training.ddpm.FMNIST_UNET_CONFIG`): {json.dumps(FMNIST_UNET_CONFIG)}.
 It has the parts that make diffusion PTQ hard: ResNet blocks with GroupNorm + SiLU, skip concatenations,
