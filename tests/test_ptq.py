@@ -52,3 +52,20 @@ def test_bad_quantize_config_fails_before_any_work(tiny_model_dir32, tmp_path, c
     assert main(["quantize", "--model", str(tiny_model_dir32), "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_quantize_reuses_a_saved_calibration_set(tiny_model_dir32, tiny_model_dir, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--calib-size", "16", "--calib-steps", "4", "--no-report"]
+    assert main(["quantize", "--model", str(tiny_model_dir32), "--calib", "uniform", *common, "--out", str(first)]) == 0
+    assert main(["quantize", "--model", str(tiny_model_dir32), "--calib-from", str(first / "calibration"), *common,
+                 "--out", str(second)]) == 0
+    assert json.loads((second / "ptq.json").read_text())["calibration"]["source"] == str(first / "calibration")
+    assert json.loads((second / "calibration" / "meta.json").read_text())["strategy"] == "uniform"
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 900])
+    with torch.no_grad():  # same inputs, same config: the same model, bit for bit
+        torch.testing.assert_close(load_diffusion_model(first).unet(x, t).sample,
+                                   load_diffusion_model(second).unet(x, t).sample, rtol=0, atol=0)
+    assert main(["quantize", "--model", str(tiny_model_dir), "--calib-from", str(first / "calibration"), *common,
+                 "--out", str(tmp_path / "never")]) == 2
+    assert "holds inputs of shape (1, 32, 32)" in capsys.readouterr().err and not (tmp_path / "never").exists()

@@ -253,6 +253,8 @@ def _add_quantize(sub):
     p.add_argument("--calib-param", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="strategy parameter, repeatable: e.g. preset=reference-code, loc=0.6, shape=-2")
     p.add_argument("--seed", type=int, default=0, help="calibration seed")
+    p.add_argument("--calib-from", type=Path, default=None, metavar="DIR",
+                   help="reuse a saved calibration set (another run's calibration/) instead of the --calib options")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-report", dest="report", action="store_false", help="skip the comparison with FP")
@@ -263,7 +265,7 @@ def _add_quantize(sub):
 
     def run(a):
         from .models import load_diffusion_model
-        from .ptq import CalibrationSettings, run_ptq
+        from .ptq import CalibrationSettings, run_ptq, strategy_of
         from .quant import QuantConfig, ReconstructionSettings
         from .quant.reconstruction import METHOD_NAMES
         from .report import ReportSettings, compare_to_fp, write_report
@@ -281,7 +283,8 @@ def _add_quantize(sub):
             overrides["split_shortcuts"] = True
         config = QuantConfig.from_dict({**base, **overrides})
         calib = CalibrationSettings(strategy=a.calib, size=a.calib_size, scheduler=a.calib_scheduler,
-                                    steps=a.calib_steps, seed=a.seed, params=dict(a.calib_param))
+                                    steps=a.calib_steps, seed=a.seed, params=dict(a.calib_param),
+                                    source=None if a.calib_from is None else str(a.calib_from))
         reconstruction = None if a.reconstruct is None else ReconstructionSettings(
             granularity=a.reconstruct, iterations=a.recon_iters, samples=a.recon_samples, seed=a.seed)
         if reconstruction is not None and config.weight_bits is None:
@@ -292,7 +295,7 @@ def _add_quantize(sub):
             if a.eval_num < 2:
                 raise Ptq4dmError(f"--eval-num must be at least 2, got {a.eval_num}")
         t0 = time.perf_counter()
-        qunet, _ = run_ptq(model, config, calib, a.out, reconstruction=reconstruction, overwrite=a.overwrite,
+        qunet, calibration = run_ptq(model, config, calib, a.out, reconstruction=reconstruction, overwrite=a.overwrite,
                            data_root=a.data_root)
         print(f"quantized model written to {a.out}/model in {time.perf_counter() - t0:.0f} s")
         if reconstruction is not None:
@@ -302,7 +305,7 @@ def _add_quantize(sub):
                   f"{len(units)} units against round-to-nearest (per unit in {a.out}/ptq.json)")
         if a.report:
             settings = ReportSettings(scheduler=a.eval_scheduler, steps=a.eval_steps, num=a.eval_num, data_root=a.data_root)
-            name = f"W{a.wbits or 'fp'}A{a.abits or 'fp'}-{a.calib}"
+            name = f"W{a.wbits or 'fp'}A{a.abits or 'fp'}-{strategy_of(calibration)}"
             if reconstruction is not None:
                 name += f"-{METHOD_NAMES[a.reconstruct]}"
             results = compare_to_fp(model, {name: unet_predictor(qunet)}, settings, a.out)

@@ -35,6 +35,7 @@ class CalibrationSettings:
     seed: int = 0
     batch_size: int = 256
     params: dict = field(default_factory=dict)  # strategy parameters, e.g. {"preset": "reference-code"}
+    source: str | None = None  # a saved calibration set (another run's calibration/) to reuse instead
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -43,10 +44,22 @@ class CalibrationSettings:
 
 def make_calibration_set(model: DiffusionModel, settings: CalibrationSettings, data_root: str | None = None,
                          progress: bool = True) -> CalibrationSet:
+    if settings.source is not None:
+        calibration = CalibrationSet.load(settings.source)
+        if tuple(calibration.x.shape[1:]) != tuple(model.sample_shape):
+            raise Ptq4dmError(f"the calibration set {settings.source} holds inputs of shape "
+                              f"{tuple(calibration.x.shape[1:])}, but this model takes {tuple(model.sample_shape)}: "
+                              "reuse a set made for this model")
+        return calibration
     real = load_fashion_mnist("train", data_root)[0] if settings.strategy == "real-data" else None
     return generate_calibration_set(settings.strategy, model, settings.size, scheduler=settings.scheduler,
                                     steps=settings.steps, seed=settings.seed, batch_size=settings.batch_size,
                                     real_images=real, progress=progress, **settings.params)
+
+
+def strategy_of(calibration: CalibrationSet) -> str:
+    """The strategy a calibration set was made with (a reused set carries its own)."""
+    return str(calibration.meta.get("strategy", "unknown"))
 
 
 def quantized_copy(unet: torch.nn.Module, config: QuantConfig) -> torch.nn.Module:
@@ -105,6 +118,6 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
     with atomic_dir(out, overwrite) as tmp:
         save_quantized_pipeline(qunet, model, tmp / "model", provenance)
         calibration.save(tmp / "calibration")
-        plot_timestep_histogram({calib.strategy: calibration}, tmp / "calibration_timesteps.png")
+        plot_timestep_histogram({strategy_of(calibration): calibration}, tmp / "calibration_timesteps.png")
         (tmp / "ptq.json").write_text(json.dumps({"quant_config": config.to_dict(), **provenance}, indent=2) + "\n")
     return qunet, calibration
