@@ -4,7 +4,8 @@ For every calibration strategy (same budget: --calib-size inputs, same FP chain 
 bit-width pair, the model is quantized, calibrated and frozen, then compared with the FP model through
 `ptq4dm.report.compare_to_fp`: per-timestep noise-prediction SQNR on held-out chains, PSNR/SSIM of
 same-seed samples, and FID (bootstrap CI) / KID (± std) / IS against the Fashion-MNIST test split.
-Calibration sets are made once per (strategy, seed) and reused across bit widths; FP samples are cached.
+Calibration sets are made once per (strategy, seed), saved under --out/calibration/ and reused across bit
+widths and by a re-run with the same --out (a study that was cut off resumes there); FP samples are cached.
 With --reconstruct, every quantized model also gets a row with BRECQ (or AdaRound) on its calibration set.
 Writes study.md (the table), study.json and one folder of figures per bit width to --out.
 
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from ptq4dm.calibration import CalibrationSet
 from ptq4dm.io import atomic_write_text
 from ptq4dm.models import load_diffusion_model
 from ptq4dm.ptq import (CalibrationSettings, calibrate_and_freeze, make_calibration_set, quantized_copy,
@@ -61,8 +63,8 @@ def main() -> None:
 
     model = load_diffusion_model(a.model)
     settings = ReportSettings(steps=a.steps, num=a.eval_num, error_num=a.error_num)
-    calibration_sets = {(s, seed): make_calibration_set(model, CalibrationSettings(strategy=s, size=a.calib_size,
-                                                                                   steps=a.steps, seed=seed))
+    calibration_sets = {(s, seed): stored_calibration_set(model, CalibrationSettings(strategy=s, size=a.calib_size,
+                                                                                     steps=a.steps, seed=seed), a.out)
                         for s in a.strategies for seed in a.seeds}
     sample_bits = set(a.bits if a.sample_bits is None else a.sample_bits)
     results = {}
@@ -92,6 +94,23 @@ def main() -> None:
     atomic_write_text(a.out / "study.json", json.dumps({"command": command, "seconds": seconds, "results": results},
                                                        indent=2) + "\n")
     print(text)
+
+
+def stored_calibration_set(model, settings: CalibrationSettings, out: Path) -> CalibrationSet:
+    """The set from out/calibration/<strategy>-s<seed> when one made with these settings is there, else a new
+    one, saved there."""
+    folder = out / "calibration" / f"{settings.strategy}-s{settings.seed}"
+    if folder.is_dir():
+        stored = CalibrationSet.load(folder)
+        meta = stored.meta
+        if (meta.get("strategy"), meta.get("num"), meta.get("seed"), meta.get("scheduler")) == \
+                (settings.strategy, settings.size, settings.seed, {"kind": settings.scheduler, "steps": settings.steps}):
+            print(f"reusing the calibration set in {folder}", flush=True)
+            return stored
+        raise SystemExit(f"{folder} holds a calibration set made with other settings: use another --out or remove it")
+    calibration = make_calibration_set(model, settings)
+    calibration.save(folder)
+    return calibration
 
 
 def format_study(results: dict) -> str:
