@@ -148,7 +148,7 @@ def write_report(results: dict, out: Path, title: str, command: str) -> str:
 
 
 COMPARISON_HEADER = (
-    "| model | FID [95% CI] | KID x1e3 (± std) | IS | precision | recall | PSNR vs FP (dB) | SSIM vs FP | step SQNR mean / min (dB) |\n"
+    "| model | FID [95% CI] | KID (± std) | IS | precision | recall | PSNR vs FP (dB) | SSIM vs FP | step SQNR mean / min (dB) |\n"
     "|---|---|---|---|---|---|---|---|---|")
 
 
@@ -157,7 +157,7 @@ def comparison_row(name: str, m: dict | None, agreement: dict | None, sqnr: tupl
     cells = ["-"] * 5
     if m:
         cells = [f"{m['fid']:.4g} [{m['fid_ci_low']:.4g}, {m['fid_ci_high']:.4g}]",
-                 f"{1e3 * m['kid_mean']:.3g} ± {1e3 * m['kid_std']:.2g}", f"{m['is_mean']:.2f}",
+                 f"{m['kid_mean']:.3g} ± {m['kid_std']:.2g}", f"{m['is_mean']:.2f}",
                  f"{m['precision']:.3f}", f"{m['recall']:.3f}"]
     cells += [f"{agreement['psnr_db_mean']:.1f}", f"{agreement['ssim_mean']:.3f}"] if agreement else ["-", "-"]
     cells.append(f"{sqnr[0]:.1f} / {sqnr[1]:.1f}" if sqnr else "-")
