@@ -27,8 +27,11 @@ from ptq4dm.agreement import per_timestep_error, sqnr_db  # noqa: E402
 from ptq4dm.calibration import generate_calibration_set  # noqa: E402
 from ptq4dm.cli import main  # noqa: E402
 from ptq4dm.engines import ENGINES, load_engine  # noqa: E402
+from ptq4dm.engines import memory  # noqa: E402
+from ptq4dm.engines.backends import BackendSources  # noqa: E402
 from ptq4dm.engines.benchmark import unet_macs  # noqa: E402
 from ptq4dm.engines.peers import PEERS  # noqa: E402
+from ptq4dm.errors import Ptq4dmError  # noqa: E402
 from ptq4dm.export import export_model, load_exported  # noqa: E402
 from ptq4dm.export.qdq import METADATA_LAYER, METADATA_ROLE  # noqa: E402
 from ptq4dm.images import load_samples  # noqa: E402
@@ -297,7 +300,7 @@ def test_bench_smoke(quantized, tmp_path, capsys):
     assert main(["bench", "--model", str(quantized[2]), "--calibration", str(calibration), "--batch-sizes", "1",
                  "2", "--iterations", "2", "--warmup", "1", "--threads", "1", "--quality-steps", "3",
                  "--quality-num", "2", "--sample-steps", "2", "--sample-num", "2", "--sample-iterations", "1",
-                 "--json", str(out)]) == 0
+                 "--no-memory", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     backends = ["pytorch-fp32-eager", "onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8", "openvino-int8",
@@ -320,6 +323,27 @@ def test_bench_smoke(quantized, tmp_path, capsys):
     for name in ["openvino-int8", "onnxruntime-int8", "openvino-int8-nncf", "onnxruntime-int8-static",
                  "pt2e-x86-inductor"]:
         assert 5 < quality[name]["sqnr_db_median"] < 60, (name, quality[name])
+
+
+@pytest.mark.skipif(not memory.supported(), reason="the memory probe reads Linux's /proc/self")
+def test_peak_memory_of_each_backend_in_its_own_process(quantized, tmp_path):
+    """Each probe rebuilds its backend from the sources on disk; what a forward holds grows with the batch."""
+    sources = BackendSources.prepare(quantized[1].unet, quantized[1].scheduler_config, quantized[1].sample_shape,
+                                     tmp_path, threads=1)
+    backends = ["pytorch-fp32-eager", "openvino-int8"]
+    peaks = memory.measure(tmp_path, backends, [1, 1024], threads=1, seed=0)
+    assert set(peaks) == {(name, batch) for name in backends for batch in (1, 1024)}
+    # Batch 1024 of the 8x8 tiny UNet: its largest activations are 1024 x 32 x 8 x 8 float32 = 8 MiB each.
+    for name in backends:
+        assert peaks[(name, 1)] > 0, peaks
+        assert peaks[(name, 1024)] > peaks[(name, 1)] + 8, peaks
+
+
+def test_benchmark_sources_are_checked_before_a_probe_builds_anything(tmp_path):
+    with pytest.raises(Ptq4dmError, match="holds no benchmark sources"):
+        BackendSources.reopen(tmp_path, threads=1)
+    with pytest.raises(Ptq4dmError, match="memory probe of pytorch-fp32-eager failed.*no benchmark sources"):
+        memory.measure(tmp_path, ["pytorch-fp32-eager"], [1], threads=1, seed=0)
 
 
 def test_bench_without_a_calibration_set_asks_for_one_or_no_peers(quantized, tmp_path, capsys):

@@ -10,6 +10,8 @@ measurements:
   against PyTorch FP32 eager and against the faster FP32 engine, effective GOP/s (2 x the multiply-accumulates of
   the FP model's Conv/Linear layers and attention matmuls, per second), SQNR of the output against PyTorch FP32 on the same
   inputs, and the model's size (float32 state for PyTorch, the files on disk for the engines);
+- peak memory: each backend alone in a fresh process (ptq4dm.engines.memory), its peak resident memory above
+  that of a process with the same libraries imported, while it serves each batch size;
 - quality on the model's own inputs: the noise-prediction SQNR against PyTorch FP32 at every step of
   held-out FP DDIM chains (the same x_t for all, so errors do not compound);
 - end-to-end DDIM sampling through ptq4dm.sampling.sample: median seconds, speedups, SQNR of the final
@@ -23,6 +25,7 @@ timed minutes after another would be compared with a different machine state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -31,19 +34,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..agreement import per_timestep_error, sqnr_db
 from ..calibration import CalibrationSet
 from ..errors import Ptq4dmError
-from ..export.onnx_graph import export_onnx
 from ..models.loading import DiffusionModel
-from ..quant.api import quant_units
-from ..sampling import NoisePredictor, sample, unet_predictor
-from . import load_engine
+from ..sampling import sample
+from . import memory
+from .backends import EAGER, Backend, BackendSources, backend_names, build_backend
 from .optional import import_optional
 from .peers import PEERS
-
-EAGER = "pytorch-fp32-eager"
 
 
 @dataclass
@@ -58,6 +59,7 @@ class BenchSettings:
     quality_steps: int = 20  # DDIM steps of the per-step SQNR chains
     quality_num: int = 8  # held-out chains for the per-step SQNR (0 skips it)
     peers: tuple[str, ...] = tuple(PEERS)
+    memory: bool = True  # peak memory of each backend, in a process of its own (Linux)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", nargs="*", default=list(d.peers), metavar="PEER",
                         help=f"the peers' recipes to compare with (default: all of {', '.join(PEERS)}; none: "
                         "give the option alone)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory "
+                        "measurement (one fresh process per backend, which rebuilds it)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--work", type=Path, default=None, help="keep the exported graphs here (default: a temporary "
                         "folder)")
@@ -104,54 +108,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(batch_sizes=tuple(args.batch_sizes), iterations=args.iterations, warmup=args.warmup,
                          threads=args.threads, sample_steps=args.sample_steps, sample_num=args.sample_num,
                          sample_iterations=args.sample_iterations, quality_steps=args.quality_steps,
-                         quality_num=args.quality_num, peers=tuple(args.peers), seed=args.seed)
-
-
-@dataclass
-class Backend:
-    name: str
-    eps: NoisePredictor
-    size_bytes: int
-    fp32_engine: bool  # a float graph on an inference engine: the baseline int8 has to beat
-
-
-def float_twin(qunet: nn.Module) -> nn.Module:
-    """The full-precision model `qunet` was quantized from: the same float weights (quantize keeps them), no quantizers."""
-    twin = type(qunet).from_config(qunet.config).eval()
-    state = qunet.state_dict()
-    twin.load_state_dict({key: state[key] for key in twin.state_dict()}, strict=True)
-    return twin
-
-
-def _file_bytes(onnx_file: Path) -> int:
-    """The graph plus its external weights file, if it has one."""
-    return sum(f.stat().st_size for f in onnx_file.parent.glob(onnx_file.name + "*"))
-
-
-def build_backends(qunet: nn.Module, sample_shape: tuple[int, ...], work: Path, threads: int,
-                   calibration: CalibrationSet | None = None, peers: tuple[str, ...] = ()) -> list[Backend]:
-    if not quant_units(qunet):
-        raise Ptq4dmError("the benchmark compares a ptq4dm-quantized model with its FP32 original: pass a model made "
-                          "by `ptq4dm quantize` (its run folder or its model/ folder)")
-    if peers and calibration is None:
-        raise Ptq4dmError("the peers' int8 recipes calibrate on the inputs ptq4dm was calibrated on: give the "
-                          "calibration set (a `ptq4dm quantize` run folder has it in calibration/), or no peers")
-    fp = float_twin(qunet)
-    graphs = {"fp32": work / "fp32" / "model.onnx", "int8": work / "int8" / "model.onnx"}
-    for precision, unet in (("fp32", fp), ("int8", qunet)):
-        graphs[precision].parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(unet, sample_shape, graphs[precision])
-    eager_bytes = sum(t.numel() * t.element_size() for t in fp.state_dict().values())
-    backends = [Backend(EAGER, unet_predictor(fp), eager_bytes, fp32_engine=False)]
-    for precision in ("fp32", "int8"):
-        for engine in ("onnxruntime", "openvino"):
-            backends.append(Backend(f"{engine}-{precision}", load_engine(engine, graphs[precision], threads),
-                                    _file_bytes(graphs[precision]), fp32_engine=precision == "fp32"))
-    for name in peers:
-        eps, size = PEERS[name](fp_unet=fp, fp32_onnx=graphs["fp32"], calibration=calibration, work=work,
-                                threads=threads)
-        backends.append(Backend(name, eps, size, fp32_engine=False))
-    return backends
+                         quality_num=args.quality_num, peers=tuple(args.peers), memory=args.memory,
+                         seed=args.seed)
 
 
 def unet_macs(unet: nn.Module, sample_shape: tuple[int, ...]) -> int:
@@ -265,25 +223,45 @@ def step_quality(backends: list[Backend], model: DiffusionModel, settings: Bench
     return rows
 
 
+def peak_memory(forward: list[dict], sources: BackendSources, settings: BenchSettings) -> str | None:
+    """Add each backend's peak MiB (at each batch size) to the forward rows; say why when it cannot be measured."""
+    if not memory.supported():
+        return "peak memory needs Linux's /proc (not available here)"
+    names = list(dict.fromkeys(r["backend"] for r in forward))
+    with tqdm(total=len(names), desc="peak memory", unit="backend") as progress:
+        peaks = memory.measure(sources.work, names, list(settings.batch_sizes), settings.threads, settings.seed,
+                               progress)
+    for r in forward:
+        r["peak_mib"] = peaks[(r["backend"], r["batch"])]
+    return None
+
+
 def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | None = None,
                   calibration: CalibrationSet | None = None) -> dict:
     """Benchmark the quantized `model` (its .unet frozen by ptq4dm) against its FP32 original and the peers,
     which calibrate on `calibration` (needed when settings.peers is not empty)."""
+    if settings.peers and calibration is None:
+        raise Ptq4dmError("the peers' int8 recipes calibrate on the inputs ptq4dm was calibrated on: give the "
+                          "calibration set (a `ptq4dm quantize` run folder has it in calibration/), or no peers")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        with tempfile.TemporaryDirectory(prefix="ptq4dm-bench-") as tmp:
-            backends = build_backends(model.unet, model.sample_shape, Path(work or tmp), settings.threads,
-                                      calibration, settings.peers)
+        with contextlib.ExitStack() as stack:
+            folder = Path(work or stack.enter_context(tempfile.TemporaryDirectory(prefix="ptq4dm-bench-")))
+            sources = BackendSources.prepare(model.unet, model.scheduler_config, model.sample_shape, folder,
+                                             settings.threads, calibration)
+            backends = [build_backend(name, sources) for name in backend_names(settings.peers)]
             macs = unet_macs(model.unet, model.sample_shape)  # quantized layers are Conv2d / Linear too
             forward = time_forward(backends, model.sample_shape, settings, macs)
             quality = step_quality(backends, model, settings) if settings.quality_num else []
             sampling = time_sampling(backends, model, settings) if settings.sample_steps else []
+            del backends  # free this process's engines before the probes build their own
+            memory_note = peak_memory(forward, sources, settings) if settings.memory else "not measured (--no-memory)"
     finally:
         torch.set_num_threads(threads_before)
     return {"model": str(model.path), "sample_shape": list(model.sample_shape), "settings": asdict(settings),
             "macs_per_sample": macs, "versions": _versions(settings.peers), "forward": forward, "quality": quality,
-            "sampling": sampling}
+            "sampling": sampling, "memory_note": memory_note}
 
 
 def _versions(peers: tuple[str, ...]) -> dict:
@@ -302,14 +280,16 @@ def format_tables(result: dict) -> str:
     lines = [f"UNet forward, {result['settings']['threads']} threads, median of {result['settings']['iterations']} "
              f"(IQR = q3 - q1), model {result['model']}", "",
              f"Work: {result['macs_per_sample'] / 1e9:.3g} G multiply-accumulates per sample; SQNR on "
-             "random inputs", "",
+             "random inputs; peak MiB: the backend alone in a fresh process, resident memory above the bare "
+             f"process's ({result['memory_note'] or 'measured'})", "",
              "| backend | batch | median ms | IQR ms | vs FP32 eager | vs best FP32 engine | GOP/s | SQNR vs FP32 dB "
-             "| size MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| size MB | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["forward"]:
+        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         lines.append(f"| {r['backend']} | {r['batch']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
                      f"{_speedup(r['speedup_vs_eager'])} | {_speedup(r['speedup_vs_best_fp32_engine'])} | "
-                     f"{r['gops']:.0f} | {r['sqnr_db_vs_fp32']:.1f} | {r['size_mb']:.2f} |")
+                     f"{r['gops']:.0f} | {r['sqnr_db_vs_fp32']:.1f} | {r['size_mb']:.2f} | {peak} |")
     if result["quality"]:
         first = result["quality"][0]
         lines += ["", f"Noise-prediction SQNR against PyTorch FP32 at each step of {first['num']} held-out FP "

@@ -14,14 +14,15 @@ calibrated on), with the tool's *default* calibration and settings, as its docum
   branches there), so this peer exports, calibrates and compiles one static-shape graph per batch size, on
   first use (the benchmark's warm-up), and is fed float timesteps (PT2E's observers reject int64).
 
-Every builder returns (noise predictor, bytes on disk or in memory of the deployed weights).
+Every builder takes the benchmark's BackendSources (ptq4dm.engines.backends) and returns (noise predictor,
+bytes on disk or in memory of the deployed weights).
 """
 
 from __future__ import annotations
 
 import operator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from ..calibration import CalibrationSet
 from ..export.onnx_graph import INPUT_NAMES, NoisePredictionGraph
 from ..sampling import NoisePredictor
 from .optional import import_optional
+
+if TYPE_CHECKING:  # backends.py builds the peers from this module's PEERS
+    from .backends import BackendSources
 
 NNCF_FILE = "model.xml"
 
@@ -64,7 +68,8 @@ def _compiled(module: nn.Module) -> Callable:
     return run
 
 
-def bf16_compile(fp_unet: nn.Module, **_) -> tuple[NoisePredictor, int]:
+def bf16_compile(sources: BackendSources) -> tuple[NoisePredictor, int]:
+    fp_unet = sources.fp_unet()
     run = _compiled(fp_unet)
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -73,38 +78,37 @@ def bf16_compile(fp_unet: nn.Module, **_) -> tuple[NoisePredictor, int]:
     return eps, sum(p.numel() * 2 for p in fp_unet.parameters())  # what freezing keeps: bf16 weights
 
 
-def nncf_openvino(fp32_onnx: Path, calibration: CalibrationSet, work: Path, threads: int,
-                  **_) -> tuple[NoisePredictor, int]:
+def nncf_openvino(sources: BackendSources) -> tuple[NoisePredictor, int]:
     ov = import_optional("openvino", "the openvino-int8-nncf peer")
     nncf = import_optional("nncf", "the openvino-int8-nncf peer")
     from . import load_engine
 
-    quantized = nncf.quantize(ov.Core().read_model(str(fp32_onnx)), nncf.Dataset(list(_feeds(calibration, 1))))
-    path = work / "openvino-int8-nncf" / NNCF_FILE
+    quantized = nncf.quantize(ov.Core().read_model(str(sources.graph("fp32"))),
+                              nncf.Dataset(list(_feeds(sources.calibration, 1))))
+    path = sources.work / "openvino-int8-nncf" / NNCF_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(path), compress_to_fp16=False)
-    return load_engine("openvino", path, threads), _bytes([path, path.with_suffix(".bin")])
+    return load_engine("openvino", path, sources.threads), _bytes([path, path.with_suffix(".bin")])
 
 
-def onnxruntime_static(fp32_onnx: Path, calibration: CalibrationSet, work: Path, threads: int,
-                       **_) -> tuple[NoisePredictor, int]:
+def onnxruntime_static(sources: BackendSources) -> tuple[NoisePredictor, int]:
     quantization = import_optional("onnxruntime.quantization", "the onnxruntime-int8-static peer")
     from . import load_engine
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self):
-            self.batches = _feeds(calibration, 16)
+            self.batches = _feeds(sources.calibration, 16)
 
         def get_next(self):
             return next(self.batches, None)
 
-    path = work / "onnxruntime-int8-static" / "model.onnx"
+    path = sources.work / "onnxruntime-int8-static" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    quantization.quantize_static(str(fp32_onnx), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
+    quantization.quantize_static(str(sources.graph("fp32")), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
                                  activation_type=quantization.QuantType.QUInt8,
                                  weight_type=quantization.QuantType.QInt8, per_channel=True,
                                  op_types_to_quantize=["Conv", "MatMul", "Gemm"])
-    return load_engine("onnxruntime", path, threads), _bytes([path])
+    return load_engine("onnxruntime", path, sources.threads), _bytes([path])
 
 
 def _constant_bytes(graph_module: torch.fx.GraphModule) -> int:
@@ -114,13 +118,14 @@ def _constant_bytes(graph_module: torch.fx.GraphModule) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
 
 
-def pt2e_x86_inductor(fp_unet: nn.Module, calibration: CalibrationSet, **_) -> tuple[NoisePredictor, int]:
+def pt2e_x86_inductor(sources: BackendSources) -> tuple[NoisePredictor, int]:
     import_optional("torchao", "the pt2e-x86-inductor peer")
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq  # registers inductor passes
 
-    graph = NoisePredictionGraph(fp_unet).eval()  # plain tensor out; fed float timesteps below
+    calibration = sources.calibration
+    graph = NoisePredictionGraph(sources.fp_unet()).eval()  # plain tensor out; fed float timesteps below
     by_batch: dict[int, Callable] = {}
     sizes: list[int] = []
 
@@ -146,8 +151,8 @@ def pt2e_x86_inductor(fp_unet: nn.Module, calibration: CalibrationSet, **_) -> t
     return eps, sizes[0]
 
 
-# Name -> builder(fp_unet=, fp32_onnx=, calibration=, work=, threads=) -> (eps, size in bytes).
-PEERS: dict[str, Callable[..., tuple[NoisePredictor, int]]] = {
+# Name -> builder(sources) -> (eps, size in bytes).
+PEERS: dict[str, Callable[[BackendSources], tuple[NoisePredictor, int]]] = {
     "pytorch-bf16-compile": bf16_compile,
     "openvino-int8-nncf": nncf_openvino,
     "onnxruntime-int8-static": onnxruntime_static,

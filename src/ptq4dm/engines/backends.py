@@ -1,0 +1,121 @@
+"""The backends the benchmark compares, each a noise predictor built from one set of sources.
+
+A backend is built from the quantized model's FP32 original, the two exported graphs (float and ptq4dm's
+int8 QDQ) and, for the peers' int8 recipes, the calibration set ptq4dm was calibrated on. BackendSources
+keeps all of them in one work folder, so that a fresh process can rebuild any single backend from it: the
+memory probe (ptq4dm.engines.memory) measures each backend alone in its own process, where nothing the other
+backends hold counts against it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..calibration import CalibrationSet
+from ..errors import Ptq4dmError
+from ..export.onnx_graph import export_onnx
+from ..models.loading import load_diffusion_model, save_diffusion_model
+from ..quant.api import quant_units
+from ..sampling import NoisePredictor, unet_predictor
+from . import ENGINES, load_engine
+from .peers import PEERS
+
+EAGER = "pytorch-fp32-eager"
+PRECISIONS = ("fp32", "int8")
+FP_MODEL_DIR = "fp32-model"
+CALIBRATION_DIR = "calibration"
+SOURCES_FILE = "sources.json"
+
+
+@dataclass
+class Backend:
+    name: str
+    eps: NoisePredictor
+    size_bytes: int
+    fp32_engine: bool  # a float graph on an inference engine: the baseline int8 has to beat
+
+
+def backend_names(peers: tuple[str, ...] = ()) -> list[str]:
+    """FP32 eager, the float and the int8 graph on every engine, then the peers, in the benchmark's order."""
+    return [EAGER, *(f"{engine}-{precision}" for precision in PRECISIONS for engine in ENGINES), *peers]
+
+
+def float_twin(qunet: nn.Module) -> nn.Module:
+    """The full-precision model `qunet` was quantized from: the same float weights (quantize keeps them), no quantizers."""
+    twin = type(qunet).from_config(qunet.config).eval()
+    state = qunet.state_dict()
+    twin.load_state_dict({key: state[key] for key in twin.state_dict()}, strict=True)
+    return twin
+
+
+def _file_bytes(onnx_file: Path) -> int:
+    """The graph plus its external weights file, if it has one."""
+    return sum(f.stat().st_size for f in onnx_file.parent.glob(onnx_file.name + "*"))
+
+
+@dataclass
+class BackendSources:
+    """What every backend is built from, under `work`. The FP32 model is loaded from disk on first use only,
+    so that a process building an engine backend does not hold it."""
+    work: Path
+    sample_shape: tuple[int, ...]
+    threads: int
+    calibration: CalibrationSet | None = None
+    fp_model: nn.Module | None = None
+
+    def graph(self, precision: str) -> Path:
+        return self.work / precision / "model.onnx"
+
+    def fp_unet(self) -> nn.Module:
+        if self.fp_model is None:
+            self.fp_model = load_diffusion_model(self.work / FP_MODEL_DIR).unet
+        return self.fp_model
+
+    @classmethod
+    def prepare(cls, qunet: nn.Module, scheduler_config: dict, sample_shape: tuple[int, ...], work: Path,
+                threads: int, calibration: CalibrationSet | None = None) -> "BackendSources":
+        """Write the FP32 original, both graphs and the calibration set under `work` (overwriting a previous run's)."""
+        if not quant_units(qunet):
+            raise Ptq4dmError("the benchmark compares a ptq4dm-quantized model with its FP32 original: pass a model "
+                              "made by `ptq4dm quantize` (its run folder or its model/ folder)")
+        sources = cls(work, tuple(sample_shape), threads, calibration, float_twin(qunet))
+        for precision, unet in zip(PRECISIONS, (sources.fp_model, qunet)):
+            sources.graph(precision).parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(unet, sample_shape, sources.graph(precision))
+        save_diffusion_model(sources.fp_model, scheduler_config, work / FP_MODEL_DIR, overwrite=True)
+        if calibration is not None:
+            calibration.save(work / CALIBRATION_DIR, overwrite=True)
+        (work / SOURCES_FILE).write_text(json.dumps({"sample_shape": list(sample_shape)}) + "\n")
+        return sources
+
+    @classmethod
+    def reopen(cls, work: Path, threads: int) -> "BackendSources":
+        """The sources `prepare` wrote, as another process finds them."""
+        if not (work / SOURCES_FILE).is_file():
+            raise Ptq4dmError(f"{work} holds no benchmark sources: BackendSources.prepare writes them")
+        sample_shape = tuple(json.loads((work / SOURCES_FILE).read_text())["sample_shape"])
+        calibration = CalibrationSet.load(work / CALIBRATION_DIR) if (work / CALIBRATION_DIR).is_dir() else None
+        return cls(work, sample_shape, threads, calibration)
+
+
+def build_backend(name: str, sources: BackendSources) -> Backend:
+    if name == EAGER:
+        fp = sources.fp_unet()
+        return Backend(name, unet_predictor(fp), sum(t.numel() * t.element_size() for t in fp.state_dict().values()),
+                       fp32_engine=False)
+    engine, _, precision = name.rpartition("-")
+    if engine in ENGINES and precision in PRECISIONS:
+        graph = sources.graph(precision)
+        return Backend(name, load_engine(engine, graph, sources.threads), _file_bytes(graph),
+                       fp32_engine=precision == "fp32")
+    if name not in PEERS:
+        raise Ptq4dmError(f"unknown backend {name!r}: choose among {', '.join(backend_names(tuple(PEERS)))}")
+    if sources.calibration is None:
+        raise Ptq4dmError("the peers' int8 recipes calibrate on the inputs ptq4dm was calibrated on: give the "
+                          "calibration set (a `ptq4dm quantize` run folder has it in calibration/), or no peers")
+    eps, size = PEERS[name](sources)
+    return Backend(name, eps, size, fp32_engine=False)
