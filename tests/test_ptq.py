@@ -46,6 +46,7 @@ def test_quantize_cli_writes_a_model_that_sample_and_eval_accept(tiny_model_dir3
     (["--calib", "nope"], "unknown calibration strategy"),
     (["--exclude", "no_such_layer"], "matches no quantizable layer"),
     (["--calib-param", "preset=nope"], "preset"),
+    (["--bias-correction", "--bias-samples", "0"], "bias correction samples = 0"),
 ])
 def test_bad_quantize_config_fails_before_any_work(tiny_model_dir32, tmp_path, capsys, args, message):
     out = tmp_path / "never"

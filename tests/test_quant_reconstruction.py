@@ -12,7 +12,8 @@ from ptq4dm.quant import (QuantConfig, ReconstructionSettings, calibrate, freeze
                           reconstruct, save_quantized)
 from ptq4dm.quant.adaround import AdaRoundWeight
 from ptq4dm.quant.quantizer import QuantParams
-from ptq4dm.quant.reconstruction import _execution_order, reconstruction_units
+from ptq4dm.quant.capture import execution_order
+from ptq4dm.quant.reconstruction import reconstruction_units
 from ptq4dm.models.blocks import RECONSTRUCTION_BLOCKS
 
 
@@ -101,7 +102,7 @@ def test_units_are_outermost_blocks_in_execution_order(fp_unet):
     assert sorted(layers) == sorted(n for n, m in quant_units(q).items() if hasattr(m, "weight_quantizer"))
     assert "down_blocks.1.attentions.0" in units and "down_blocks.0.resnets.0" in units
     assert not any(name.startswith("down_blocks.1.attentions.0.") for name in units)  # to_q etc. stay in their block
-    order = _execution_order(q, list(units), calib)
+    order = execution_order(q, list(units), calib)
     mid = min(i for i, n in enumerate(order) if n.startswith("mid_block"))
     assert all(i > mid for i, n in enumerate(order) if n.startswith("up_blocks"))  # registered before mid_block
     assert reconstruction_units(q, "layer", RECONSTRUCTION_BLOCKS).keys() == set(layers)

@@ -246,6 +246,10 @@ def _add_quantize(sub):
                    "layer = AdaRound layer by layer (default: round to nearest)")
     p.add_argument("--recon-iters", type=int, default=1000, help="reconstruction iterations per block/layer")
     p.add_argument("--recon-samples", type=int, default=256, help="calibration inputs used by reconstruction")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="after calibration (and reconstruction), shift every quantized layer's bias so that its "
+                   "output's channel means match the FP model's on the calibration inputs")
+    p.add_argument("--bias-samples", type=int, default=256, help="calibration inputs used by bias correction")
     p.add_argument("--calib", default="ndtc", help="calibration strategy: ndtc, uniform, random, last-step, real-data")
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--calib-scheduler", default="ddim", choices=["ddpm", "ddim", "dpm-solver"])
@@ -295,8 +299,9 @@ def _add_quantize(sub):
             if a.eval_num < 2:
                 raise Ptq4dmError(f"--eval-num must be at least 2, got {a.eval_num}")
         t0 = time.perf_counter()
-        qunet, calibration = run_ptq(model, config, calib, a.out, reconstruction=reconstruction, overwrite=a.overwrite,
-                           data_root=a.data_root)
+        qunet, calibration = run_ptq(model, config, calib, a.out, reconstruction=reconstruction,
+                                     bias_correction=a.bias_samples if a.bias_correction else None,
+                                     overwrite=a.overwrite, data_root=a.data_root)
         print(f"quantized model written to {a.out}/model in {time.perf_counter() - t0:.0f} s")
         if reconstruction is not None:
             units = json.loads((a.out / "ptq.json").read_text())["reconstruction"]["units"]
@@ -308,6 +313,8 @@ def _add_quantize(sub):
             name = f"W{a.wbits or 'fp'}A{a.abits or 'fp'}-{strategy_of(calibration)}"
             if reconstruction is not None:
                 name += f"-{METHOD_NAMES[a.reconstruct]}"
+            if a.bias_correction:
+                name += "-bc"
             results = compare_to_fp(model, {name: unet_predictor(qunet)}, settings, a.out)
             print(write_report(results, a.out, f"ptq4dm report: {name} on {a.model}", " ".join(["ptq4dm", *a.argv])))
     p.set_defaults(run=run)

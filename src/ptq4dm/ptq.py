@@ -21,7 +21,9 @@ from .data import load_fashion_mnist
 from .errors import Ptq4dmError
 from .io import atomic_dir
 from .models.loading import DiffusionModel, write_pipeline_files
-from .quant import QuantConfig, ReconstructionSettings, calibrate, freeze, quantize, reconstruct, save_quantized
+from .quant.bias_correction import check_samples as check_bias_samples
+from .quant import (QuantConfig, ReconstructionSettings, calibrate, correct_bias, freeze, quantize, reconstruct,
+                    save_quantized)
 
 
 @dataclass
@@ -82,6 +84,12 @@ def reconstruct_on_calibration(qunet: torch.nn.Module, model: DiffusionModel, ca
     return reconstruct(qunet, model.unet, (calibration.x, calibration.t), settings, progress=progress)
 
 
+def correct_bias_on_calibration(qunet: torch.nn.Module, model: DiffusionModel, calibration: CalibrationSet,
+                                samples: int, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Bias correction of the frozen `qunet` against the FP UNet, on (a subset of) the calibration inputs."""
+    return correct_bias(qunet, model.unet, (calibration.x, calibration.t), samples=samples, seed=seed, progress=progress)
+
+
 def save_quantized_pipeline(qunet: torch.nn.Module, model: DiffusionModel, out: Path, provenance: dict,
                             overwrite: bool = False) -> None:
     """A pipeline folder (unet/ quantized, scheduler/, model_index.json) that load_diffusion_model reads."""
@@ -91,10 +99,11 @@ def save_quantized_pipeline(qunet: torch.nn.Module, model: DiffusionModel, out: 
 
 
 def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings, out: Path, *,
-            reconstruction: ReconstructionSettings | None = None, overwrite: bool = False, data_root: str | None = None,
-            progress: bool = True) -> tuple[torch.nn.Module, CalibrationSet]:
-    """Quantize `model` with `config`, calibrated on `calib` (then reconstructed, if `reconstruction` is given);
-    write the model and calibration set to `out`.
+            reconstruction: ReconstructionSettings | None = None, bias_correction: int | None = None,
+            overwrite: bool = False, data_root: str | None = None, progress: bool = True) -> tuple[torch.nn.Module, CalibrationSet]:
+    """Quantize `model` with `config`, calibrated on `calib` (then reconstructed, if `reconstruction` is given,
+    and bias-corrected on `bias_correction` calibration inputs, if it is given); write the model and
+    calibration set to `out`.
 
     Every check (bits, patterns against this model's layers, strategy and its parameters) runs before the
     first network evaluation. Returns the frozen quantized UNet and its calibration set.
@@ -102,6 +111,8 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
     if out.exists() and not overwrite:
         raise Ptq4dmError(f"{out} already exists: choose another --out or pass --overwrite")
     qunet = quantized_copy(model.unet, config)  # validates the config against the model's layer names
+    if bias_correction is not None:
+        check_bias_samples(bias_correction)
     t0 = time.perf_counter()
     calibration = make_calibration_set(model, calib, data_root, progress)
     calibration_seconds = time.perf_counter() - t0
@@ -115,6 +126,11 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
         units = reconstruct_on_calibration(qunet, model, calibration, reconstruction, progress)
         seconds["reconstruction"] = round(time.perf_counter() - t0, 1)
         provenance["reconstruction"] = {"settings": reconstruction.to_dict(), "units": units}
+    if bias_correction is not None:
+        t0 = time.perf_counter()
+        layers = correct_bias_on_calibration(qunet, model, calibration, bias_correction, calib.seed, progress)
+        seconds["bias_correction"] = round(time.perf_counter() - t0, 1)
+        provenance["bias_correction"] = {"samples": bias_correction, "seed": calib.seed, "layers": layers}
     with atomic_dir(out, overwrite) as tmp:
         save_quantized_pipeline(qunet, model, tmp / "model", provenance)
         calibration.save(tmp / "calibration")

@@ -6,11 +6,13 @@
             model(x, t)
     freeze(model)                                 # fix scales and zero points; the model now runs quantized
     reconstruct(model, fp_model, (x, t))          # optional: BRECQ / AdaRound learns the weights' rounding
+    correct_bias(model, fp_model, (x, t))         # optional: biases absorb the quantized outputs' mean error
     save_quantized(model, "out/")                 # safetensors + JSON; load_quantized("out/") rebuilds it
 """
 
 from .api import calibrate, freeze, quant_units, quantize
 from .attention import QuantAttnProcessor
+from .bias_correction import correct_bias
 from .config import DEFAULT_EXCLUDE, QuantConfig
 from .fake_quant import FakeQuantize
 from .layers import QuantConv2d, QuantLinear
@@ -21,7 +23,7 @@ from .reconstruction import ReconstructionSettings, reconstruct
 from .serialization import frozen_params, load_quantized, read_quantized_metadata, save_quantized
 
 __all__ = [
-    "quantize", "calibrate", "freeze", "reconstruct", "ReconstructionSettings", "save_quantized", "load_quantized", "read_quantized_metadata",
+    "quantize", "calibrate", "freeze", "reconstruct", "correct_bias", "ReconstructionSettings", "save_quantized", "load_quantized", "read_quantized_metadata",
     "QuantConfig", "DEFAULT_EXCLUDE", "QuantParams", "integer_range", "FakeQuantize", "QuantConv2d", "QuantLinear",
     "QuantAttnProcessor", "quant_units", "frozen_params", "Observer", "MinMaxObserver", "PercentileObserver",
     "HistogramLpObserver", "WeightLpObserver", "make_activation_observer", "make_weight_observer",

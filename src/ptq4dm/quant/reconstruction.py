@@ -30,13 +30,12 @@ from tqdm import tqdm
 
 from ..errors import Ptq4dmError
 from .adaround import AdaRoundWeight
+from .capture import CAPTURE_BATCH, concat_batches, execution_order, random_subset, run_until
 from .layers import QuantLayer
 
 GRANULARITIES = ("block", "layer")
 # What each granularity is known as in the literature (used in run and row names).
 METHOD_NAMES = {"block": "brecq", "layer": "adaround"}
-# How many calibration inputs go through the network at once while capturing block inputs and targets.
-CAPTURE_BATCH = 64
 
 
 @dataclass
@@ -100,77 +99,6 @@ def reconstruction_units(model: nn.Module, granularity: str,
             outer = [b for b in blocks if name.startswith(b + ".")]
             units.setdefault(min(outer, key=len) if outer else name, []).append(m)
     return units
-
-
-def _execution_order(model: nn.Module, names: list[str], inputs: tuple[torch.Tensor, ...]) -> list[str]:
-    """`names` in the order a forward pass first reaches them (registration order is not execution order:
-    diffusers' UNet2DModel registers its mid block after the up blocks)."""
-    modules = dict(model.named_modules())
-    order: list[str] = []
-    hooks = [modules[name].register_forward_pre_hook(lambda _m, _a, name=name: order.append(name)) for name in names]
-    try:
-        with torch.no_grad():
-            model(*(x[:1] for x in inputs))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    first_calls = list(dict.fromkeys(order))
-    return first_calls + [name for name in names if name not in first_calls]
-
-
-class _Captured(Exception):
-    """Stops a forward pass once the wanted block has been seen: the rest of the network is not needed."""
-
-
-def _run_until(model: nn.Module, module: nn.Module, inputs: tuple[torch.Tensor, ...], want_output: bool) -> list:
-    """Per capture batch: the (args, kwargs) `module` receives, or its output, when `model` runs `inputs`."""
-    seen: list = []
-
-    def on_input(_module, args, kwargs):
-        seen.append(_detached((args, kwargs)))
-        raise _Captured
-
-    def on_output(_module, _args, output):
-        seen.append(_detached(output if torch.is_tensor(output) else output[0]))
-        raise _Captured
-
-    hook = module.register_forward_hook(on_output) if want_output else \
-        module.register_forward_pre_hook(on_input, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(inputs[0]), CAPTURE_BATCH):
-                try:
-                    model(*(x[start:start + CAPTURE_BATCH] for x in inputs))
-                except _Captured:
-                    continue
-                raise Ptq4dmError(f"the block {getattr(module, 'quant_name', type(module).__name__)!r} was not "
-                                  "called in a forward pass of the model: it cannot be reconstructed")
-    finally:
-        hook.remove()
-    return seen
-
-
-def _detached(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
-
-
-def _concat(parts: list, batch_sizes: list[int]) -> Any:
-    """Join per-batch captures: tensors carrying the batch in dim 0 are concatenated, others taken once."""
-    first = parts[0]
-    if torch.is_tensor(first):
-        per_sample = all(p.ndim > 0 and p.shape[0] == n for p, n in zip(parts, batch_sizes))
-        return torch.cat(parts) if per_sample else first
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([p[i] for p in parts], batch_sizes) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: _concat([p[k] for p in parts], batch_sizes) for k in first}
-    return first
 
 
 def _select(value: Any, rows: torch.Tensor, num: int) -> Any:
@@ -258,14 +186,12 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Tens
     missing = [name for name in units if name not in fp_modules]
     if missing:
         raise Ptq4dmError(f"the full-precision model has no module {missing[0]!r}: pass the model that was quantized")
-    num = len(inputs[0])
-    generator = torch.Generator().manual_seed(settings.seed)
-    rows = torch.randperm(num, generator=generator)[:settings.samples].sort().values
-    inputs = tuple(x[rows] for x in inputs)
+    generator = torch.Generator().manual_seed(settings.seed)  # draws the subset, then the training batches
+    inputs = random_subset(inputs, settings.samples, generator)
     batch_sizes = [len(x) for x in torch.split(inputs[0], CAPTURE_BATCH)]
 
     q_modules = dict(qmodel.named_modules())
-    order = _execution_order(qmodel, list(units), inputs)
+    order = execution_order(qmodel, list(units), inputs)
     requires_grad = {p: p.requires_grad for p in qmodel.parameters()}
     qmodel.requires_grad_(False)
     summaries = []
@@ -273,8 +199,8 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Tens
         for name in tqdm(order, desc=f"reconstruct ({settings.granularity})", unit="unit",
                                  disable=not progress):
             block, layers = q_modules[name], units[name]
-            args, kwargs = _concat(_run_until(qmodel, block, inputs, want_output=False), batch_sizes)
-            target = _concat(_run_until(fp_model, fp_modules[name], inputs, want_output=True), batch_sizes)
+            args, kwargs = concat_batches(run_until(qmodel, block, inputs, want_output=False), batch_sizes)
+            target = concat_batches(run_until(fp_model, fp_modules[name], inputs, want_output=True), batch_sizes)
             nearest = _mean_squared_error(block, args, kwargs, target)
             _reconstruct_unit(block, layers, args, kwargs, target, settings, generator)
             summaries.append({"unit": name, "layers": [layer.quant_name for layer in layers],
