@@ -6,7 +6,8 @@ bit-width pair, the model is quantized, calibrated and frozen, then compared wit
 same-seed samples, and FID (bootstrap CI) / KID (± std) / IS against the Fashion-MNIST test split.
 Calibration sets are made once per (strategy, seed), saved under --out/calibration/ and reused across bit
 widths and by a re-run with the same --out (a study that was cut off resumes there); FP samples are cached.
-With --reconstruct, every quantized model also gets a row with BRECQ (or AdaRound) on its calibration set.
+With --reconstruct, every quantized model also gets a row with BRECQ (or AdaRound) on its calibration set;
+with --bias-correction, a row with bias correction on its calibration set (after the reconstruction, if any).
 Writes study.md (the table), study.json and one folder of figures per bit width to --out.
 
     python benchmarks/calibration_study.py --out runs/study
@@ -25,8 +26,8 @@ from pathlib import Path
 from ptq4dm.calibration import CalibrationSet
 from ptq4dm.io import atomic_write_text
 from ptq4dm.models import load_diffusion_model
-from ptq4dm.ptq import (CalibrationSettings, calibrate_and_freeze, make_calibration_set, quantized_copy,
-                        reconstruct_on_calibration)
+from ptq4dm.ptq import (CalibrationSettings, calibrate_and_freeze, correct_bias_on_calibration, make_calibration_set,
+                        quantized_copy, reconstruct_on_calibration)
 from ptq4dm.quant import QuantConfig, ReconstructionSettings
 from ptq4dm.quant.reconstruction import METHOD_NAMES
 from ptq4dm.report import COMPARISON_HEADER, ReportSettings, compare_to_fp, comparison_row
@@ -57,6 +58,9 @@ def main() -> None:
     p.add_argument("--reconstruct", choices=["block", "layer"], default=None,
                    help="also report each model after BRECQ (block) or AdaRound (layer) reconstruction")
     p.add_argument("--recon-iters", type=int, default=1000)
+    p.add_argument("--bias-correction", action="store_true",
+                   help="also report each model after bias correction (ptq4dm.quant.correct_bias)")
+    p.add_argument("--bias-samples", type=int, default=256, help="calibration inputs used by bias correction")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -75,11 +79,17 @@ def main() -> None:
         for (strategy, seed), calibration in calibration_sets.items():
             qunet = calibrate_and_freeze(quantized_copy(model.unet, config), calibration)
             candidates[f"{bits} {strategy} s{seed}"] = unet_predictor(qunet)
+            name = f"{bits} {strategy}"
             if a.reconstruct:
-                learned = copy.deepcopy(qunet)
-                reconstruct_on_calibration(learned, model, calibration, ReconstructionSettings(
+                qunet = copy.deepcopy(qunet)
+                reconstruct_on_calibration(qunet, model, calibration, ReconstructionSettings(
                     granularity=a.reconstruct, iterations=a.recon_iters, seed=seed))
-                candidates[f"{bits} {strategy}+{METHOD_NAMES[a.reconstruct]} s{seed}"] = unet_predictor(learned)
+                name += f"+{METHOD_NAMES[a.reconstruct]}"
+                candidates[f"{name} s{seed}"] = unet_predictor(qunet)
+            if a.bias_correction:
+                qunet = copy.deepcopy(qunet)
+                correct_bias_on_calibration(qunet, model, calibration, a.bias_samples, seed)
+                candidates[f"{name}+bc s{seed}"] = unet_predictor(qunet)
         sampled = {name for name in candidates if name.endswith(f" s{a.seeds[0]}")} if bits in sample_bits else set()
         results[bits] = compare_to_fp(model, candidates, settings, a.out / bits, sampled=sampled)
         print(format_study(results), flush=True)

@@ -6,9 +6,12 @@ ICCV 2019, "empirical bias correction"; NNCF applies a form of it by default). A
 a shift; a diffusion sampler does not: the network is called at every step of the chain and its small
 systematic error is added every time in the same direction, where its random error partly cancels.
 
-For every quantized layer with a bias, in execution order: the per-output-channel mean of its output in the
-full-precision model, minus the same mean in the quantized model (earlier layers already corrected, so each
-correction also absorbs the mean error its inputs still carry), is added to its bias. Means are taken over a
+For every convolution and linear layer with a bias, in execution order: the per-output-channel mean of its
+output in the full-precision model, minus the same mean in the quantized model (earlier layers already
+corrected, so each correction also absorbs the mean error its inputs still carry), is added to its bias.
+Layers kept in full precision are corrected too: after the last quantized layer, a UNet's GroupNorm, SiLU
+and float conv_out still turn the remaining noise into a shift of the predicted noise, which only conv_out's
+bias can take back (layers that see no quantization error upstream, e.g. the timestep embedding, get zero). Means are taken over a
 seeded random subset of the calibration inputs, and so over the timesteps the calibration strategy chose.
 
 The correction changes only float biases: a corrected model saves, reloads and exports like any other (with
@@ -23,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import Ptq4dmError
 from .capture import CAPTURE_BATCH, execution_order, random_subset, run_until
-from .layers import QuantConv2d, QuantLayer
+from .layers import QuantLayer
 
 DEFAULT_SAMPLES = 256
 
@@ -37,8 +40,8 @@ class _ChannelMean:
     """Running per-output-channel mean of a layer's outputs (channels: dim 1 of a convolution's output, the
     last dim of a linear layer's)."""
 
-    def __init__(self, layer: QuantLayer):
-        self.channel_dim = 1 if isinstance(layer, QuantConv2d) else -1
+    def __init__(self, layer: nn.Module):
+        self.channel_dim = 1 if isinstance(layer, nn.Conv2d) else -1
         self.total: torch.Tensor | float = 0.0
         self.count = 0
 
@@ -52,7 +55,7 @@ class _ChannelMean:
         return self.total / self.count
 
 
-def _fp_means(fp_model: nn.Module, layers: dict[str, QuantLayer], inputs: tuple[torch.Tensor, ...]) -> dict:
+def _fp_means(fp_model: nn.Module, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...]) -> dict:
     """Per-channel output means of the full-precision twins of `layers`, all from the same forward passes."""
     means = {name: _ChannelMean(layer) for name, layer in layers.items()}
     hooks = [fp_model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: means[name].add(out))
@@ -73,7 +76,7 @@ def _fp_means(fp_model: nn.Module, layers: dict[str, QuantLayer], inputs: tuple[
 
 def correct_bias(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Tensor, ...],
                  samples: int = DEFAULT_SAMPLES, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Bias correction of a frozen quantized model, in place; returns one summary per corrected layer.
+    """Bias correction of a frozen quantized model, in place; returns one summary per layer with a bias.
 
     qmodel: the output of freeze(model) (after reconstruct, if used); fp_model: the full-precision model it
     was made from (same module names); inputs: the calibration inputs as the models' positional arguments,
@@ -82,12 +85,12 @@ def correct_bias(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Ten
     the correction (after it, that error is zero on these inputs).
     """
     check_samples(samples)
-    layers = {name: m for name, m in qmodel.named_modules() if isinstance(m, QuantLayer) and m.bias is not None}
-    if not layers:
-        raise Ptq4dmError("bias correction shifts the biases of quantized layers, and no quantized layer of this "
-                          "model has one")
-    if not all(layer.is_frozen for layer in layers.values()):
-        raise Ptq4dmError("bias correction needs fixed scales: calibrate the model and call freeze(model) first")
+    quantized = [m for m in qmodel.modules() if isinstance(m, QuantLayer)]
+    if not quantized or not all(layer.is_frozen for layer in quantized):
+        raise Ptq4dmError("bias correction needs a quantized model with fixed scales: quantize(model, config), "
+                          "calibrate it and call freeze(model) first")
+    layers = {name: m for name, m in qmodel.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None}
     inputs = random_subset(inputs, samples, torch.Generator().manual_seed(seed))
     targets = _fp_means(fp_model, layers, inputs)
     summaries = []
