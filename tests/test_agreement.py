@@ -31,3 +31,16 @@ def test_per_timestep_error_sees_a_perturbed_network(tiny_model):
     assert len(res["t"]) == 5 and res["t"] == sorted(res["t"], reverse=True)
     assert all(v == math.inf for v in res["same"]["sqnr_db"])
     assert all(v == pytest.approx(40.0, abs=1e-3) for v in res["noisy"]["sqnr_db"])
+
+
+def test_mean_error_and_pixel_shift_measure_the_systematic_part_only(tiny_model):
+    fp = unet_predictor(tiny_model.unet)
+    res = per_timestep_error(tiny_model, fp, {"biased": lambda x, t: fp(x, t) + 0.01,
+                                              "noisy": lambda x, t: fp(x, t) + 0.01 * torch.randn_like(x)},
+                             steps=4, num=64)
+    assert all(v == pytest.approx(0.01, abs=1e-6) for v in res["biased"]["mean_error"])
+    assert all(abs(v) < 0.002 for v in res["noisy"]["mean_error"])
+    torch.manual_seed(1)
+    a = torch.rand(64, 1, 16, 16) * 1.6 - 0.8  # inside [-1, 1], so the +0.05 is not clamped away
+    assert sample_agreement(a, a + 0.05)["mean_shift"] == pytest.approx(0.05, abs=1e-6)
+    assert abs(sample_agreement(a, a + 0.05 * torch.randn_like(a))["mean_shift"]) < 0.002

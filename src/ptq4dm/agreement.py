@@ -27,11 +27,12 @@ def per_timestep_error(model: DiffusionModel, fp: NoisePredictor, candidates: di
                        scheduler: str = "ddim", steps: int = 100, num: int = 64, seed: int = 1_000_000) -> dict:
     """Run the FP chain from held-out noise; at each step feed x_t to FP and to every candidate.
 
-    Returns {"t": [...], name: {"sqnr_db": [...], "mse": [...]}} in chain order. The default seed keeps
-    the inputs apart from calibration sets, which use small seeds.
+    Returns {"t": [...], name: {"sqnr_db": [...], "mse": [...], "mean_error": [...]}} in chain order;
+    mean_error is the signed mean of (candidate - FP), the systematic part of the error that a sampler adds
+    up over its steps. The default seed keeps the inputs apart from calibration sets, which use small seeds.
     """
     sched = make_scheduler(scheduler, model.scheduler_config, steps)
-    result: dict = {"t": [], **{name: {"sqnr_db": [], "mse": []} for name in candidates}}
+    result: dict = {"t": [], **{name: {"sqnr_db": [], "mse": [], "mean_error": []} for name in candidates}}
 
     def compare(i: int, t: int, x: torch.Tensor) -> None:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
@@ -41,6 +42,7 @@ def per_timestep_error(model: DiffusionModel, fp: NoisePredictor, candidates: di
             out = eps(x, t_batch)
             result[name]["sqnr_db"].append(sqnr_db(reference, out))
             result[name]["mse"].append(F.mse_loss(out.double(), reference.double()).item())
+            result[name]["mean_error"].append((out.double() - reference.double()).mean().item())
 
     denoise(fp, sched, initial_noise(num, model.sample_shape, seed), on_step=compare)
     return result
@@ -76,8 +78,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Ten
 
 
 def sample_agreement(fp_samples: torch.Tensor, q_samples: torch.Tensor) -> dict:
-    """PSNR/SSIM of quantized samples against FP samples from the same seeds (both clamped as displayed)."""
+    """PSNR/SSIM of quantized samples against FP samples from the same seeds (both clamped as displayed), and
+    the mean shift of the quantized samples' pixels (what a biased noise prediction adds up to)."""
     a, b = fp_samples.clamp(-1, 1), q_samples.clamp(-1, 1)
     p, s = psnr(a, b), ssim(a, b)
-    return {"psnr_db_mean": p.mean().item(), "psnr_db_std": p.std().item(),
+    return {"psnr_db_mean": p.mean().item(), "psnr_db_std": p.std().item(), "mean_shift": (b - a).mean().item(),
             "ssim_mean": s.mean().item(), "ssim_std": s.std().item(), "num": len(a)}

@@ -148,8 +148,9 @@ def write_report(results: dict, out: Path, title: str, command: str) -> str:
 
 
 COMPARISON_HEADER = (
-    "| model | FID [95% CI] | KID (± std) | IS | precision | recall | PSNR vs FP (dB) | SSIM vs FP | step SQNR mean / min (dB) |\n"
-    "|---|---|---|---|---|---|---|---|---|")
+    "| model | FID [95% CI] | KID (± std) | IS | precision | recall | PSNR vs FP (dB) | SSIM vs FP | pixel shift vs FP "
+    "| step SQNR mean / min (dB) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def comparison_row(name: str, m: dict | None, agreement: dict | None, sqnr: tuple[float, float] | None) -> str:
@@ -159,6 +160,7 @@ def comparison_row(name: str, m: dict | None, agreement: dict | None, sqnr: tupl
         cells = [f"{m['fid']:.4g} [{m['fid_ci_low']:.4g}, {m['fid_ci_high']:.4g}]",
                  f"{m['kid_mean']:.3g} ± {m['kid_std']:.2g}", f"{m['is_mean']:.2f}",
                  f"{m['precision']:.3f}", f"{m['recall']:.3f}"]
-    cells += [f"{agreement['psnr_db_mean']:.1f}", f"{agreement['ssim_mean']:.3f}"] if agreement else ["-", "-"]
+    cells += [f"{agreement['psnr_db_mean']:.1f}", f"{agreement['ssim_mean']:.3f}", f"{agreement['mean_shift']:+.4f}"] \
+        if agreement else ["-", "-", "-"]
     cells.append(f"{sqnr[0]:.1f} / {sqnr[1]:.1f}" if sqnr else "-")
     return "| " + " | ".join([name, *cells]) + " |"
