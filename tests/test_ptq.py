@@ -21,11 +21,11 @@ def test_quantize_cli_writes_a_model_that_sample_and_eval_accept(tiny_model_dir3
     assert main(["quantize", "--model", str(tiny_model_dir32), "--calib", "uniform", "--calib-size", "16",
                  "--calib-steps", "4", "--eval-num", "8", "--eval-steps", "4", "--out", str(run)]) == 0
     report = json.loads((run / "report.json").read_text())
-    name = "W8A8-uniform"
+    name = "W8A8-uniform-bc"  # bias correction is on by default
     assert len(report["per_timestep"]["t"]) == 4 and len(report[name]["agreement"]) > 0
     assert report[name]["sqnr_db_mean"] > 15  # W8A8 of a random tiny UNet stays close to FP
     assert (run / "per_timestep_sqnr.png").stat().st_size > 0 and (run / "calibration_timesteps.png").is_file()
-    assert "W8A8-uniform" in (run / "report.md").read_text()
+    assert name in (run / "report.md").read_text()
     calib_meta = json.loads((run / "calibration" / "meta.json").read_text())
     assert calib_meta["strategy"] == "uniform" and calib_meta["num"] == 16
 

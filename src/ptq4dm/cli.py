@@ -246,9 +246,9 @@ def _add_quantize(sub):
                    "layer = AdaRound layer by layer (default: round to nearest)")
     p.add_argument("--recon-iters", type=int, default=1000, help="reconstruction iterations per block/layer")
     p.add_argument("--recon-samples", type=int, default=256, help="calibration inputs used by reconstruction")
-    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
-                   help="after calibration (and reconstruction), shift every quantized layer's bias so that its "
-                   "output's channel means match the FP model's on the calibration inputs")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=True,
+                   help="after calibration (and reconstruction), shift every layer's bias so that its output's "
+                   "channel means match the FP model's on the calibration inputs (default: on)")
     p.add_argument("--bias-samples", type=int, default=256, help="calibration inputs used by bias correction")
     p.add_argument("--calib", default="ndtc", help="calibration strategy: ndtc, uniform, random, last-step, real-data")
     p.add_argument("--calib-size", type=int, default=1024)
