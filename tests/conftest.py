@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from diffusers import UNet2DModel
 
 from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
+from ptq4dm.quant import calibrate, freeze, quantize
 
 # Keep the suite light on this 2-core machine and deterministic.
 torch.set_num_threads(1)
@@ -12,6 +14,20 @@ torch.set_num_threads(1)
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                  norm_num_groups=4, attention_head_dim=8)
+
+
+def calibration_inputs(num, seed):
+    """(x_t, t) network inputs of the tiny UNet: Gaussian images, random timesteps."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(num, 1, 8, 8, generator=g), torch.randint(0, 1000, (num,), generator=g)
+
+
+def frozen_copy(fp_unet, config, inputs):
+    """A quantized copy of `fp_unet`, calibrated on `inputs` in one batch and frozen."""
+    q = quantize(copy.deepcopy(fp_unet), config)
+    with calibrate(q):
+        q(*inputs)
+    return freeze(q)
 
 
 @pytest.fixture

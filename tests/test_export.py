@@ -35,7 +35,7 @@ from ptq4dm.errors import Ptq4dmError  # noqa: E402
 from ptq4dm.export import export_model, load_exported  # noqa: E402
 from ptq4dm.export.qdq import METADATA_LAYER, METADATA_ROLE  # noqa: E402
 from ptq4dm.images import load_samples  # noqa: E402
-from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, load_diffusion_model  # noqa: E402
+from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel  # noqa: E402
 from ptq4dm.ptq import calibrate_and_freeze, quantized_copy, save_quantized_pipeline  # noqa: E402
 from ptq4dm.quant import QuantConfig, quant_units  # noqa: E402
 from ptq4dm.quant.fake_quant import SplitFakeQuantize  # noqa: E402
@@ -328,8 +328,8 @@ def test_bench_smoke(quantized, tmp_path, capsys):
 @pytest.mark.skipif(not memory.supported(), reason="the memory probe reads Linux's /proc/self")
 def test_peak_memory_of_each_backend_in_its_own_process(quantized, tmp_path):
     """Each probe rebuilds its backend from the sources on disk; what a forward holds grows with the batch."""
-    sources = BackendSources.prepare(quantized[1].unet, quantized[1].scheduler_config, quantized[1].sample_shape,
-                                     tmp_path, threads=1)
+    BackendSources.prepare(quantized[1].unet, quantized[1].scheduler_config, quantized[1].sample_shape,
+                           tmp_path, threads=1)
     backends = ["pytorch-fp32-eager", "openvino-int8"]
     peaks = memory.measure(tmp_path, backends, [1, 1024], threads=1, seed=0)
     assert set(peaks) == {(name, batch) for name in backends for batch in (1, 1024)}

@@ -4,23 +4,12 @@ import json
 import pytest
 import torch
 
+from conftest import calibration_inputs, frozen_copy
 from ptq4dm.cli import main
 from ptq4dm.errors import Ptq4dmError
 from ptq4dm.models import load_diffusion_model
-from ptq4dm.quant import QuantConfig, calibrate, correct_bias, freeze, load_quantized, quantize, save_quantized
+from ptq4dm.quant import QuantConfig, correct_bias, load_quantized, quantize, save_quantized
 from ptq4dm.quant.layers import QuantConv2d, QuantLayer
-
-
-def inputs(num, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(num, 1, 8, 8, generator=g), torch.randint(0, 1000, (num,), generator=g)
-
-
-def frozen(tiny_unet, config, calib):
-    q = quantize(copy.deepcopy(tiny_unet), config)
-    with calibrate(q):
-        q(*calib)
-    return freeze(q)
 
 
 def output_channel_means(model, names, x):
@@ -40,8 +29,8 @@ def output_channel_means(model, names, x):
 
 
 def test_every_corrected_layer_matches_the_fp_channel_means_and_reloads(tiny_unet, tmp_path):
-    calib = inputs(48, 0)
-    q = frozen(tiny_unet, QuantConfig(weight_bits=4, activation_bits=4), calib)
+    calib = calibration_inputs(48, 0)
+    q = frozen_copy(tiny_unet, QuantConfig(weight_bits=4, activation_bits=4), calib)
     names = [n for n, m in q.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None]
     assert {"conv_out", "time_embedding.linear_1"} <= set(names)  # float layers are corrected too
     before_q, fp = output_channel_means(q, names, calib), output_channel_means(tiny_unet, names, calib)
@@ -56,14 +45,14 @@ def test_every_corrected_layer_matches_the_fp_channel_means_and_reloads(tiny_une
             assert error_before == 0, name  # nothing quantized upstream of the timestep embedding
         torch.testing.assert_close(after_q[name], fp[name], rtol=0, atol=1e-4 * float(fp[name].abs().max() + 1))
     save_quantized(q, tmp_path / "q")
-    x = inputs(4, 2)
+    x = calibration_inputs(4, 2)
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(tmp_path / "q")(*x).sample, q(*x).sample, rtol=0, atol=0)
 
 
-def test_correction_removes_the_output_bias_on_held_out_inputs(tiny_unet):
-    calib, held_out = inputs(256, 0), inputs(256, 1)
-    q = frozen(tiny_unet, QuantConfig(weight_bits=4, activation_bits=4), calib)
+def test_correction_removes_the_output_bias_on_held_out_calibration_inputs(tiny_unet):
+    calib, held_out = calibration_inputs(256, 0), calibration_inputs(256, 1)
+    q = frozen_copy(tiny_unet, QuantConfig(weight_bits=4, activation_bits=4), calib)
     with torch.no_grad():
         fp_out = tiny_unet(*held_out).sample
         bias_before = (q(*held_out).sample - fp_out).mean().abs()
@@ -73,8 +62,8 @@ def test_correction_removes_the_output_bias_on_held_out_inputs(tiny_unet):
 
 
 def test_only_layers_with_a_bias_change_and_only_their_bias(tiny_unet):
-    calib = inputs(16, 0)
-    q = frozen(tiny_unet, QuantConfig(), calib)
+    calib = calibration_inputs(16, 0)
+    q = frozen_copy(tiny_unet, QuantConfig(), calib)
     conv = next(m for m in q.modules() if isinstance(m, QuantConv2d))
     conv.bias = None  # a layer without bias is left alone
     state = {k: v.clone() for k, v in q.state_dict().items()}
@@ -84,11 +73,11 @@ def test_only_layers_with_a_bias_change_and_only_their_bias(tiny_unet):
 
 
 def test_bias_correction_refuses_an_unfrozen_model_and_bad_sample_counts(tiny_unet):
-    calib = inputs(8, 0)
+    calib = calibration_inputs(8, 0)
     q = quantize(copy.deepcopy(tiny_unet), QuantConfig())
     with pytest.raises(Ptq4dmError, match="freeze"):
         correct_bias(q, tiny_unet, calib, progress=False)
-    q = frozen(tiny_unet, QuantConfig(), calib)
+    q = frozen_copy(tiny_unet, QuantConfig(), calib)
     for samples in (0, 2.5, True):
         with pytest.raises(Ptq4dmError, match="positive integer"):
             correct_bias(q, tiny_unet, calib, samples=samples, progress=False)

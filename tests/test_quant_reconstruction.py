@@ -5,11 +5,11 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from conftest import TINY_UNET
+from conftest import TINY_UNET, calibration_inputs, frozen_copy
 from ptq4dm.cli import main
 from ptq4dm.errors import Ptq4dmError
-from ptq4dm.quant import (QuantConfig, ReconstructionSettings, calibrate, freeze, load_quantized, quant_units, quantize,
-                          reconstruct, save_quantized)
+from ptq4dm.quant import (QuantConfig, ReconstructionSettings, load_quantized, quant_units, quantize, reconstruct,
+                          save_quantized)
 from ptq4dm.quant.adaround import AdaRoundWeight
 from ptq4dm.quant.quantizer import QuantParams
 from ptq4dm.quant.capture import execution_order
@@ -21,18 +21,6 @@ from ptq4dm.models.blocks import RECONSTRUCTION_BLOCKS
 def fp_unet():
     torch.manual_seed(0)
     return UNet2DModel(**TINY_UNET).eval()
-
-
-def calibration_inputs(num, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(num, 1, 8, 8, generator=g), torch.randint(0, 1000, (num,), generator=g)
-
-
-def frozen_copy(fp_unet, config, inputs):
-    q = quantize(copy.deepcopy(fp_unet), config)
-    with calibrate(q):
-        q(*inputs)
-    return freeze(q)
 
 
 def sqnr_db(fp_unet, q, inputs):
