@@ -69,15 +69,21 @@ def fp_samples(model: DiffusionModel, settings: ReportSettings, batch_size: int 
 
 
 def plot_per_timestep(errors: dict, path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    """Two panels over the chain: each candidate's noise-prediction SQNR, and its signed mean error (the bias a
+    sampler adds up step after step)."""
+    fig, (ax_sqnr, ax_bias) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, height_ratios=(3, 2))
     for name, series in errors.items():
         if name != "t":
-            ax.plot(errors["t"], series["sqnr_db"], label=name, lw=1.3)
-    ax.set_xlabel("timestep t (0 = data, right = noise)")
-    ax.set_ylabel("noise-prediction SQNR vs FP (dB)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            ax_sqnr.plot(errors["t"], series["sqnr_db"], label=name, lw=1.3)
+            ax_bias.plot(errors["t"], series["mean_error"], label=name, lw=1.3)
+    ax_bias.axhline(0, color="black", lw=0.6)
+    ax_bias.set_xlabel("timestep t (0 = data, right = noise)")
+    ax_sqnr.set_ylabel("noise-prediction SQNR vs FP (dB)")
+    ax_bias.set_ylabel("mean error vs FP")
+    ax_sqnr.set_title(title, fontsize=10)
+    for ax in (ax_sqnr, ax_bias):
+        ax.grid(alpha=0.3)
+    ax_sqnr.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
