@@ -77,6 +77,8 @@ def test_bias_correction_refuses_an_unfrozen_model_and_bad_sample_counts(tiny_un
     q = quantize(copy.deepcopy(tiny_unet), QuantConfig())
     with pytest.raises(Ptq4dmError, match="freeze"):
         correct_bias(q, tiny_unet, calib, progress=False)
+    with pytest.raises(Ptq4dmError, match="has no module"):
+        correct_bias(frozen_copy(tiny_unet, QuantConfig(), calib), torch.nn.Sequential(), calib, progress=False)
     q = frozen_copy(tiny_unet, QuantConfig(), calib)
     for samples in (0, 2.5, True):
         with pytest.raises(Ptq4dmError, match="positive integer"):

@@ -57,8 +57,12 @@ class _ChannelMean:
 
 def _fp_means(fp_model: nn.Module, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...]) -> dict:
     """Per-channel output means of the full-precision twins of `layers`, all from the same forward passes."""
+    fp_modules = dict(fp_model.named_modules())
+    missing = [name for name in layers if name not in fp_modules]
+    if missing:
+        raise Ptq4dmError(f"the full-precision model has no module {missing[0]!r}: pass the model that was quantized")
     means = {name: _ChannelMean(layer) for name, layer in layers.items()}
-    hooks = [fp_model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: means[name].add(out))
+    hooks = [fp_modules[name].register_forward_hook(lambda _m, _a, out, name=name: means[name].add(out))
              for name in layers]
     try:
         with torch.no_grad():
