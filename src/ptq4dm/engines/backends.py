@@ -102,6 +102,13 @@ class BackendSources:
         return cls(work, sample_shape, threads, calibration)
 
 
+def require_calibration(peers: tuple[str, ...], calibration: CalibrationSet | None) -> None:
+    """The peers' recipes calibrate on the inputs ptq4dm was calibrated on: there must be a set when there are peers."""
+    if peers and calibration is None:
+        raise Ptq4dmError("the peers' int8 recipes calibrate on the inputs ptq4dm was calibrated on: give the "
+                          "calibration set (a `ptq4dm quantize` run folder has it in calibration/), or no peers")
+
+
 def build_backend(name: str, sources: BackendSources) -> Backend:
     if name == EAGER:
         fp = sources.fp_unet()
@@ -114,8 +121,6 @@ def build_backend(name: str, sources: BackendSources) -> Backend:
                        fp32_engine=precision == "fp32")
     if name not in PEERS:
         raise Ptq4dmError(f"unknown backend {name!r}: choose among {', '.join(backend_names(tuple(PEERS)))}")
-    if sources.calibration is None:
-        raise Ptq4dmError("the peers' int8 recipes calibrate on the inputs ptq4dm was calibrated on: give the "
-                          "calibration set (a `ptq4dm quantize` run folder has it in calibration/), or no peers")
+    require_calibration((name,), sources.calibration)
     eps, size = PEERS[name](sources)
     return Backend(name, eps, size, fp32_engine=False)

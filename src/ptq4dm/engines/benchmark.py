@@ -42,7 +42,7 @@ from ..errors import Ptq4dmError
 from ..models.loading import DiffusionModel
 from ..sampling import sample
 from . import memory
-from .backends import EAGER, Backend, BackendSources, backend_names, build_backend
+from .backends import EAGER, Backend, BackendSources, backend_names, build_backend, require_calibration
 from .optional import import_optional
 from .peers import PEERS
 
@@ -243,9 +243,7 @@ def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | N
                   calibration: CalibrationSet | None = None) -> dict:
     """Benchmark the quantized `model` (its .unet frozen by ptq4dm) against its FP32 original and the peers,
     which calibrate on `calibration` (needed when settings.peers is not empty)."""
-    if settings.peers and calibration is None:
-        raise Ptq4dmError("the peers' int8 recipes calibrate on the inputs ptq4dm was calibrated on: give the "
-                          "calibration set (a `ptq4dm quantize` run folder has it in calibration/), or no peers")
+    require_calibration(settings.peers, calibration)  # before any export
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
