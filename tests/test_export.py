@@ -272,6 +272,25 @@ def test_split_shortcuts_export_as_one_integer_layer_per_part(tmp_path):
     _assert_engines_follow_the_simulation(fp, qmodel, tmp_path / "onnx" / "model.onnx")
 
 
+def test_attention_matmul_operands_export_as_qdq_pairs_with_their_frozen_params(tmp_path):
+    """With quantize_attention_matmuls, Q and K (before Q.K^T) and the softmax output and V (before softmax.V)
+    each pass one Q/DQ pair holding the processor's frozen u8 parameters, and the engines follow the simulation."""
+    fp, qmodel, _ = _quantized(tmp_path / "model", QuantConfig(quantize_attention_matmuls=True))
+    export_model(qmodel, tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    processors = {name: unit for name, unit in quant_units(qmodel.unet).items() if name.endswith(".processor")}
+    assert processors
+    for name, processor in processors.items():
+        for operand in ("query", "key", "probs", "value"):
+            nodes = [n for n in _qdq_nodes(graph, "QuantizeLinear", operand)
+                     if _meta(n)[METADATA_LAYER] == processor.quant_name]
+            assert len(nodes) == 1, (name, operand)
+            params = getattr(processor, f"{operand}_quantizer").params
+            assert _bits(_initializer(graph, nodes[0].input[1])) == _bits(params.scale.numpy())
+            assert _bits(_initializer(graph, nodes[0].input[2])) == _bits(params.zero_point.to(torch.uint8).numpy())
+    _assert_engines_follow_the_simulation(fp, qmodel, tmp_path / "onnx" / "model.onnx")
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sample_cli_draws_through_an_engine(exported, quantized, tmp_path, engine):
     common = ["--steps", "3", "--num", "4", "--batch-size", "4", "--seed", "1"]

@@ -27,7 +27,6 @@ def _frozen(unet, **config):
 @pytest.mark.parametrize("config, message", [
     ({"activation_symmetric": True}, r"integer range \[-127, 127\], but ONNX QuantizeLinear saturates to \[-128, 127\]"),
     ({"activation_bits": 4}, r"integer range \[0, 15\]"),
-    ({"quantize_attention_matmuls": True}, "does not support quantized attention matmuls"),
 ])
 def test_export_refuses_what_onnx_qdq_cannot_reproduce_exactly(tiny_unet, config, message):
     with pytest.raises(Ptq4dmError, match=message):

@@ -20,6 +20,7 @@ from ..errors import Ptq4dmError
 from ..io import atomic_dir
 from ..models.loading import DiffusionModel
 from ..quant.api import quant_config_of, quant_units
+from ..quant.layers import QuantLayer
 from .onnx_graph import BATCH, MAX_PROVEN_BATCH, export_onnx, graph_summary
 
 ONNX_FILE = "model.onnx"
@@ -43,17 +44,23 @@ def _quantization(unet: torch.nn.Module) -> dict | None:
     if config.activation_bits is not None:
         inputs = ("8-bit per tensor: QuantizeLinear (uint8, zero point) -> DequantizeLinear before each quantized "
                   "layer; layers that read the same tensor with the same parameters share one pair")
+    layers = {name: unit for name, unit in units.items() if isinstance(unit, QuantLayer)}
+    attention = "float32 (not quantized)"
+    if config.quantize_attention_matmuls:
+        attention = (f"{len(units) - len(layers)} attention(s): Q, K, softmax output and V each through QuantizeLinear "
+                     "(uint8) -> DequantizeLinear before Q.K^T and softmax.V")
     outputs = "float32 (not quantized)"
     if config.quantize_conv_outputs:
         outputs = ("convolutions: int32 bias codes -> DequantizeLinear, output QuantizeLinear (uint8) -> "
                    "DequantizeLinear (ONNX Runtime fuses these into QLinearConv); linear layers: float32")
     return {
-        "quantized_layers": len(units),
-        "layers_with_quantized_weights": sum(unit.weight_params is not None for unit in units.values()),
-        "layers_with_quantized_inputs": sum(unit.input_params is not None for unit in units.values()),
+        "quantized_layers": len(layers),
+        "layers_with_quantized_weights": sum(unit.weight_params is not None for unit in layers.values()),
+        "layers_with_quantized_inputs": sum(unit.input_params is not None for unit in layers.values()),
         "weights": weights,
         "inputs": inputs,
         "outputs": outputs,
+        "attention_matmuls": attention,
         "quant_config": config.to_dict(),
     }
 

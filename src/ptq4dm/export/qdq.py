@@ -16,6 +16,9 @@ A frozen ptq4dm layer computes (quant/quantizer.py follows ONNX semantics exactl
 - a split input (QuantConfig.split_shortcuts: one scale for the decoder's channels, one for the skip's) as
   two such layers on the two channel ranges with the matching halves of the weight, summed: a per-part
   scale sits on the reduction axis, which no integer kernel takes, but each half is an ordinary int8 layer;
+- with QuantConfig.quantize_attention_matmuls, the operands of Q.K^T and softmax.V (QDQAttnProcessor) each
+  through QuantizeLinear -> DequantizeLinear with their frozen per-tensor parameters, so that the engines run
+  both matmuls on uint8 inputs;
 - with QuantConfig.quantize_conv_outputs, a convolution's bias as int32 codes -> DequantizeLinear (scale input
   scale x weight scale, per channel) and its output through QuantizeLinear -> DequantizeLinear: the
   DequantizeLinear -> Conv -> QuantizeLinear form that ONNX Runtime fuses into QLinearConv.
@@ -38,6 +41,7 @@ from torch import nn
 
 from ..errors import Ptq4dmError
 from ..quant.api import quant_units
+from ..quant.attention import OPERANDS, QuantAttnProcessor
 from ..quant.layers import QuantLayer
 from ..quant.quantizer import QuantParams
 
@@ -165,20 +169,36 @@ class QDQLayer(nn.Module):
         return y
 
 
+class QDQAttnProcessor(QuantAttnProcessor):
+    """A frozen QuantAttnProcessor whose matmul operands export as QuantizeLinear -> DequantizeLinear pairs
+    (export only), carrying its frozen per-tensor scales and zero points; the role metadata names the operand."""
+
+    def __init__(self, processor: QuantAttnProcessor):
+        nn.Module.__init__(self)
+        self.quant_name = processor.quant_name
+        for name in OPERANDS:
+            params = getattr(processor, f"{name}_quantizer").params  # raises if not frozen
+            _check_activation_exportable(params, f"{self.quant_name} ({name})")
+            self.register_buffer(f"{name}_scale", params.scale.detach().clone())
+            self.register_buffer(f"{name}_zero_point", params.zero_point.to(storage_dtype(params)))
+
+    def operand(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero_point")
+        q = quantize_linear(x, scale, zero_point, self.quant_name, name)
+        return dequantize_linear(q, scale, zero_point, None, self.quant_name, name)
+
+
 def qdq_copy(unet: nn.Module) -> nn.Module:
-    """A copy of a frozen quantized `unet` whose quantized layers export as Q/DQ; a float `unet` is copied as is."""
+    """A copy of a frozen quantized `unet` whose quantized layers and attention matmuls export as Q/DQ; a float
+    `unet` is copied as is."""
     units = quant_units(unet)
-    unsupported = [name for name, unit in units.items() if not isinstance(unit, QuantLayer)]
-    if unsupported:
-        raise Ptq4dmError(
-            f"int8 export does not support quantized attention matmuls yet ({unsupported[0]!r}): quantize "
-            "without --quantize-attention (quantize_attention_matmuls false, the default)"
-        )
     unfrozen = [name for name, unit in units.items() if not unit.is_frozen]
     if unfrozen:
         raise Ptq4dmError(f"{len(unfrozen)} quantized layer(s) are not frozen (e.g. {unfrozen[0]!r}): calibrate the "
                           "model and call freeze(model) before exporting it")
-    replacements = {name: QDQLayer(unit) for name, unit in units.items()}  # checks every layer before copying
+    # Built (and so checked) for every unit before anything is copied.
+    replacements = {name: QDQLayer(unit) if isinstance(unit, QuantLayer) else QDQAttnProcessor(unit)
+                    for name, unit in units.items()}
     exported = copy.deepcopy(unet)
     for name, replacement in replacements.items():
         parent_name, _, child_name = name.rpartition(".")

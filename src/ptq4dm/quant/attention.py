@@ -19,6 +19,10 @@ from .config import QuantConfig
 from .fake_quant import FakeQuantize, QuantUnit, activation_quantizer
 
 
+# The quantized operands of the two matmuls; each has a `<operand>_quantizer`.
+OPERANDS = ("query", "key", "probs", "value")
+
+
 class QuantAttnProcessor(QuantUnit, nn.Module):
     def __init__(self, config: QuantConfig, name: str):
         super().__init__()
@@ -34,9 +38,7 @@ class QuantAttnProcessor(QuantUnit, nn.Module):
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None) -> torch.Tensor:
         """softmax(Q K^T / sqrt(d) + mask) V with quantized operands: what SDPA computes, written out."""
-        query = self.observe_or_quantize(self.query_quantizer, query)
-        key = self.observe_or_quantize(self.key_quantizer, key)
-        value = self.observe_or_quantize(self.value_quantizer, value)
+        query, key, value = self.operand("query", query), self.operand("key", key), self.operand("value", value)
         scores = query @ key.transpose(-2, -1) * query.shape[-1] ** -0.5
         if attention_mask is not None:
             # SDPA semantics: a boolean mask marks the positions to keep, a float mask is added.
@@ -44,8 +46,12 @@ class QuantAttnProcessor(QuantUnit, nn.Module):
                 scores = scores.masked_fill(~attention_mask, float("-inf"))
             else:
                 scores = scores + attention_mask
-        probs = self.observe_or_quantize(self.probs_quantizer, scores.softmax(dim=-1))
-        return probs @ value
+        return self.operand("probs", scores.softmax(dim=-1)) @ value
+
+    def operand(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One matmul operand (a name of OPERANDS), observed or fake-quantized; the int8 exporter's variant
+        (export.qdq.QDQAttnProcessor) writes QuantizeLinear / DequantizeLinear nodes here instead."""
+        return self.observe_or_quantize(getattr(self, f"{name}_quantizer"), x)
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
