@@ -94,7 +94,7 @@ self-attention at 16x16 and the sinusoidal timestep embedding.
 - Steps: {int(state['step'])} of batch {train_cfg['batch_size']} ({int(state['step']) * train_cfg['batch_size'] / 60000:.1f} epochs),
   AdamW lr {train_cfg['lr']} (warm-up {train_cfg['warmup_steps']} steps), grad clip {train_cfg['grad_clip']},
   bf16 autocast = {train_cfg['bf16']}, seed {train_cfg['seed']}.
-- Wall time: {float(state['wall_seconds']) / 3600:.2f} h of optimizer steps on a 2-core AMD EPYC (Zen 4) CPU
+- Wall time: {float(state['wall_seconds']) / 3600:.2f} h by the checkpoint's clock, on a 2-core AMD EPYC (Zen 4) CPU
   ({a.threads_note}).
 - Loss curve: `loss.png`; raw log: `train_log.jsonl`.
 
