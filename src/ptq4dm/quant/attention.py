@@ -27,10 +27,8 @@ class QuantAttnProcessor(QuantUnit, nn.Module):
     def __init__(self, config: QuantConfig, name: str):
         super().__init__()
         self.quant_name = name
-        self.query_quantizer = activation_quantizer(config)
-        self.key_quantizer = activation_quantizer(config)
-        self.probs_quantizer = activation_quantizer(config)
-        self.value_quantizer = activation_quantizer(config)
+        for operand in OPERANDS:
+            setattr(self, f"{operand}_quantizer", activation_quantizer(config))
 
     def activation_quantizers(self) -> list[FakeQuantize]:
         return self.quantizers()

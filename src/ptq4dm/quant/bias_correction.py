@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import Ptq4dmError
-from .capture import CAPTURE_BATCH, execution_order, random_subset, run_until
+from .capture import CAPTURE_BATCH, execution_order, fp_twins, random_subset, run_until
 from .layers import QuantLayer
 
 DEFAULT_SAMPLES = 256
@@ -57,10 +57,7 @@ class _ChannelMean:
 
 def _fp_means(fp_model: nn.Module, layers: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...]) -> dict:
     """Per-channel output means of the full-precision twins of `layers`, all from the same forward passes."""
-    fp_modules = dict(fp_model.named_modules())
-    missing = [name for name in layers if name not in fp_modules]
-    if missing:
-        raise Ptq4dmError(f"the full-precision model has no module {missing[0]!r}: pass the model that was quantized")
+    fp_modules = fp_twins(fp_model, layers)
     means = {name: _ChannelMean(layer) for name, layer in layers.items()}
     hooks = [fp_modules[name].register_forward_hook(lambda _m, _a, out, name=name: means[name].add(out))
              for name in layers]

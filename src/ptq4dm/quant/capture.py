@@ -24,6 +24,16 @@ def random_subset(inputs: tuple[torch.Tensor, ...], samples: int, generator: tor
     return tuple(x[rows] for x in inputs)
 
 
+def fp_twins(fp_model: nn.Module, names) -> dict[str, nn.Module]:
+    """The full-precision model's modules of these names (the quantized model's own names), or a clear error
+    when the model passed as full precision is not the one that was quantized."""
+    modules = dict(fp_model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise Ptq4dmError(f"the full-precision model has no module {missing[0]!r}: pass the model that was quantized")
+    return {name: modules[name] for name in names}
+
+
 def execution_order(model: nn.Module, names: list[str], inputs: tuple[torch.Tensor, ...]) -> list[str]:
     """`names` in the order a forward pass first reaches them (registration order is not execution order:
     diffusers' UNet2DModel registers its mid block after the up blocks)."""

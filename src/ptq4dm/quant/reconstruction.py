@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..errors import Ptq4dmError
 from .adaround import AdaRoundWeight
-from .capture import CAPTURE_BATCH, concat_batches, execution_order, random_subset, run_until
+from .capture import CAPTURE_BATCH, concat_batches, execution_order, fp_twins, random_subset, run_until
 from .layers import QuantLayer
 
 GRANULARITIES = ("block", "layer")
@@ -182,10 +182,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Tens
                           "quantize with weight_bits set (e.g. 8 or 4)")
     if not all(layer.is_frozen for layers in units.values() for layer in layers):
         raise Ptq4dmError("reconstruction needs fixed scales: calibrate the model and call freeze(model) first")
-    fp_modules = dict(fp_model.named_modules())
-    missing = [name for name in units if name not in fp_modules]
-    if missing:
-        raise Ptq4dmError(f"the full-precision model has no module {missing[0]!r}: pass the model that was quantized")
+    fp_modules = fp_twins(fp_model, units)
     generator = torch.Generator().manual_seed(settings.seed)  # draws the subset, then the training batches
     inputs = random_subset(inputs, settings.samples, generator)
     batch_sizes = [len(x) for x in torch.split(inputs[0], CAPTURE_BATCH)]
