@@ -30,6 +30,7 @@ from ptq4dm.engines import ENGINES, load_engine  # noqa: E402
 from ptq4dm.engines import memory  # noqa: E402
 from ptq4dm.engines.backends import BackendSources  # noqa: E402
 from ptq4dm.engines.benchmark import unet_macs  # noqa: E402
+from ptq4dm.engines.openvino_engine import native_float_precision  # noqa: E402
 from ptq4dm.engines.peers import PEERS  # noqa: E402
 from ptq4dm.errors import Ptq4dmError  # noqa: E402
 from ptq4dm.export import export_model, load_exported  # noqa: E402
@@ -201,6 +202,41 @@ def test_openvino_keeps_the_timestep_embedding_in_fp32(exported, quantized):
         assert sqnr_db(quantized[1].unet(x, t).sample, eps(x, t)) >= MIN_STEP_SQNR_DB
 
 
+BF16 = native_float_precision() == "bf16"
+
+
+@pytest.mark.skipif(not BF16, reason="this CPU has no bf16 support (the test below checks the error instead)")
+def test_openvino_runs_the_float_parts_in_bf16_when_asked(exported, quantized, tmp_path):
+    """bf16 float parts: no longer the simulation's exact codes, but still its quantized model (the FP32 model itself
+    is 26-32 dB from it, see above), and at t=999 (the timestep embedding) no worse than 20 dB."""
+    fp32 = load_engine("openvino", exported[0].onnx_file, threads=1)
+    bf16 = load_engine("openvino", exported[0].onnx_file, threads=1, float_precision="bf16")
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 1, 8, 8, generator=generator)
+    t = torch.cat([torch.randint(0, 1000, (4,), generator=generator), torch.full((4,), 999)])
+    with torch.no_grad():
+        reference = quantized[1].unet(x, t).sample
+    assert not torch.equal(bf16(x, t), fp32(x, t))
+    assert sqnr_db(reference, fp32(x, t)) > sqnr_db(reference, bf16(x, t)) >= 20.0
+    assert sqnr_db(reference[4:], bf16(x, t)[4:]) >= 20.0
+    assert main(["sample", "--model", str(exported[0].path), "--engine", "openvino", "--float-precision", "bf16",
+                 "--steps", "2", "--num", "2", "--out", str(tmp_path / "bf16")]) == 0
+    assert load_samples(tmp_path / "bf16")[1]["float_precision"] == "bf16"
+
+
+@pytest.mark.skipif(BF16, reason="this CPU has bf16 support (the test above runs instead)")
+def test_bf16_float_parts_on_a_cpu_without_bf16_are_refused(exported):
+    with pytest.raises(Ptq4dmError, match="no bf16 support"):
+        load_engine("openvino", exported[0].onnx_file, float_precision="bf16")
+
+
+def test_float_precision_is_checked_against_the_engine(exported, quantized, tmp_path, capsys):
+    with pytest.raises(Ptq4dmError, match="onnxruntime engine runs the float parts in fp32 only.*openvino engine"):
+        load_engine("onnxruntime", exported[0].onnx_file, float_precision="bf16")
+    assert main(["sample", "--model", str(quantized[2]), "--float-precision", "bf16", "--out", str(tmp_path / "a")]) == 2
+    assert "--engine openvino" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
 def _assert_engines_follow_the_simulation(fp, qmodel, onnx_file, engine_names=ENGINES):
     engines = {name: load_engine(name, onnx_file, threads=1) for name in engine_names}
     result = per_timestep_error(fp, unet_predictor(qmodel.unet), {**engines, "fp32": unet_predictor(fp.unet)},
@@ -322,14 +358,16 @@ def test_bench_smoke(quantized, tmp_path, capsys):
                  "--no-memory", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
-    backends = ["pytorch-fp32-eager", "onnxruntime-fp32", "openvino-fp32", "onnxruntime-int8", "openvino-int8",
-                *PEERS]
+    bf16 = ["openvino-bf16"] * BF16, ["openvino-int8-bf16"] * BF16  # OpenVINO's bf16 float parts, where the CPU has them
+    backends = ["pytorch-fp32-eager", "onnxruntime-fp32", "openvino-fp32", *bf16[0], "onnxruntime-int8", "openvino-int8",
+                *bf16[1], *PEERS]
     assert [r["backend"] for r in result["forward"]] == backends * 2
     assert [r["batch"] for r in result["forward"]] == [1] * len(backends) + [2] * len(backends)
     assert [r["backend"] for r in result["sampling"]] == backends and all(b in table for b in backends)
     assert [r["backend"] for r in result["quality"]] == backends[1:]
     rows = {(r["backend"], r["batch"]): r for r in result["forward"]}
     assert rows[("pytorch-fp32-eager", 1)]["speedup_vs_eager"] == 1.0
+    assert {r["backend"] for r in result["forward"] if r["fp32_engine"]} == {"onnxruntime-fp32", "openvino-fp32"}
     assert rows[("openvino-fp32", 2)]["sqnr_db_vs_fp32"] > 80  # same float graph, float rounding only
     assert rows[("openvino-int8", 2)]["size_mb"] < rows[("openvino-fp32", 2)]["size_mb"]
     assert rows[("onnxruntime-int8-static", 2)]["size_mb"] < rows[("onnxruntime-fp32", 2)]["size_mb"]

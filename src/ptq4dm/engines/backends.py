@@ -1,5 +1,10 @@
 """The backends the benchmark compares, each a noise predictor built from one set of sources.
 
+Engine backends are named ENGINE-GRAPH ("openvino-int8": ptq4dm's int8 graph on OpenVINO), with a -bf16 suffix
+where OpenVINO runs the graph's float parts in bf16 (on CPUs that have it): "openvino-bf16" is the float
+graph in bf16, a float baseline beside torch.compile BF16, and "openvino-int8-bf16" ptq4dm's int8 graph with
+its unquantized parts in bf16.
+
 A backend is built from the quantized model's FP32 original, the two exported graphs (float and ptq4dm's
 int8 QDQ) and, for the peers' int8 recipes, the calibration set ptq4dm was calibrated on. BackendSources
 keeps all of them in one work folder, so that a fresh process can rebuild any single backend from it: the
@@ -22,6 +27,7 @@ from ..models.loading import load_diffusion_model, save_diffusion_model
 from ..quant.api import quant_units
 from ..sampling import NoisePredictor, unet_predictor
 from . import ENGINES, load_engine
+from .openvino_engine import native_float_precision
 from .peers import PEERS
 
 EAGER = "pytorch-fp32-eager"
@@ -39,9 +45,21 @@ class Backend:
     fp32_engine: bool  # a float graph on an inference engine: the baseline int8 has to beat
 
 
+def engine_backends() -> dict[str, tuple[str, str, str]]:
+    """Engine backend name -> (engine, graph precision, float precision): the float graph, then the int8 graph, on
+    every engine; OpenVINO with bf16 float parts too where the CPU supports it."""
+    backends = {}
+    for graph in PRECISIONS:
+        for engine in ENGINES:
+            backends[f"{engine}-{graph}"] = (engine, graph, "fp32")
+        if native_float_precision() == "bf16":
+            backends["openvino-bf16" if graph == "fp32" else f"openvino-{graph}-bf16"] = ("openvino", graph, "bf16")
+    return backends
+
+
 def backend_names(peers: tuple[str, ...] = ()) -> list[str]:
-    """FP32 eager, the float and the int8 graph on every engine, then the peers, in the benchmark's order."""
-    return [EAGER, *(f"{engine}-{precision}" for precision in PRECISIONS for engine in ENGINES), *peers]
+    """FP32 eager, the engine backends, then the peers, in the benchmark's order."""
+    return [EAGER, *engine_backends(), *peers]
 
 
 def float_twin(qunet: nn.Module) -> nn.Module:
@@ -114,11 +132,12 @@ def build_backend(name: str, sources: BackendSources) -> Backend:
         fp = sources.fp_unet()
         return Backend(name, unet_predictor(fp), sum(t.numel() * t.element_size() for t in fp.state_dict().values()),
                        fp32_engine=False)
-    engine, _, precision = name.rpartition("-")
-    if engine in ENGINES and precision in PRECISIONS:
+    engines = engine_backends()
+    if name in engines:
+        engine, precision, float_precision = engines[name]
         graph = sources.graph(precision)
-        return Backend(name, load_engine(engine, graph, sources.threads), _file_bytes(graph),
-                       fp32_engine=precision == "fp32")
+        return Backend(name, load_engine(engine, graph, sources.threads, float_precision), _file_bytes(graph),
+                       fp32_engine=(precision, float_precision) == ("fp32", "fp32"))
     if name not in PEERS:
         raise Ptq4dmError(f"unknown backend {name!r}: choose among {', '.join(backend_names(tuple(PEERS)))}")
     require_calibration((name,), sources.calibration)

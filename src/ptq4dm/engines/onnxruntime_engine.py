@@ -19,7 +19,8 @@ from .optional import import_optional
 from .predictor import numpy_predictor
 
 
-def load(onnx_file: Path, threads: int | None = None) -> NoisePredictor:
+def load(onnx_file: Path, threads: int | None = None, float_precision: str = "fp32") -> NoisePredictor:
+    """`float_precision`: fp32 only (ptq4dm.engines.load_engine checks it)."""
     ort = import_optional("onnxruntime", "the onnxruntime engine")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

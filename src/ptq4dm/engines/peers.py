@@ -5,7 +5,8 @@ calibrated on), with the tool's *default* calibration and settings, as its docum
 
 - pytorch-bf16-compile: torch.compile with freezing under bf16 autocast (REFERENCE.md: CPU compile needs
   freezing to pay off at batch 1);
-- openvino-int8-nncf: `nncf.quantize` of the FP32 graph (its default preset and subset of 300 inputs);
+- openvino-int8-nncf: `nncf.quantize` of the FP32 graph (its default preset and subset of 300 inputs), run
+  as OpenVINO runs it when not told otherwise: its float parts in bf16 on CPUs with bf16 support;
 - onnxruntime-int8-static: `quantize_static` of the FP32 graph, QDQ format, u8 activations and per-channel s8
   weights (ORT's x86 int8 kernels want u8 activations), Conv / MatMul / Gemm only (quantizing every op type of
   the dynamo export fails at load: REFERENCE.md, Known traps);
@@ -81,14 +82,15 @@ def bf16_compile(sources: BackendSources) -> tuple[NoisePredictor, int]:
 def nncf_openvino(sources: BackendSources) -> tuple[NoisePredictor, int]:
     ov = import_optional("openvino", "the openvino-int8-nncf peer")
     nncf = import_optional("nncf", "the openvino-int8-nncf peer")
-    from . import load_engine
+    from . import load_engine, openvino_engine
 
     quantized = nncf.quantize(ov.Core().read_model(str(sources.graph("fp32"))),
                               nncf.Dataset(list(_feeds(sources.calibration, 1))))
     path = sources.work / "openvino-int8-nncf" / NNCF_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(path), compress_to_fp16=False)
-    return load_engine("openvino", path, sources.threads), _bytes([path, path.with_suffix(".bin")])
+    eps = load_engine("openvino", path, sources.threads, openvino_engine.native_float_precision())
+    return eps, _bytes([path, path.with_suffix(".bin")])
 
 
 def onnxruntime_static(sources: BackendSources) -> tuple[NoisePredictor, int]:
