@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchSettings()
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
     parser.add_argument("--iterations", type=int, default=d.iterations, help="timed forwards per backend and batch size")
-    parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed forwards per backend and batch size")
+    parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed forwards before each timed one "
+                        "(warm caches, as in a sampler's back-to-back calls)")
     parser.add_argument("--threads", type=int, default=d.threads, help="threads of every backend")
     parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps of the sampling "
                         "measurement (0 skips it)")
@@ -171,12 +172,13 @@ def time_forward(backends: list[Backend], sample_shape: tuple[int, ...], setting
         x = torch.randn(batch, *sample_shape, generator=generator)
         t = torch.randint(0, 1000, (batch,), generator=generator)
         outputs = {}
-        for backend in backends:
-            for _ in range(settings.warmup):
-                backend.eps(x, t)
         seconds: dict[str, list[float]] = {b.name: [] for b in backends}
         for order in _rotations(backends, settings.iterations):
             for backend in order:
+                # Untimed calls first in every turn: the timed one finds the caches holding this backend's weights
+                # and buffers, as a sampler's back-to-back calls do, not the previous backend's.
+                for _ in range(settings.warmup):
+                    backend.eps(x, t)
                 start = time.perf_counter()
                 out = backend.eps(x, t)
                 seconds[backend.name].append(time.perf_counter() - start)
