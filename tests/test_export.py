@@ -7,6 +7,7 @@ activation ranges about 100x too coarse for the other steps (the quantized netwo
 As x0 prediction the chain stays in a few units, like a trained model's, and W8A8 lands at 26-32 dB from FP.
 """
 
+import copy
 import json
 
 import numpy as np
@@ -36,7 +37,7 @@ from ptq4dm.errors import Ptq4dmError  # noqa: E402
 from ptq4dm.export import export_model, load_exported  # noqa: E402
 from ptq4dm.export.qdq import METADATA_LAYER, METADATA_ROLE  # noqa: E402
 from ptq4dm.images import load_samples  # noqa: E402
-from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel  # noqa: E402
+from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model  # noqa: E402
 from ptq4dm.ptq import calibrate_and_freeze, quantized_copy, save_quantized_pipeline  # noqa: E402
 from ptq4dm.quant import QuantConfig, quant_units  # noqa: E402
 from ptq4dm.quant.fake_quant import SplitFakeQuantize  # noqa: E402
@@ -352,7 +353,9 @@ def test_bench_smoke(quantized, tmp_path, capsys):
     calibration = tmp_path / "calibration"
     generate_calibration_set("uniform", quantized[0], 16, steps=4, seed=0, progress=False).save(calibration)
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(quantized[2]), "--calibration", str(calibration), "--batch-sizes", "1",
+    save_diffusion_model(quantized[0].unet, quantized[0].scheduler_config, tmp_path / "fp")
+    assert main(["bench", "--model", str(quantized[2]), "--fp-model", str(tmp_path / "fp"),
+                 "--calibration", str(calibration), "--batch-sizes", "1",
                  "2", "--iterations", "2", "--warmup", "1", "--threads", "1", "--quality-steps", "3",
                  "--quality-num", "2", "--sample-steps", "2", "--sample-num", "2", "--sample-iterations", "1",
                  "--no-memory", "--json", str(out)]) == 0
@@ -394,6 +397,25 @@ def test_peak_memory_of_each_backend_in_its_own_process(quantized, tmp_path):
     for name in backends:
         assert peaks[(name, 1)] > 0, peaks
         assert peaks[(name, 1024)] > peaks[(name, 1)] + 8, peaks
+
+
+def test_benchmark_compares_with_the_model_it_was_quantized_from(quantized, tmp_path, capsys):
+    """Bias correction and reconstruction change the quantized model's float weights, so its float twin is another
+    FP model: the FP32 reference (and what the peers quantize) is the original, named by ptq.json or --fp-model."""
+    fp, qmodel, folder = quantized
+    corrected = copy.deepcopy(qmodel.unet)
+    with torch.no_grad():
+        corrected.conv_out.bias.add_(0.5)  # what a bias correction does to a float bias
+    sources = BackendSources.prepare(corrected, qmodel.scheduler_config, qmodel.sample_shape, tmp_path / "a",
+                                     threads=1, fp_unet=fp.unet)
+    reopened = BackendSources.reopen(tmp_path / "a", threads=1).fp_unet()
+    assert torch.equal(reopened.conv_out.bias, fp.unet.conv_out.bias) and sources.fp_unet() is fp.unet
+    with pytest.raises(Ptq4dmError, match="does not have the quantized model's architecture"):
+        BackendSources.prepare(corrected, qmodel.scheduler_config, qmodel.sample_shape, tmp_path / "b", threads=1,
+                               fp_unet=UNet2DModel(**{**TINY_UNET, "block_out_channels": (16, 32)}))
+    # The test pipeline has no ptq.json (a `ptq4dm quantize` run folder has one, naming its base model).
+    assert main(["bench", "--model", str(folder), "--peers"]) == 2
+    assert "pass --fp-model" in capsys.readouterr().err
 
 
 def test_benchmark_sources_are_checked_before_a_probe_builds_anything(tmp_path):

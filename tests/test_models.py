@@ -5,6 +5,7 @@ import torch
 
 from ptq4dm.errors import Ptq4dmError
 from ptq4dm.models import load_diffusion_model
+from ptq4dm.models.loading import BUNDLED, model_reference
 
 
 def test_pipeline_folder_round_trip(tiny_unet, tiny_model_dir):
@@ -41,3 +42,10 @@ def test_other_model_class_is_refused(tiny_model_dir):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(Ptq4dmError, match="UNet2DModel"):
         load_diffusion_model(tiny_model_dir)
+
+
+def test_records_name_a_bundled_model_by_its_name_not_this_machines_install_path(tiny_model_dir):
+    """ptq.json's base_model must load on another machine, where the package lies elsewhere."""
+    assert model_reference(BUNDLED["fmnist-ddpm"]) == "fmnist-ddpm"
+    assert model_reference(BUNDLED["fmnist-ddpm"] / "unet" / "..") == "fmnist-ddpm"
+    assert model_reference(tiny_model_dir) == str(tiny_model_dir)

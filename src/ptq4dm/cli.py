@@ -158,6 +158,8 @@ def _add_bench(sub):
     p.add_argument("--model", required=True, help="a model quantized by `ptq4dm quantize` (run folder or model/)")
     p.add_argument("--calibration", type=Path, default=None, help="the calibration set the peers calibrate on "
                    "(default: calibration/ of the `ptq4dm quantize` run folder)")
+    p.add_argument("--fp-model", default=None, help="the full-precision model it was quantized from: the FP32 "
+                   "reference and what the peers quantize (default: the base model its run folder's ptq.json names)")
     add_arguments(p)
 
     def run(a):
@@ -178,11 +180,27 @@ def _add_bench(sub):
                                   "--calibration DIR (a `ptq4dm quantize` run's calibration/), or --peers alone "
                                   "to compare with FP32 only")
             calibration = CalibrationSet.load(folder)
-        result = run_benchmark(model, settings, a.work, calibration)
+        fp_model = load_diffusion_model(a.fp_model or _base_model_of(a.model, model.path))
+        result = run_benchmark(model, settings, a.work, calibration, fp_model.unet)
         print(format_tables(result))
         if a.json:
             atomic_write_text(a.json, json.dumps(result, indent=2) + "\n")
     p.set_defaults(run=run)
+
+
+def _base_model_of(model_arg: str, model_path: Path) -> str:
+    """The FP model a `ptq4dm quantize` run started from, as its ptq.json records it (beside model/)."""
+    from .models.loading import BUNDLED
+
+    records = [d / "ptq.json" for d in (Path(model_arg), model_path.parent) if (d / "ptq.json").is_file()]
+    if not records:
+        raise Ptq4dmError(f"no ptq.json beside {model_arg} says which full-precision model it was quantized from: "
+                          "pass --fp-model (a bundled name or a model folder)")
+    base = json.loads(records[0].read_text()).get("base_model")
+    if not base or not (base in BUNDLED or Path(base).exists()):
+        raise Ptq4dmError(f"{records[0]} names the full-precision model {base!r}, which is not on this machine: "
+                          "pass --fp-model (a bundled name or a model folder)")
+    return base
 
 
 def _add_eval(sub):

@@ -20,7 +20,7 @@ from .calibration import STRATEGIES, CalibrationSet, generate_calibration_set, p
 from .data import load_fashion_mnist
 from .errors import Ptq4dmError
 from .io import atomic_dir
-from .models.loading import DiffusionModel, write_pipeline_files
+from .models.loading import DiffusionModel, model_reference, write_pipeline_files
 from .quant.bias_correction import check_samples as check_bias_samples
 from .quant import (QuantConfig, ReconstructionSettings, calibrate, correct_bias, freeze, quantize, reconstruct,
                     save_quantized)
@@ -119,7 +119,7 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
     t0 = time.perf_counter()
     calibrate_and_freeze(qunet, calibration, calib.batch_size, progress)
     seconds = {"calibration_set": round(calibration_seconds, 1), "observe_and_freeze": round(time.perf_counter() - t0, 1)}
-    provenance = {"base_model": str(model.path), "calibration": asdict(calib),
+    provenance = {"base_model": model_reference(model.path), "calibration": asdict(calib),
                   "calibration_cost": calibration.meta["cost"], "seconds": seconds}
     if reconstruction is not None:
         t0 = time.perf_counter()

@@ -95,12 +95,25 @@ class BackendSources:
 
     @classmethod
     def prepare(cls, qunet: nn.Module, scheduler_config: dict, sample_shape: tuple[int, ...], work: Path,
-                threads: int, calibration: CalibrationSet | None = None) -> "BackendSources":
-        """Write the FP32 original, both graphs and the calibration set under `work` (overwriting a previous run's)."""
+                threads: int, calibration: CalibrationSet | None = None,
+                fp_unet: nn.Module | None = None) -> "BackendSources":
+        """Write the FP32 original, both graphs and the calibration set under `work` (overwriting a previous run's).
+
+        The FP32 original is `fp_unet`, the model `qunet` was quantized from; without it, qunet's float twin,
+        which is the original only if nothing after quantization changed float weights: bias correction and
+        reconstruction do, and then the twin is a different FP model for the reference and the peers alike.
+        """
         if not quant_units(qunet):
             raise Ptq4dmError("the benchmark compares a ptq4dm-quantized model with its FP32 original: pass a model "
                               "made by `ptq4dm quantize` (its run folder or its model/ folder)")
-        sources = cls(work, tuple(sample_shape), threads, calibration, float_twin(qunet))
+        twin = float_twin(qunet)
+        if fp_unet is not None:
+            shapes = {key: tuple(t.shape) for key, t in fp_unet.state_dict().items()}
+            if type(fp_unet) is not type(twin) or shapes != {k: tuple(t.shape) for k, t in twin.state_dict().items()}:
+                raise Ptq4dmError(f"the full-precision model ({type(fp_unet).__name__}) does not have the quantized "
+                                  "model's architecture: give the model it was quantized from")
+            twin = fp_unet.eval()
+        sources = cls(work, tuple(sample_shape), threads, calibration, twin)
         for precision, unet in zip(PRECISIONS, (sources.fp_model, qunet)):
             sources.graph(precision).parent.mkdir(parents=True, exist_ok=True)
             export_onnx(unet, sample_shape, sources.graph(precision))

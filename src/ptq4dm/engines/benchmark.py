@@ -242,9 +242,10 @@ def peak_memory(forward: list[dict], sources: BackendSources, settings: BenchSet
 
 
 def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | None = None,
-                  calibration: CalibrationSet | None = None) -> dict:
-    """Benchmark the quantized `model` (its .unet frozen by ptq4dm) against its FP32 original and the peers,
-    which calibrate on `calibration` (needed when settings.peers is not empty)."""
+                  calibration: CalibrationSet | None = None, fp_unet: nn.Module | None = None) -> dict:
+    """Benchmark the quantized `model` (its .unet frozen by ptq4dm) against its FP32 original `fp_unet` (default:
+    its float twin, see BackendSources.prepare) and the peers, which quantize that FP32 model and calibrate on
+    `calibration` (needed when settings.peers is not empty)."""
     require_calibration(settings.peers, calibration)  # before any export
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
@@ -252,7 +253,7 @@ def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | N
         with contextlib.ExitStack() as stack:
             folder = Path(work or stack.enter_context(tempfile.TemporaryDirectory(prefix="ptq4dm-bench-")))
             sources = BackendSources.prepare(model.unet, model.scheduler_config, model.sample_shape, folder,
-                                             settings.threads, calibration)
+                                             settings.threads, calibration, fp_unet)
             backends = [build_backend(name, sources) for name in backend_names(settings.peers)]
             macs = unet_macs(model.unet, model.sample_shape)  # quantized layers are Conv2d / Linear too
             forward = time_forward(backends, model.sample_shape, settings, macs)

@@ -65,6 +65,12 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     )
 
 
+def model_reference(path: Path) -> str:
+    """How to name the model at `path` in a record another machine reads: its bundled name if it is a bundled
+    model (the package's install path differs between machines), else the path."""
+    return next((name for name, bundled in BUNDLED.items() if Path(path).resolve() == bundled.resolve()), str(path))
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; a truncated or corrupt file is one clear error here, not mid-run."""
     try:
