@@ -19,6 +19,21 @@ def test_defaults_follow_the_field():
     assert (config.weight_observer, config.activation_observer, config.mse_p) == ("mse", "mse", 2.4)
     assert not config.quantize_attention_matmuls
     assert config.exclude == list(DEFAULT_EXCLUDE) and "time_embedding.*" in config.exclude
+    assert "*conv_shortcut" in config.exclude
+
+
+def test_split_shortcuts_quantizes_the_shortcuts_the_default_keeps_in_float(tiny_unet):
+    """The default keeps every conv_shortcut in float; split_shortcuts exists to quantize them, per part."""
+    import copy
+
+    from ptq4dm.quant import quant_units
+
+    shortcuts = {name for name, _ in tiny_unet.named_modules() if name.endswith("conv_shortcut")}
+    assert shortcuts
+    assert not shortcuts & set(quant_units(quantize(copy.deepcopy(tiny_unet), QuantConfig())))
+    split = QuantConfig(split_shortcuts=True)
+    assert "*conv_shortcut" not in split.exclude and QuantConfig.from_json(split.to_json()) == split
+    assert shortcuts <= set(quant_units(quantize(copy.deepcopy(tiny_unet), split)))
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -260,7 +260,8 @@ def _add_quantize(sub):
     p.add_argument("--config", type=Path, default=None,
                    help="QuantConfig JSON (observers, granularity, include/exclude...); --wbits/--abits override it")
     p.add_argument("--exclude", nargs="*", default=None, help="layer name patterns kept in full precision "
-                   "(default: the timestep-embedding path, conv_in and conv_out)")
+                   "(default: the timestep-embedding path, conv_in, conv_out and the 1x1 conv_shortcut layers; "
+                   "with --split-shortcuts the shortcuts are quantized)")
     p.add_argument("--quantize-attention", action="store_true", help="also quantize the Q.K^T and softmax.V operands")
     p.add_argument("--quantize-conv-outputs", action="store_true", help="also quantize convolution outputs and "
                    "biases (int32), so that ONNX Runtime runs the exported convolutions in int8 (QLinearConv)")
@@ -300,7 +301,9 @@ def _add_quantize(sub):
         from .report import ReportSettings, compare_to_fp, write_report
         from .sampling import make_scheduler, unet_predictor
 
-        base = QuantConfig.from_json(a.config.read_text()).to_dict() if a.config else {}
+        text = a.config.read_text() if a.config else "{}"
+        QuantConfig.from_json(text)  # the file's own errors first, reported as such
+        base = json.loads(text)  # as written: keys it leaves out take their defaults after the overrides
         overrides = {"weight_bits": a.wbits, "activation_bits": a.abits}
         if a.exclude is not None:
             overrides["exclude"] = a.exclude

@@ -25,7 +25,7 @@ from ..errors import Ptq4dmError
 if TYPE_CHECKING:  # the CLI imports ENGINES while it builds its parser: keep this module light
     from ..sampling import NoisePredictor
 
-# Engine name -> the module whose load(onnx_file, threads) builds its predictor (imported on use only).
+# Engine name -> the module whose load(onnx_file, threads, float_precision) builds its predictor (imported on use).
 _ENGINE_MODULES = {"onnxruntime": "onnxruntime_engine", "openvino": "openvino_engine"}
 ENGINES = tuple(_ENGINE_MODULES)
 FLOAT_PRECISIONS = ("fp32", "bf16")
