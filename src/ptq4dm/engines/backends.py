@@ -49,10 +49,11 @@ def engine_backends() -> dict[str, tuple[str, str, str]]:
     """Engine backend name -> (engine, graph precision, float precision): the float graph, then the int8 graph, on
     every engine; OpenVINO with bf16 float parts too where the CPU supports it."""
     backends = {}
+    bf16 = native_float_precision() == "bf16"
     for graph in PRECISIONS:
         for engine in ENGINES:
             backends[f"{engine}-{graph}"] = (engine, graph, "fp32")
-        if native_float_precision() == "bf16":
+        if bf16:
             backends["openvino-bf16" if graph == "fp32" else f"openvino-{graph}-bf16"] = ("openvino", graph, "bf16")
     return backends
 
@@ -106,14 +107,15 @@ class BackendSources:
         if not quant_units(qunet):
             raise Ptq4dmError("the benchmark compares a ptq4dm-quantized model with its FP32 original: pass a model "
                               "made by `ptq4dm quantize` (its run folder or its model/ folder)")
-        twin = float_twin(qunet)
-        if fp_unet is not None:
-            shapes = {key: tuple(t.shape) for key, t in fp_unet.state_dict().items()}
-            if type(fp_unet) is not type(twin) or shapes != {k: tuple(t.shape) for k, t in twin.state_dict().items()}:
+        if fp_unet is None:
+            fp_unet = float_twin(qunet)
+        else:  # the quantized model's state holds every float tensor under the float model's names
+            q_state = qunet.state_dict()
+            if type(fp_unet) is not type(qunet) or any(key not in q_state or q_state[key].shape != t.shape
+                                                       for key, t in fp_unet.state_dict().items()):
                 raise Ptq4dmError(f"the full-precision model ({type(fp_unet).__name__}) does not have the quantized "
                                   "model's architecture: give the model it was quantized from")
-            twin = fp_unet.eval()
-        sources = cls(work, tuple(sample_shape), threads, calibration, twin)
+        sources = cls(work, tuple(sample_shape), threads, calibration, fp_unet.eval())
         for precision, unet in zip(PRECISIONS, (sources.fp_model, qunet)):
             sources.graph(precision).parent.mkdir(parents=True, exist_ok=True)
             export_onnx(unet, sample_shape, sources.graph(precision))

@@ -19,6 +19,7 @@ bundled model: 0.7 dB lower mean per-step SQNR against FP32, README).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..errors import Ptq4dmError
@@ -32,6 +33,7 @@ from .predictor import numpy_predictor
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
+@functools.cache  # the CPU's capabilities do not change while a process runs
 def native_float_precision() -> str:
     """The precision OpenVINO picks for float parts when not told: bf16 where the CPU supports it, else FP32."""
     ov = import_optional("openvino", "the openvino engine")

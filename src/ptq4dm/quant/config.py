@@ -21,10 +21,9 @@ GRANULARITIES = ("per_channel", "per_tensor")
 # shortcut convolutions of the resnets that change width (in the decoder they read the raw skip
 # concatenation, two parts with different ranges) are a small share of the compute, and quantizing their
 # input puts a quantize node where the same tensor also feeds a GroupNorm, which an engine cannot fuse
-# into anything. Measured on the bundled
-# model (W8A8 NDTC + bias correction, OpenVINO): keeping them raises the mean per-step SQNR from 41.3 to
-# 43.0 dB and runs 6% faster at batch 16 (README). Set `exclude=[]` to quantize everything, as PTQ4DM's
-# code did.
+# into anything. Measured on the bundled model (W8A8 NDTC + bias correction, OpenVINO): keeping them raises
+# the mean per-step SQNR from 41.3 to 43.0 dB and runs 6% faster at batch 16 with bf16 float parts (README).
+# Set `exclude=[]` to quantize everything, as PTQ4DM's code did.
 SHORTCUT_PATTERN = "*conv_shortcut"
 DEFAULT_EXCLUDE = ("time_embedding.*", "*time_emb_proj", "conv_in", "conv_out", SHORTCUT_PATTERN)
 
