@@ -22,7 +22,8 @@ GRANULARITIES = ("per_channel", "per_tensor")
 # concatenation, two parts with different ranges) are a small share of the compute, and quantizing their
 # input puts a quantize node where the same tensor also feeds a GroupNorm, which an engine cannot fuse
 # into anything. Measured on the bundled model (W8A8 NDTC + bias correction, OpenVINO): keeping them raises
-# the mean per-step SQNR from 41.3 to 43.0 dB and runs 6% faster at batch 16 with bf16 float parts (README).
+# the mean per-step SQNR from 41.3 to 43.0 dB and runs 3% faster with bf16 float parts, 8-10% slower with
+# FP32 float parts, where they run as FP32 convolutions (README).
 # Set `exclude=[]` to quantize everything, as PTQ4DM's code did.
 SHORTCUT_PATTERN = "*conv_shortcut"
 DEFAULT_EXCLUDE = ("time_embedding.*", "*time_emb_proj", "conv_in", "conv_out", SHORTCUT_PATTERN)
