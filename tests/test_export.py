@@ -173,6 +173,70 @@ def test_activation_qdq_pairs_hold_the_frozen_input_params_bit_for_bit(exported,
         assert list(pair.input[1:]) == list(node.input[1:])  # dequantized with the same scale and zero point
 
 
+def test_time_projections_of_all_resnets_run_as_one_gemm(exported, quantized):
+    """They read the same SiLU(embedding): one Gemm over the concatenated weights, then a Split (fuse.py)."""
+    graph, unet = exported[1].graph, quantized[0].unet
+    projections = []  # in the order the forward calls them, which is the graph's node order
+    hooks = [m.register_forward_hook(lambda module, *_: projections.append(module))
+             for name, m in unet.named_modules() if name.endswith("time_emb_proj")]
+    with torch.no_grad():
+        unet(torch.randn(1, 1, 8, 8), torch.tensor([10]))
+    for hook in hooks:
+        hook.remove()
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert not [n for n in gemms if "time_emb_proj" in n.input[1]]
+    fused = [n for n in gemms if n.name.endswith(f"_fused_{len(projections)}")]
+    assert len(fused) == 1 and len(projections) > 1
+    weights = [module.weight.detach().numpy() for module in projections]
+    assert _bits(_initializer(graph, fused[0].input[1])) == _bits(np.concatenate(weights))
+
+
+def _gemm_graph():
+    """X feeds four constant Gemms (two transB=1, two transB=0), Y one, and one Gemm's weight is an input."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+              for name, shape in (("X", ["n", 4]), ("Y", ["n", 4]), ("W", [3, 4]))]
+    nodes, initializers, outputs = [], [], []
+    for i, (x, shape, trans_b) in enumerate([("X", (3, 4), 1), ("X", (5, 4), 1), ("X", (4, 2), 0), ("X", (4, 6), 0),
+                                             ("Y", (3, 4), 1), ("X", None, 1)]):
+        weight = "W" if shape is None else f"w{i}"
+        if shape is not None:
+            initializers.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), weight))
+        out_features = 3 if shape is None else shape[1 - trans_b]
+        initializers.append(numpy_helper.from_array(rng.standard_normal(out_features).astype(np.float32), f"b{i}"))
+        nodes += [helper.make_node("Gemm", [x, weight, f"b{i}"], [f"g{i}"], transB=trans_b, name=f"gemm{i}"),
+                  helper.make_node("Relu", [f"g{i}"], [f"out{i}"])]
+        outputs.append(helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, ["n", out_features]))
+    return helper.make_model(helper.make_graph(nodes, "gemms", inputs, outputs, initializers),
+                             opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_gemms_sharing_an_input_and_their_layout_fuse_exactly(tmp_path):
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from ptq4dm.export.fuse import fuse_sibling_gemms
+
+    original = _gemm_graph()
+    model = ir.from_proto(original)
+    assert fuse_sibling_gemms(model.graph) == 4  # gemm0 + gemm1, gemm2 + gemm3; gemm4 reads Y, gemm5 a run-time weight
+    fused = ir.to_proto(model)
+    onnx.checker.check_model(fused, full_check=True)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("Gemm") == 4 and ops.count("Split") == 2
+    assert {i.name for i in fused.graph.initializer} >= {"w4", "b4", "b5"}
+    assert not {i.name for i in fused.graph.initializer} & {"w0", "w1", "w2", "w3"}
+    rng = np.random.default_rng(1)
+    feed = {"X": rng.standard_normal((3, 4), dtype=np.float32), "Y": rng.standard_normal((3, 4), dtype=np.float32),
+            "W": rng.standard_normal((3, 4), dtype=np.float32)}
+    expected = ort.InferenceSession(original.SerializeToString()).run(None, feed)
+    got = ort.InferenceSession(fused.SerializeToString()).run(None, feed)
+    for e, g in zip(expected, got):
+        assert _bits(e) == _bits(g)
+
+
 def test_float_model_exports_without_qdq_nodes(quantized, tmp_path):
     description = export_model(quantized[0], tmp_path / "fp")
     assert description["precision"] == "fp32" and description["quantization"] is None

@@ -2,7 +2,8 @@
 
 Exporter: torch's dynamo exporter (torch.export + onnxscript), the maintained one; the quantized layers are
 swapped for QDQLayer (qdq.py) first, so the Q/DQ nodes carry ptq4dm's frozen parameters. Its optimizer
-(constant folding, merging of identical nodes) stays on: ORT and OpenVINO get the tidier graph.
+(constant folding, merging of identical nodes) stays on: ORT and OpenVINO get the tidier graph. Then the
+Gemms that read the same input (each resnet's time_emb_proj) become one Gemm + Split (fuse.py: exact).
 
 Inputs and outputs (what every engine feeds, see ptq4dm.engines):
 - sample: float32 (batch, C, H, W);
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ..engines.optional import import_optional
+from .fuse import fuse_sibling_gemms
 from .qdq import METADATA_PREFIX, qdq_copy
 
 OPSET = 20
@@ -70,6 +72,7 @@ def export_onnx(unet: nn.Module, sample_shape: tuple[int, ...], path: Path) -> N
                                     output_names=[OUTPUT_NAME], verbose=False,
                                     dynamic_shapes={"sample": {0: batch}, "timestep": {0: batch}})
     _keep_only_ptq4dm_metadata(program.model.graph)
+    fuse_sibling_gemms(program.model.graph)
     program.save(str(path), external_data=size > SINGLE_FILE_LIMIT_BYTES)
 
 
