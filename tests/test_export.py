@@ -175,7 +175,7 @@ def test_activation_qdq_pairs_hold_the_frozen_input_params_bit_for_bit(exported,
 
 def test_time_projections_of_all_resnets_run_as_one_gemm(exported, quantized):
     """They read the same SiLU(embedding): one Gemm over the concatenated weights, then a Split (fuse.py)."""
-    graph, unet = exported[1].graph, quantized[0].unet
+    graph, unet = exported[1].graph, quantized[1].unet  # the exported model (its projections stay float)
     projections = []  # in the order the forward calls them, which is the graph's node order
     hooks = [m.register_forward_hook(lambda module, *_: projections.append(module))
              for name, m in unet.named_modules() if name.endswith("time_emb_proj")]
