@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptq4dm.engines.openvino_engine import _HINTS
+from ptq4dm.engines.openvino_engine import _HINTS, engine_config, read_for_batch
 from ptq4dm.engines.optional import import_optional
 from ptq4dm.export.onnx_graph import INPUT_NAMES
 
@@ -27,10 +27,10 @@ from ptq4dm.export.onnx_graph import INPUT_NAMES
 def profile(model_file: Path, batch: int, float_precision: str, threads: int, runs: int) -> dict:
     """(node type, kernel) -> [ms per forward, nodes] for one model."""
     ov = import_optional("openvino", "the OpenVINO profile")
-    compiled = ov.Core().compile_model(str(model_file), "CPU", {
-        "INFERENCE_PRECISION_HINT": _HINTS[float_precision], "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
-    shape = [batch, *compiled.input(INPUT_NAMES[0]).get_partial_shape()[1:].to_shape()]
+    # Compiled as ptq4dm's engine compiles it (for one static batch size), with the profiler on.
+    config = {**engine_config(float_precision, threads), "PERF_COUNT": True}
+    compiled = ov.Core().compile_model(read_for_batch(model_file, batch), "CPU", config)
+    shape = list(compiled.input(INPUT_NAMES[0]).get_shape())
     rng = np.random.default_rng(0)
     feed = {INPUT_NAMES[0]: rng.standard_normal(shape, dtype=np.float32),
             INPUT_NAMES[1]: rng.integers(0, 1000, batch)}
