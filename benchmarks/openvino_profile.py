@@ -5,7 +5,7 @@ forward by (node type, kernel), summed over the nodes that ran, averaged over a 
 name carries the precision OpenVINO chose (e.g. brgconv_avx512_amx_I8 for a u8 convolution, jit_avx512_bf16
 for a bf16 elementwise node). The benchmark's work folder holds the graphs to compare:
 
-    python benchmarks/int8_speed.py --quantize-conv-outputs --work runs/int8-speed-work ...
+    python benchmarks/int8_speed.py --work runs/int8-speed-work ...
     python benchmarks/openvino_profile.py --batch 16 --float-precision bf16 \\
         runs/int8-speed-work/int8/model.onnx runs/int8-speed-work/openvino-int8-nncf/model.xml
 """
@@ -29,7 +29,8 @@ def profile(model_file: Path, batch: int, float_precision: str, threads: int, ru
     ov = import_optional("openvino", "the OpenVINO profile")
     # Compiled as ptq4dm's engine compiles it (for one static batch size), with the profiler on.
     config = {**engine_config(float_precision, threads), "PERF_COUNT": True}
-    compiled = ov.Core().compile_model(read_for_batch(model_file, batch), "CPU", config)
+    core = ov.Core()
+    compiled = core.compile_model(read_for_batch(core, model_file, batch), "CPU", config)
     shape = list(compiled.input(INPUT_NAMES[0]).get_shape())
     rng = np.random.default_rng(0)
     feed = {INPUT_NAMES[0]: rng.standard_normal(shape, dtype=np.float32),

@@ -275,9 +275,10 @@ def test_openvino_runs_the_quantized_convolutions_in_u8_at_a_static_batch(export
 
     from ptq4dm.engines.openvino_engine import read_for_batch
 
-    model = read_for_batch(exported[0].onnx_file, batch)
+    core = ov.Core()
+    model = read_for_batch(core, exported[0].onnx_file, batch)
     assert [list(port.get_shape()) for port in model.inputs] == [[batch, 1, 8, 8], [batch]]
-    runtime = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).get_runtime_model()
+    runtime = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).get_runtime_model()
     info = [op.get_rt_info() for op in runtime.get_ops() if op.get_type_name() == "ExecutionNode"]
     convolutions = [i["runtimePrecision"].astype(str) for i in info if i["layerType"].astype(str) == "Convolution"]
     quantized_convs = [name for name, unit in quant_units(quantized[1].unet).items()

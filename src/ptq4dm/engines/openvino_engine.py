@@ -19,8 +19,8 @@ bundled model: 0.7 dB lower mean per-step SQNR against FP32, README).
 The graph's batch dimension is free, but OpenVINO compiles it for one static batch size at a time, the one
 each call brings (a sampler calls one size over and over; compiling takes a second or a few). With static
 shapes its CPU plugin fuses the GroupNorm / SiLU / add chains into generated kernels (snippets), which it
-does not do for a dynamic batch (README: the bundled model's int8, batch 16, 28.0 -> 21.0 ms). The static shape is set
-in the ONNX graph's own inputs before OpenVINO reads it: `ov.Model.reshape` (or `convert_model(input=...)`)
+does not do for a dynamic batch (README: the bundled model's int8, batch 16, 28.0 -> 21.0 ms). The static
+shape is set in the ONNX graph's own inputs before OpenVINO reads it: `ov.Model.reshape` (or `convert_model(input=...)`)
 of the dynamic graph instead left most of ptq4dm's convolutions in f32, no longer int8 (OpenVINO IR, as NNCF
 writes it, keeps its int8 layers under `reshape`, which it gets). Only the latest batch size's compiled
 model is kept, so that memory holds one copy of the weights.
@@ -59,11 +59,11 @@ def engine_config(float_precision: str, threads: int | None) -> dict:
     return config
 
 
-def read_for_batch(model_file: Path, batch: int):
-    """`model_file` (ONNX with a free batch dimension, or OpenVINO IR) as an ov.Model for `batch` samples."""
-    ov = import_optional("openvino", "the openvino engine")
+def read_for_batch(core, model_file: Path, batch: int):
+    """`model_file` (ONNX with a free batch dimension, or OpenVINO IR) read by `core` (an ov.Core) as an
+    ov.Model for `batch` samples."""
     if model_file.suffix == ".xml":
-        model = ov.Core().read_model(str(model_file))
+        model = core.read_model(str(model_file))
         model.reshape({port.get_any_name(): [batch, *port.get_partial_shape()[1:]] for port in model.inputs})
         return model
     onnx = import_optional("onnx", "the openvino engine")
@@ -71,14 +71,15 @@ def read_for_batch(model_file: Path, batch: int):
     for value in (*graph.graph.input, *graph.graph.output):
         value.type.tensor_type.shape.dim[0].dim_value = batch  # replaces the symbolic "batch"
     if graph.ByteSize() >= 1 << 31:  # beyond one protobuf: OpenVINO reads the file as it is (dynamic batch)
-        return ov.Core().read_model(str(model_file))
-    return ov.Core().read_model(graph.SerializeToString())
+        return core.read_model(str(model_file))
+    return core.read_model(graph.SerializeToString())
 
 
 def load(model_file: Path, threads: int | None = None, float_precision: str = "fp32") -> NoisePredictor:
     """`model_file`: an ONNX graph, or OpenVINO IR (.xml, as NNCF writes it)."""
     ov = import_optional("openvino", "the openvino engine")
     config = engine_config(float_precision, threads)
+    core = ov.Core()
     sample_name, timestep_name = INPUT_NAMES
     compiled: dict[int, tuple] = {}  # batch -> (infer request, output port), for the latest batch size only
 
@@ -86,7 +87,7 @@ def load(model_file: Path, threads: int | None = None, float_precision: str = "f
         batch = sample.shape[0]
         if batch not in compiled:
             compiled.clear()  # free the previous compiled model before building the next
-            network = ov.Core().compile_model(read_for_batch(model_file, batch), "CPU", config)
+            network = core.compile_model(read_for_batch(core, model_file, batch), "CPU", config)
             compiled[batch] = network.create_infer_request(), network.output(OUTPUT_NAME)
         request, output = compiled[batch]
         # share_outputs=False (the default) copies the result out of the request's buffer, which the next call reuses.

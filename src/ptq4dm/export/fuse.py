@@ -23,6 +23,12 @@ def _constant(value) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def _gemm_attributes(node) -> dict:
+    """A Gemm's attributes, with ONNX's defaults for those the node leaves out."""
+    return {name: node.attributes[name].value if name in node.attributes else default
+            for name, default in (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0))}
+
+
 def _fusable_key(node, graph_outputs: set) -> tuple | None:
     """What Gemms must share to be fused (input, attributes), or None if this one cannot take part."""
     if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
@@ -30,8 +36,7 @@ def _fusable_key(node, graph_outputs: set) -> tuple | None:
     if any(out in graph_outputs for out in node.outputs):
         return None
     weight, bias = _constant(node.inputs[1]), _constant(node.inputs[2])
-    attrs = {name: node.attributes[name].value if name in node.attributes else default
-             for name, default in (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0))}
+    attrs = _gemm_attributes(node)
     if weight is None or bias is None or weight.ndim != 2 or bias.ndim != 1:
         return None
     out_features = weight.shape[0] if attrs["transB"] else weight.shape[1]
@@ -54,17 +59,18 @@ def fuse_sibling_gemms(graph) -> int:
     fused = 0
     for nodes in (g for g in groups.values() if len(g) > 1):
         first = nodes[0]
-        trans_b = first.attributes["transB"].value if "transB" in first.attributes else 0
+        trans_b = _gemm_attributes(first)["transB"]
         weights = [_constant(n.inputs[1]) for n in nodes]
         sizes = [w.shape[0] if trans_b else w.shape[1] for w in weights]
         name = f"{first.name}_fused_{len(nodes)}"
         weight = ir.Value(name=f"{name}.weight", const_value=ir.tensor(np.concatenate(weights, 0 if trans_b else 1)))
-        bias = ir.Value(name=f"{name}.bias", const_value=ir.tensor(np.concatenate([_constant(n.inputs[2]) for n in nodes])))
+        biases = [_constant(n.inputs[2]) for n in nodes]
+        bias = ir.Value(name=f"{name}.bias", const_value=ir.tensor(np.concatenate(biases)))
         split_sizes = ir.Value(name=f"{name}.split", const_value=ir.tensor(np.array(sizes, dtype=np.int64)))
         for value in (weight, bias, split_sizes):
             graph.register_initializer(value)
-        gemm = ir.node("Gemm", [first.inputs[0], weight, bias], attributes={a.name: a for a in first.attributes.values()},
-                       name=name)
+        gemm = ir.node("Gemm", [first.inputs[0], weight, bias], name=name,
+                       attributes={a.name: a for a in first.attributes.values()})
         split = ir.node("Split", [gemm.outputs[0], split_sizes], attributes={"axis": 1}, num_outputs=len(nodes),
                         name=f"{name}_split")
         graph.insert_before(first, [gemm, split])
