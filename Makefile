@@ -23,7 +23,7 @@ $(FMNIST):
 
 # The main job: W8A8 post-training quantization of the bundled model with NDTC, and its report against FP.
 demo: setup
-	$(BIN)/ptq4dm quantize --model fmnist-ddpm --wbits 8 --abits 8 --calib ndtc --calib-size 1024 --out $(DEMO)
+	$(BIN)/qtoolkit quantize --model fmnist-ddpm --wbits 8 --abits 8 --calib ndtc --calib-size 1024 --out $(DEMO)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,6 @@
 """Publish a trained run as the bundled `fmnist-ddpm` model, with its model card.
 
-Copies the EMA weights of a `ptq4dm train` run into the package, draws 2,000 DDIM-100 samples,
+Copies the EMA weights of a `qtoolkit train` run into the package, draws 2,000 DDIM-100 samples,
 evaluates them against the Fashion-MNIST test split (FID with bootstrap CI, KID, IS, precision/recall,
 plus the IS of the real test split for scale), plots the loss curve and a sample grid, and writes
 the model card (README.md) next to the weights.
@@ -22,12 +22,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ptq4dm.evaluation import evaluate_images, feature_extractor, load_reference  # noqa: E402
-from ptq4dm.images import save_grid  # noqa: E402
-from ptq4dm.metrics import format_table  # noqa: E402
-from ptq4dm.models.loading import BUNDLED, load_diffusion_model  # noqa: E402
-from ptq4dm.report import ReportSettings, fp_samples  # noqa: E402
-from ptq4dm.training.ddpm import FMNIST_UNET_CONFIG  # noqa: E402
+from qtoolkit.evaluation import evaluate_images, feature_extractor, load_reference  # noqa: E402
+from qtoolkit.images import save_grid  # noqa: E402
+from qtoolkit.metrics import format_table  # noqa: E402
+from qtoolkit.models.loading import BUNDLED, load_diffusion_model  # noqa: E402
+from qtoolkit.report import ReportSettings, fp_samples  # noqa: E402
+from qtoolkit.training.ddpm import FMNIST_UNET_CONFIG  # noqa: E402
 
 HUB = BUNDLED["fmnist-ddpm"]
 
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--threads-note", default="2 threads", help="how the training run used the CPU, for the card")
     p.add_argument("--seed", type=int, default=ReportSettings().seed,
-                   help="sampling seed (default: the reports' seed, so `ptq4dm quantize` reuses these FP samples)")
+                   help="sampling seed (default: the reports' seed, so `qtoolkit quantize` reuses these FP samples)")
     a = p.parse_args()
 
     state = torch.load(a.run / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -78,19 +78,19 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.unet.parameters())
     card = f"""# fmnist-ddpm: the bundled Fashion-MNIST DDPM
 
-A diffusers `UNet2DModel` ({n_params / 1e6:.2f}M parameters) trained by ptq4dm as DDPM (T = 1000, linear betas
+A diffusers `UNet2DModel` ({n_params / 1e6:.2f}M parameters) trained by qtoolkit as DDPM (T = 1000, linear betas
 1e-4..0.02, epsilon prediction) on the 60,000 Fashion-MNIST training images, padded to 32x32, in [-1, 1].
 Weights are the EMA (decay {train_cfg['ema_decay']}) copy. Layout: `DDPMPipeline.from_pretrained(<this folder>)` works.
 The scheduler config sets `clip_sample` false: samples are drawn without clipping the predicted x_0 (with
 clipping they lose their speckle but score worse on the classifier features; see FMNIST_SCHEDULER_CONFIG).
 
-Architecture (`ptq4dm.training.ddpm.FMNIST_UNET_CONFIG`): {json.dumps(FMNIST_UNET_CONFIG)}.
+Architecture (`qtoolkit.training.ddpm.FMNIST_UNET_CONFIG`): {json.dumps(FMNIST_UNET_CONFIG)}.
 It has the parts that make diffusion PTQ hard: ResNet blocks with GroupNorm + SiLU, skip concatenations,
 self-attention at 16x16 and the sinusoidal timestep embedding.
 
 ## Training
-- Command: `ptq4dm train --out runs/train-fmnist-ddpm --steps {int(state['step'])}` (the run was started
-  with `--steps {train_cfg['steps']}` and published at step {int(state['step'])}; `ptq4dm train` resumes it).
+- Command: `qtoolkit train --out runs/train-fmnist-ddpm --steps {int(state['step'])}` (the run was started
+  with `--steps {train_cfg['steps']}` and published at step {int(state['step'])}; `qtoolkit train` resumes it).
 - Steps: {int(state['step'])} of batch {train_cfg['batch_size']} ({int(state['step']) * train_cfg['batch_size'] / 60000:.1f} epochs),
   AdamW lr {train_cfg['lr']} (warm-up {train_cfg['warmup_steps']} steps), grad clip {train_cfg['grad_clip']},
   bf16 autocast = {train_cfg['bf16']}, seed {train_cfg['seed']}.
@@ -102,7 +102,7 @@ self-attention at 16x16 and the sinusoidal timestep embedding.
 
 ## Quality ({a.num} DDIM-{a.steps} samples, seed {a.seed}, vs the 10,000-image test split)
 Features: the bundled Fashion-MNIST classifier (`fmnist-classifier`). Sampling (or reading the FP-sample
-cache, `~/.cache/ptq4dm`) took {sample_seconds / 60:.1f} min.
+cache, `~/.cache/qtoolkit`) took {sample_seconds / 60:.1f} min.
 
 ```
 {table}

@@ -2,7 +2,7 @@
 
 For every calibration strategy (same budget: --calib-size inputs, same FP chain settings) and every
 bit-width pair, the model is quantized, calibrated and frozen, then compared with the FP model through
-`ptq4dm.report.compare_to_fp`: per-timestep noise-prediction SQNR on held-out chains, PSNR/SSIM of
+`qtoolkit.report.compare_to_fp`: per-timestep noise-prediction SQNR on held-out chains, PSNR/SSIM of
 same-seed samples, and FID (bootstrap CI) / KID (± std) / IS against the Fashion-MNIST test split.
 Calibration sets are made once per (strategy, seed), saved under --out/calibration/ and reused across bit
 widths and by a re-run with the same --out (a study that was cut off resumes there); FP samples are cached.
@@ -23,15 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-from ptq4dm.calibration import CalibrationSet
-from ptq4dm.io import atomic_write_text
-from ptq4dm.models import load_diffusion_model
-from ptq4dm.ptq import (CalibrationSettings, calibrate_and_freeze, correct_bias_on_calibration, make_calibration_set,
+from qtoolkit.calibration import CalibrationSet
+from qtoolkit.io import atomic_write_text
+from qtoolkit.models import load_diffusion_model
+from qtoolkit.ptq import (CalibrationSettings, calibrate_and_freeze, correct_bias_on_calibration, make_calibration_set,
                         quantized_copy, reconstruct_on_calibration)
-from ptq4dm.quant import QuantConfig, ReconstructionSettings
-from ptq4dm.quant.reconstruction import METHOD_NAMES
-from ptq4dm.report import COMPARISON_HEADER, ReportSettings, compare_to_fp, comparison_row
-from ptq4dm.sampling import unet_predictor
+from qtoolkit.quant import QuantConfig, ReconstructionSettings
+from qtoolkit.quant.reconstruction import METHOD_NAMES
+from qtoolkit.report import COMPARISON_HEADER, ReportSettings, compare_to_fp, comparison_row
+from qtoolkit.sampling import unet_predictor
 
 STRATEGIES = ["ndtc", "uniform", "random", "last-step", "real-data"]
 
@@ -59,7 +59,7 @@ def main() -> None:
                    help="also report each model after BRECQ (block) or AdaRound (layer) reconstruction")
     p.add_argument("--recon-iters", type=int, default=1000)
     p.add_argument("--bias-correction", action="store_true",
-                   help="also report each model after bias correction (ptq4dm.quant.correct_bias)")
+                   help="also report each model after bias correction (qtoolkit.quant.correct_bias)")
     p.add_argument("--bias-samples", type=int, default=256, help="calibration inputs used by bias correction")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,19 @@
-"""int8 speed on the reference architecture: ptq4dm's QDQ graph on OpenVINO / ONNX Runtime against FP32 and peers.
+"""int8 speed on the reference architecture: qtoolkit's QDQ graph on OpenVINO / ONNX Runtime against FP32 and peers.
 
 Builds the DDPM CIFAR-10 UNet2DModel (block_out_channels (128, 256, 256, 256), 2 layers per block, attention
 at 16x16; 35.7M parameters, random weights), the model of the speed anchors in shared/REFERENCE.md, so the
 table printed here reads against the peers' figures measured on this machine. It is quantized W8A8 with
 the default QuantConfig; the calibration inputs are forward-noised Gaussian images at uniform timesteps,
 enough for a speed measurement (speed does not depend on the ranges; quality is measured elsewhere).
-Then it runs the benchmark behind `ptq4dm bench` (ptq4dm.engines.benchmark), where the peers' recipes
+Then it runs the benchmark behind `qtoolkit bench` (qtoolkit.engines.benchmark), where the peers' recipes
 (NNCF, ORT quantize_static, PT2E, torch.compile BF16) calibrate on the same inputs.
 
     python benchmarks/int8_speed.py --json runs/int8_speed.json        # batch 1, 16, 64; 2 threads
     python benchmarks/int8_speed.py --tiny --batch-sizes 1 2 --iterations 2 --sample-steps 2   # smoke run
 
 Random weights make the per-step SQNR of this script meaningless for quality (the benchmark of the trained
-bundled model, `ptq4dm bench --model RUN`, measures that), so it is skipped here by default.
-Needs the extras: pip install -c constraints.txt 'ptq4dm[int8,peers]'.
+bundled model, `qtoolkit bench --model RUN`, measures that), so it is skipped here by default.
+Needs the extras: pip install -c constraints.txt 'qtoolkit[int8,peers]'.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from ptq4dm.calibration import CalibrationSet  # first: ptq4dm quiets torchao's import noise before diffusers
-from ptq4dm.engines.benchmark import add_arguments, format_tables, run_benchmark, settings_from_args
-from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
-from ptq4dm.ptq import calibrate_and_freeze, quantized_copy
-from ptq4dm.quant import QuantConfig
+from qtoolkit.calibration import CalibrationSet  # first: qtoolkit quiets torchao's import noise before diffusers
+from qtoolkit.engines.benchmark import add_arguments, format_tables, run_benchmark, settings_from_args
+from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
+from qtoolkit.ptq import calibrate_and_freeze, quantized_copy
+from qtoolkit.quant import QuantConfig
 
-from diffusers import UNet2DModel  # noqa: E402  (after ptq4dm, see above)
+from diffusers import UNet2DModel  # noqa: E402  (after qtoolkit, see above)
 
 CIFAR10_DDPM = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
                     layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),

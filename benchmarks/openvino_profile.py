@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ptq4dm.engines.openvino_engine import _HINTS, engine_config, read_for_batch
-from ptq4dm.engines.optional import import_optional
-from ptq4dm.export.onnx_graph import INPUT_NAMES
+from qtoolkit.engines.openvino_engine import _HINTS, engine_config, read_for_batch
+from qtoolkit.engines.optional import import_optional
+from qtoolkit.export.onnx_graph import INPUT_NAMES
 
 
 def profile(model_file: Path, batch: int, float_precision: str, threads: int, runs: int) -> dict:
     """(node type, kernel) -> [ms per forward, nodes] for one model."""
     ov = import_optional("openvino", "the OpenVINO profile")
-    # Compiled as ptq4dm's engine compiles it (for one static batch size), with the profiler on.
+    # Compiled as qtoolkit's engine compiles it (for one static batch size), with the profiler on.
     config = {**engine_config(float_precision, threads), "PERF_COUNT": True}
     core = ov.Core()
     compiled = core.compile_model(read_for_batch(core, model_file, batch), "CPU", config)

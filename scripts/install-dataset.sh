@@ -3,7 +3,7 @@
 set -euo pipefail
 if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then exit 0; fi
 if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else
-  echo "ptq4dm: Fashion-MNIST is missing and installing it needs root: run 'apt-get install dataset-fashion-mnist' as root" >&2
+  echo "qtoolkit: Fashion-MNIST is missing and installing it needs root: run 'apt-get install dataset-fashion-mnist' as root" >&2
   exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive

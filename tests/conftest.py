@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
-from ptq4dm.quant import calibrate, freeze, quantize
+from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
+from qtoolkit.quant import calibrate, freeze, quantize
 
 # Keep the suite light on this 2-core machine and deterministic.
 torch.set_num_threads(1)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from ptq4dm.agreement import per_timestep_error, psnr, sample_agreement, sqnr_db, ssim
-from ptq4dm.sampling import unet_predictor
+from qtoolkit.agreement import per_timestep_error, psnr, sample_agreement, sqnr_db, ssim
+from qtoolkit.sampling import unet_predictor
 
 
 def test_sqnr_matches_its_definition():

@@ -5,12 +5,12 @@ import pytest
 import torch
 from scipy import stats
 
-from ptq4dm.calibration import (NDTC_PRESETS, STRATEGIES, CalibrationSet, SkewNormal, chain_generator, chain_timesteps,
+from qtoolkit.calibration import (NDTC_PRESETS, STRATEGIES, CalibrationSet, SkewNormal, chain_generator, chain_timesteps,
                                 draw_ndtc_fractions, fractions_to_chain_positions, generate_calibration_set,
                                 plot_timestep_histogram, sample_skew_normal)
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
-from ptq4dm.sampling import denoise, initial_noise, make_scheduler, unet_predictor
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
+from qtoolkit.sampling import denoise, initial_noise, make_scheduler, unet_predictor
 
 
 class CheapUnet(torch.nn.Module):
@@ -161,7 +161,7 @@ def test_each_stored_x_t_is_the_network_input_at_its_timestep(tiny_model, strate
     chain = chain_timesteps(tiny_model, scheduler, steps).tolist()
     positions = np.array([chain.index(t) for t in calib.t.tolist()])
     x_T = initial_noise(num, tiny_model.sample_shape, seed)
-    # Re-run the chains as documented in ptq4dm.calibration.chains: batches of samples grouped by chain position.
+    # Re-run the chains as documented in qtoolkit.calibration.chains: batches of samples grouped by chain position.
     order = np.argsort(positions, kind="stable")
     for b, start in enumerate(range(0, num, batch_size)):
         rows = order[start:start + batch_size]
@@ -205,7 +205,7 @@ def test_save_load_round_trip(tmp_path, tiny_model):
     loaded = CalibrationSet.load(tmp_path / "calib")
     torch.testing.assert_close(loaded.x, calib.x, rtol=0, atol=0)
     assert torch.equal(loaded.t, calib.t) and torch.equal(loaded.cond, calib.cond) and loaded.meta == calib.meta
-    with pytest.raises(Ptq4dmError, match="already exists"):
+    with pytest.raises(QtoolkitError, match="already exists"):
         calib.save(tmp_path / "calib")
     calib.save(tmp_path / "calib", overwrite=True)
 
@@ -214,14 +214,14 @@ def test_corrupt_or_incomplete_sets_are_clear_errors(tmp_path):
     CalibrationSet(x=torch.zeros(2, 1, 4, 4), t=torch.zeros(2, dtype=torch.long)).save(tmp_path / "c")
     tensors, meta = tmp_path / "c" / "calibration.safetensors", tmp_path / "c" / "meta.json"
     meta.write_text("{not json")
-    with pytest.raises(Ptq4dmError, match="meta.json is corrupt"):
+    with pytest.raises(QtoolkitError, match="meta.json is corrupt"):
         CalibrationSet.load(tmp_path / "c")
     meta.write_text("{}")
     tensors.write_bytes(tensors.read_bytes()[:-10])
-    with pytest.raises(Ptq4dmError, match="corrupt or truncated"):
+    with pytest.raises(QtoolkitError, match="corrupt or truncated"):
         CalibrationSet.load(tmp_path / "c")
     tensors.unlink()
-    with pytest.raises(Ptq4dmError, match="calibration.safetensors is missing"):
+    with pytest.raises(QtoolkitError, match="calibration.safetensors is missing"):
         CalibrationSet.load(tmp_path / "c")
 
 
@@ -252,5 +252,5 @@ def test_histogram_plot_is_written(tmp_path, tiny_model):
     ("real-data", 4, {"real_images": torch.zeros(3, 1, 4, 4, dtype=torch.uint8)}, "must be a float tensor"),
 ])
 def test_bad_arguments_fail_clearly_before_any_network_call(strategy, num, kwargs, message):
-    with pytest.raises(Ptq4dmError, match=message):
+    with pytest.raises(QtoolkitError, match=message):
         generate_calibration_set(strategy, cheap_model(fail_if_called=True), num, steps=5, progress=False, **kwargs)

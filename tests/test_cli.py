@@ -4,11 +4,11 @@ import sys
 import numpy as np
 import pytest
 
-from ptq4dm.cli import main
+from qtoolkit.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "ptq4dm.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "qtoolkit.cli", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("args, message", [

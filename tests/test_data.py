@@ -4,8 +4,8 @@ import struct
 import numpy as np
 import pytest
 
-from ptq4dm.data import DEFAULT_ROOT, load_fashion_mnist
-from ptq4dm.errors import Ptq4dmError
+from qtoolkit.data import DEFAULT_ROOT, load_fashion_mnist
+from qtoolkit.errors import QtoolkitError
 
 
 def write_idx(path, array, truncate=0):
@@ -33,16 +33,16 @@ def test_reads_idx_padded_to_32_in_model_range(tmp_path):
 
 def test_truncated_file_names_the_debian_package(tmp_path):
     fake_split(tmp_path, truncate=100)
-    with pytest.raises(Ptq4dmError, match="dataset-fashion-mnist"):
+    with pytest.raises(QtoolkitError, match="dataset-fashion-mnist"):
         load_fashion_mnist("test", tmp_path)
 
 
 def test_missing_folder_and_files_are_clear_errors(tmp_path):
-    with pytest.raises(Ptq4dmError, match="does not exist.*dataset-fashion-mnist"):
+    with pytest.raises(QtoolkitError, match="does not exist.*dataset-fashion-mnist"):
         load_fashion_mnist("test", tmp_path / "nowhere")
-    with pytest.raises(Ptq4dmError, match="not found.*dataset-fashion-mnist"):
+    with pytest.raises(QtoolkitError, match="not found.*dataset-fashion-mnist"):
         load_fashion_mnist("test", tmp_path)
-    with pytest.raises(Ptq4dmError, match="unknown Fashion-MNIST split"):
+    with pytest.raises(QtoolkitError, match="unknown Fashion-MNIST split"):
         load_fashion_mnist("valid", tmp_path)
 
 

@@ -9,11 +9,11 @@ def test_torchrun_sampling_equals_a_single_process(tiny_model_dir, tmp_path):
     args = ["sample", "--model", str(tiny_model_dir), "--scheduler", "ddpm", "--steps", "3", "--num", "5",
             "--batch-size", "2", "--seed", "7"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "ptq4dm.cli", *args, "--out", str(tmp_path / "one")],
+    single = subprocess.run([sys.executable, "-m", "qtoolkit.cli", *args, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "ptq4dm.cli", "--", *args, "--out", str(tmp_path / "two")],
+                            "-m", "qtoolkit.cli", "--", *args, "--out", str(tmp_path / "two")],
                            env=env, capture_output=True, text=True)
     assert multi.returncode == 0, multi.stderr
     with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:

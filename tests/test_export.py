@@ -1,4 +1,4 @@
-"""ONNX export and the int8 engines: graph contents, known traps, agreement with ptq4dm's fake quantization.
+"""ONNX export and the int8 engines: graph contents, known traps, agreement with qtoolkit's fake quantization.
 
 The model is the tiny test UNet, quantized W8A8 with the default QuantConfig and calibrated on its own chain.
 Its scheduler reads the network output as an x0 prediction (prediction_type "sample"): a random network read
@@ -17,31 +17,31 @@ from diffusers import UNet2DModel
 
 from conftest import TINY_UNET
 
-INSTALL = "pip install -c constraints.txt 'ptq4dm[int8,peers]'"
+INSTALL = "pip install -c constraints.txt 'qtoolkit[int8,peers]'"
 for _module in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "torchao"):
     pytest.importorskip(_module, reason=f"{_module} is not installed; install the extras: {INSTALL}")
 
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from ptq4dm.agreement import per_timestep_error, sqnr_db  # noqa: E402
-from ptq4dm.calibration import generate_calibration_set  # noqa: E402
-from ptq4dm.cli import main  # noqa: E402
-from ptq4dm.engines import ENGINES, load_engine  # noqa: E402
-from ptq4dm.engines import memory  # noqa: E402
-from ptq4dm.engines.backends import BackendSources  # noqa: E402
-from ptq4dm.engines.benchmark import unet_macs  # noqa: E402
-from ptq4dm.engines.openvino_engine import native_float_precision  # noqa: E402
-from ptq4dm.engines.peers import PEERS  # noqa: E402
-from ptq4dm.errors import Ptq4dmError  # noqa: E402
-from ptq4dm.export import export_model, load_exported  # noqa: E402
-from ptq4dm.export.qdq import METADATA_LAYER, METADATA_ROLE  # noqa: E402
-from ptq4dm.images import load_samples  # noqa: E402
-from ptq4dm.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model  # noqa: E402
-from ptq4dm.ptq import calibrate_and_freeze, quantized_copy, save_quantized_pipeline  # noqa: E402
-from ptq4dm.quant import QuantConfig, quant_units  # noqa: E402
-from ptq4dm.quant.fake_quant import SplitFakeQuantize  # noqa: E402
-from ptq4dm.sampling import unet_predictor  # noqa: E402
+from qtoolkit.agreement import per_timestep_error, sqnr_db  # noqa: E402
+from qtoolkit.calibration import generate_calibration_set  # noqa: E402
+from qtoolkit.cli import main  # noqa: E402
+from qtoolkit.engines import ENGINES, load_engine  # noqa: E402
+from qtoolkit.engines import memory  # noqa: E402
+from qtoolkit.engines.backends import BackendSources  # noqa: E402
+from qtoolkit.engines.benchmark import unet_macs  # noqa: E402
+from qtoolkit.engines.openvino_engine import native_float_precision  # noqa: E402
+from qtoolkit.engines.peers import PEERS  # noqa: E402
+from qtoolkit.errors import QtoolkitError  # noqa: E402
+from qtoolkit.export import export_model, load_exported  # noqa: E402
+from qtoolkit.export.qdq import METADATA_LAYER, METADATA_ROLE  # noqa: E402
+from qtoolkit.images import load_samples  # noqa: E402
+from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model  # noqa: E402
+from qtoolkit.ptq import calibrate_and_freeze, quantized_copy, save_quantized_pipeline  # noqa: E402
+from qtoolkit.quant import QuantConfig, quant_units  # noqa: E402
+from qtoolkit.quant.fake_quant import SplitFakeQuantize  # noqa: E402
+from qtoolkit.sampling import unet_predictor  # noqa: E402
 
 # Agreement bounds, from measurements on this model (5 seeds of the tiny UNet, 10 DDIM steps, 4 samples):
 # - Most steps agree to float precision (> 100 dB): engine and simulation compute the same integer codes.
@@ -114,7 +114,7 @@ def test_export_folder_describes_the_graph(exported, quantized):
     onnx.checker.check_model(graph)
 
 
-def test_weight_dequantize_nodes_hold_ptq4dms_codes_and_scales_bit_for_bit(exported, quantized):
+def test_weight_dequantize_nodes_hold_qtoolkits_codes_and_scales_bit_for_bit(exported, quantized):
     graph = exported[1].graph
     layers = quant_units(quantized[1].unet)
     weight_nodes = _qdq_nodes(graph, "DequantizeLinear", "weight")
@@ -217,7 +217,7 @@ def test_gemms_sharing_an_input_and_their_layout_fuse_exactly(tmp_path):
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from ptq4dm.export.fuse import fuse_sibling_gemms
+    from qtoolkit.export.fuse import fuse_sibling_gemms
 
     original = _gemm_graph()
     model = ir.from_proto(original)
@@ -273,7 +273,7 @@ def test_openvino_runs_the_quantized_convolutions_in_u8_at_a_static_batch(export
     reshaping the read model instead left most convolutions in f32 (openvino_engine)."""
     import openvino as ov
 
-    from ptq4dm.engines.openvino_engine import read_for_batch
+    from qtoolkit.engines.openvino_engine import read_for_batch
 
     core = ov.Core()
     model = read_for_batch(core, exported[0].onnx_file, batch)
@@ -310,12 +310,12 @@ def test_openvino_runs_the_float_parts_in_bf16_when_asked(exported, quantized, t
 
 @pytest.mark.skipif(BF16, reason="this CPU has bf16 support (the test above runs instead)")
 def test_bf16_float_parts_on_a_cpu_without_bf16_are_refused(exported):
-    with pytest.raises(Ptq4dmError, match="no bf16 support"):
+    with pytest.raises(QtoolkitError, match="no bf16 support"):
         load_engine("openvino", exported[0].onnx_file, float_precision="bf16")
 
 
 def test_float_precision_is_checked_against_the_engine(exported, quantized, tmp_path, capsys):
-    with pytest.raises(Ptq4dmError, match="onnxruntime engine runs the float parts in fp32 only.*openvino engine"):
+    with pytest.raises(QtoolkitError, match="onnxruntime engine runs the float parts in fp32 only.*openvino engine"):
         load_engine("onnxruntime", exported[0].onnx_file, float_precision="bf16")
     assert main(["sample", "--model", str(quantized[2]), "--float-precision", "bf16", "--out", str(tmp_path / "a")]) == 2
     assert "--engine openvino" in capsys.readouterr().err and not (tmp_path / "a").exists()
@@ -326,11 +326,11 @@ def _assert_engines_follow_the_simulation(fp, qmodel, onnx_file, engine_names=EN
     result = per_timestep_error(fp, unet_predictor(qmodel.unet), {**engines, "fp32": unet_predictor(fp.unet)},
                                 steps=10, num=4)
     report = {name: [round(s, 1) for s in result[name]["sqnr_db"]] for name in [*engine_names, "fp32"]}
-    print("SQNR against ptq4dm's fake quantization per timestep", result["t"], report)
+    print("SQNR against qtoolkit's fake quantization per timestep", result["t"], report)
     for name in engine_names:
         sqnr = np.array(result[name]["sqnr_db"])
         assert sqnr.min() >= MIN_STEP_SQNR_DB and np.median(sqnr) >= MIN_MEDIAN_SQNR_DB, (name, report)
-    # The bounds tell an engine that implements ptq4dm's quantization from one that does not.
+    # The bounds tell an engine that implements qtoolkit's quantization from one that does not.
     assert np.median(result["fp32"]["sqnr_db"]) < MIN_MEDIAN_SQNR_DB, report
 
 
@@ -427,12 +427,12 @@ def test_sample_cli_tells_which_folder_goes_with_which_engine(exported, quantize
     assert main(["sample", "--model", str(exported[0].path), "--out", str(tmp_path / "a")]) == 2
     assert "holds an exported ONNX graph: sample it with --engine" in capsys.readouterr().err
     assert main(["sample", "--model", str(quantized[2]), "--engine", "openvino", "--out", str(tmp_path / "b")]) == 2
-    assert "ptq4dm export --model" in capsys.readouterr().err
+    assert "qtoolkit export --model" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_bench_smoke(quantized, tmp_path, capsys):
-    """The whole benchmark on the tiny model, peers included: each peer calibrates on ptq4dm's calibration set."""
+    """The whole benchmark on the tiny model, peers included: each peer calibrates on qtoolkit's calibration set."""
     calibration = tmp_path / "calibration"
     generate_calibration_set("uniform", quantized[0], 16, steps=4, seed=0, progress=False).save(calibration)
     out = tmp_path / "bench.json"
@@ -493,18 +493,18 @@ def test_benchmark_compares_with_the_model_it_was_quantized_from(quantized, tmp_
                                      threads=1, fp_unet=fp.unet)
     reopened = BackendSources.reopen(tmp_path / "a", threads=1).fp_unet()
     assert torch.equal(reopened.conv_out.bias, fp.unet.conv_out.bias) and sources.fp_unet() is fp.unet
-    with pytest.raises(Ptq4dmError, match="does not have the quantized model's architecture"):
+    with pytest.raises(QtoolkitError, match="does not have the quantized model's architecture"):
         BackendSources.prepare(corrected, qmodel.scheduler_config, qmodel.sample_shape, tmp_path / "b", threads=1,
                                fp_unet=UNet2DModel(**{**TINY_UNET, "block_out_channels": (16, 32)}))
-    # The test pipeline has no ptq.json (a `ptq4dm quantize` run folder has one, naming its base model).
+    # The test pipeline has no ptq.json (a `qtoolkit quantize` run folder has one, naming its base model).
     assert main(["bench", "--model", str(folder), "--peers"]) == 2
     assert "pass --fp-model" in capsys.readouterr().err
 
 
 def test_benchmark_sources_are_checked_before_a_probe_builds_anything(tmp_path):
-    with pytest.raises(Ptq4dmError, match="holds no benchmark sources"):
+    with pytest.raises(QtoolkitError, match="holds no benchmark sources"):
         BackendSources.reopen(tmp_path, threads=1)
-    with pytest.raises(Ptq4dmError, match="memory probe of pytorch-fp32-eager failed.*no benchmark sources"):
+    with pytest.raises(QtoolkitError, match="memory probe of pytorch-fp32-eager failed.*no benchmark sources"):
         memory.measure(tmp_path, ["pytorch-fp32-eager"], [1], threads=1, seed=0)
 
 

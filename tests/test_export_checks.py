@@ -6,15 +6,15 @@ import sys
 import pytest
 import torch
 
-from ptq4dm.cli import main
-from ptq4dm.engines import load_engine
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.export import load_exported, qdq_copy
-from ptq4dm.export.folder import DESCRIPTION_FILE, FORMAT, FORMAT_VERSION
-from ptq4dm.ptq import quantized_copy
-from ptq4dm.quant import QuantConfig, calibrate, freeze
+from qtoolkit.cli import main
+from qtoolkit.engines import load_engine
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.export import load_exported, qdq_copy
+from qtoolkit.export.folder import DESCRIPTION_FILE, FORMAT, FORMAT_VERSION
+from qtoolkit.ptq import quantized_copy
+from qtoolkit.quant import QuantConfig, calibrate, freeze
 
-INSTALL_HINT = "pip install -c constraints.txt 'ptq4dm[int8]'"
+INSTALL_HINT = "pip install -c constraints.txt 'qtoolkit[int8]'"
 
 
 def _frozen(unet, **config):
@@ -29,12 +29,12 @@ def _frozen(unet, **config):
     ({"activation_bits": 4}, r"integer range \[0, 15\]"),
 ])
 def test_export_refuses_what_onnx_qdq_cannot_reproduce_exactly(tiny_unet, config, message):
-    with pytest.raises(Ptq4dmError, match=message):
+    with pytest.raises(QtoolkitError, match=message):
         qdq_copy(_frozen(tiny_unet, **config))
 
 
 def test_export_refuses_an_unfrozen_model(tiny_unet):
-    with pytest.raises(Ptq4dmError, match="not frozen"):
+    with pytest.raises(QtoolkitError, match="not frozen"):
         qdq_copy(quantized_copy(tiny_unet, QuantConfig()))
 
 
@@ -48,7 +48,7 @@ def test_weights_of_any_bit_width_export_as_their_codes(tiny_unet):
 @pytest.mark.parametrize("module", ["openvino", "onnxruntime"])
 def test_a_missing_engine_package_names_the_install_command(monkeypatch, tmp_path, module):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if it were not installed
-    with pytest.raises(Ptq4dmError, match=f"needs the Python package '{module}'.*" + INSTALL_HINT.replace("[", r"\[")
+    with pytest.raises(QtoolkitError, match=f"needs the Python package '{module}'.*" + INSTALL_HINT.replace("[", r"\[")
                        .replace("]", r"\]")):
         load_engine(module, tmp_path / "model.onnx")
 
@@ -62,23 +62,23 @@ def test_export_without_the_exporter_packages_names_the_install_command(tiny_mod
 
 
 def test_unknown_engine_and_bad_threads(tmp_path):
-    with pytest.raises(Ptq4dmError, match="unknown engine 'tensorrt'"):
+    with pytest.raises(QtoolkitError, match="unknown engine 'tensorrt'"):
         load_engine("tensorrt", tmp_path / "model.onnx")
-    with pytest.raises(Ptq4dmError, match="threads must be at least 1"):
+    with pytest.raises(QtoolkitError, match="threads must be at least 1"):
         load_engine("openvino", tmp_path / "model.onnx", threads=0)
 
 
 def test_broken_export_folders_are_clear_errors(tmp_path):
-    with pytest.raises(Ptq4dmError, match="not an exported model folder"):
+    with pytest.raises(QtoolkitError, match="not an exported model folder"):
         load_exported(tmp_path)
     (tmp_path / DESCRIPTION_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(Ptq4dmError, match="incomplete or corrupt"):  # no scheduler config either
+    with pytest.raises(QtoolkitError, match="incomplete or corrupt"):  # no scheduler config either
         load_exported(tmp_path)
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text("{}")
-    with pytest.raises(Ptq4dmError, match="format version 2"):
+    with pytest.raises(QtoolkitError, match="format version 2"):
         load_exported(tmp_path)
     (tmp_path / DESCRIPTION_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
                                                         "onnx_file": "model.onnx"}))
-    with pytest.raises(Ptq4dmError, match="has no model.onnx"):
+    with pytest.raises(QtoolkitError, match="has no model.onnx"):
         load_exported(tmp_path)

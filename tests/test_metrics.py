@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.metrics import (fid, fid_bootstrap, frechet_distance, gaussian_stats, inception_score, kid,
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.metrics import (fid, fid_bootstrap, frechet_distance, gaussian_stats, inception_score, kid,
                             precision_recall, sqrtm_psd)
-from ptq4dm.metrics.kid import mmd2_unbiased
+from qtoolkit.metrics.kid import mmd2_unbiased
 
 
 def random_spd(rng, d):
@@ -58,11 +58,11 @@ def test_fid_same_gaussian_small_shifted_gaussian_near_analytic():
 
 def test_fid_rejects_mismatched_or_too_small_sets():
     rng = np.random.default_rng(0)
-    with pytest.raises(Ptq4dmError, match="dimension"):
+    with pytest.raises(QtoolkitError, match="dimension"):
         fid(rng.normal(size=(10, 4)), rng.normal(size=(10, 5)))
-    with pytest.raises(Ptq4dmError, match="at least 2"):
+    with pytest.raises(QtoolkitError, match="at least 2"):
         fid(rng.normal(size=(1, 4)), rng.normal(size=(10, 4)))
-    with pytest.raises(Ptq4dmError, match="NaN"):
+    with pytest.raises(QtoolkitError, match="NaN"):
         fid(np.full((10, 4), np.nan), rng.normal(size=(10, 4)))
 
 
@@ -105,7 +105,7 @@ def test_kid_near_zero_for_same_distribution_and_positive_for_different():
 
 def test_kid_subset_larger_than_a_set_is_a_clear_error():
     x = np.random.default_rng(0).normal(size=(50, 4))
-    with pytest.raises(Ptq4dmError, match="subset_size=50"):
+    with pytest.raises(QtoolkitError, match="subset_size=50"):
         kid(x, x, subset_size=100)
 
 
@@ -120,7 +120,7 @@ def test_inception_score_bounds():
 
 
 def test_inception_score_rejects_logits():
-    with pytest.raises(Ptq4dmError, match="softmax"):
+    with pytest.raises(QtoolkitError, match="softmax"):
         inception_score(np.random.default_rng(0).normal(size=(20, 10)), 2)
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from ptq4dm.data import DEFAULT_ROOT, load_fashion_mnist
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.metrics import ClassifierFeatures, InceptionFeatures, cached_weights_path, evaluate, fid, format_table
-from ptq4dm.metrics.inception import WEIGHTS_FILENAME
+from qtoolkit.data import DEFAULT_ROOT, load_fashion_mnist
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.metrics import ClassifierFeatures, InceptionFeatures, cached_weights_path, evaluate, fid, format_table
+from qtoolkit.metrics.inception import WEIGHTS_FILENAME
 
 
 class PooledPixels(nn.Module):
@@ -46,7 +46,7 @@ def test_classifier_features_shapes_dtypes_and_batching():
 
 
 def test_classifier_features_needs_features_and_classify():
-    with pytest.raises(Ptq4dmError, match="features"):
+    with pytest.raises(QtoolkitError, match="features"):
         ClassifierFeatures(nn.Linear(4, 2))
 
 
@@ -58,12 +58,12 @@ def test_classifier_features_needs_features_and_classify():
     (torch.full((5, 1, 32, 32), 255.0), "x / 127.5 - 1"),
 ])
 def test_extractor_rejects_bad_images(bad, message):
-    with pytest.raises(Ptq4dmError, match=message):
+    with pytest.raises(QtoolkitError, match=message):
         ClassifierFeatures(PooledPixels(), device="cpu", progress=False)(bad)
 
 
 def test_inception_missing_weights_file_is_a_clear_error(tmp_path):
-    with pytest.raises(Ptq4dmError, match=WEIGHTS_FILENAME):
+    with pytest.raises(QtoolkitError, match=WEIGHTS_FILENAME):
         InceptionFeatures(tmp_path / "missing.pth")
 
 
@@ -71,7 +71,7 @@ def test_inception_missing_package_is_a_clear_error(tmp_path, monkeypatch):
     weights = tmp_path / WEIGHTS_FILENAME
     weights.write_bytes(b"")
     monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # makes `import pytorch_fid` fail
-    with pytest.raises(Ptq4dmError, match="pip install"):
+    with pytest.raises(QtoolkitError, match="pip install"):
         InceptionFeatures(weights)
 
 
@@ -130,7 +130,7 @@ def test_inception_wrong_weights_file_is_a_clear_error(stand_in_pytorch_fid, tmp
     torch.save({"unrelated": torch.zeros(3)}, tmp_path / "other.pth")
     (tmp_path / "garbage.pth").write_text("not a checkpoint")
     for name in ("other.pth", "garbage.pth"):
-        with pytest.raises(Ptq4dmError, match="does not hold pytorch-fid's FID InceptionV3 weights"):
+        with pytest.raises(QtoolkitError, match="does not hold pytorch-fid's FID InceptionV3 weights"):
             InceptionFeatures(tmp_path / name, device="cpu")
 
 
@@ -175,7 +175,7 @@ def test_evaluate_skips_is_without_probabilities():
 
 
 def test_evaluate_rejects_mismatched_image_shapes():
-    with pytest.raises(Ptq4dmError, match="differ"):
+    with pytest.raises(QtoolkitError, match="differ"):
         evaluate(images(10), torch.zeros(10, 1, 28, 28), ClassifierFeatures(PooledPixels(), progress=False))
 
 

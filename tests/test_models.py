@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.models import load_diffusion_model
-from ptq4dm.models.loading import BUNDLED, model_reference
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.models import load_diffusion_model
+from qtoolkit.models.loading import BUNDLED, model_reference
 
 
 def test_pipeline_folder_round_trip(tiny_unet, tiny_model_dir):
@@ -22,16 +22,16 @@ def test_bare_unet_folder_gets_default_ddpm_schedule(tiny_model_dir):
 
 
 def test_unknown_name_and_non_model_folder(tmp_path):
-    with pytest.raises(Ptq4dmError, match="neither a bundled name"):
+    with pytest.raises(QtoolkitError, match="neither a bundled name"):
         load_diffusion_model("no-such-model")
-    with pytest.raises(Ptq4dmError, match="not a diffusers model folder"):
+    with pytest.raises(QtoolkitError, match="not a diffusers model folder"):
         load_diffusion_model(tmp_path)
 
 
 def test_truncated_safetensors_is_a_clear_error(tiny_model_dir):
     weights = tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    with pytest.raises(Ptq4dmError, match="corrupt or truncated"):
+    with pytest.raises(QtoolkitError, match="corrupt or truncated"):
         load_diffusion_model(tiny_model_dir)
 
 
@@ -40,7 +40,7 @@ def test_other_model_class_is_refused(tiny_model_dir):
     cfg = json.loads(cfg_path.read_text())
     cfg["_class_name"] = "UNet2DConditionModel"
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(Ptq4dmError, match="UNet2DModel"):
+    with pytest.raises(QtoolkitError, match="UNet2DModel"):
         load_diffusion_model(tiny_model_dir)
 
 

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from ptq4dm.cli import main
-from ptq4dm.models import load_diffusion_model
-from ptq4dm.models.classifier import FashionClassifier
-from ptq4dm.data import load_fashion_mnist
-from ptq4dm.quant import quant_units
-from ptq4dm.training.classifier import accuracy
+from qtoolkit.cli import main
+from qtoolkit.models import load_diffusion_model
+from qtoolkit.models.classifier import FashionClassifier
+from qtoolkit.data import load_fashion_mnist
+from qtoolkit.quant import quant_units
+from qtoolkit.training.classifier import accuracy
 
 
 def test_bundled_classifier_is_accurate():

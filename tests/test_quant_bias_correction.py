@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import calibration_inputs, frozen_copy
-from ptq4dm.cli import main
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.models import load_diffusion_model
-from ptq4dm.quant import QuantConfig, correct_bias, load_quantized, quantize, save_quantized
-from ptq4dm.quant.layers import QuantConv2d, QuantLayer
+from qtoolkit.cli import main
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.models import load_diffusion_model
+from qtoolkit.quant import QuantConfig, correct_bias, load_quantized, quantize, save_quantized
+from qtoolkit.quant.layers import QuantConv2d, QuantLayer
 
 
 def output_channel_means(model, names, x):
@@ -75,13 +75,13 @@ def test_only_layers_with_a_bias_change_and_only_their_bias(tiny_unet):
 def test_bias_correction_refuses_an_unfrozen_model_and_bad_sample_counts(tiny_unet):
     calib = calibration_inputs(8, 0)
     q = quantize(copy.deepcopy(tiny_unet), QuantConfig())
-    with pytest.raises(Ptq4dmError, match="freeze"):
+    with pytest.raises(QtoolkitError, match="freeze"):
         correct_bias(q, tiny_unet, calib, progress=False)
-    with pytest.raises(Ptq4dmError, match="has no module"):
+    with pytest.raises(QtoolkitError, match="has no module"):
         correct_bias(frozen_copy(tiny_unet, QuantConfig(), calib), torch.nn.Sequential(), calib, progress=False)
     q = frozen_copy(tiny_unet, QuantConfig(), calib)
     for samples in (0, 2.5, True):
-        with pytest.raises(Ptq4dmError, match="positive integer"):
+        with pytest.raises(QtoolkitError, match="positive integer"):
             correct_bias(q, tiny_unet, calib, samples=samples, progress=False)
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.quant import DEFAULT_EXCLUDE, QuantConfig, quantize
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.quant import DEFAULT_EXCLUDE, QuantConfig, quantize
 
 
 def test_json_round_trip_keeps_every_field():
@@ -26,7 +26,7 @@ def test_split_shortcuts_quantizes_the_shortcuts_the_default_keeps_in_float(tiny
     """The default keeps every conv_shortcut in float; split_shortcuts exists to quantize them, per part."""
     import copy
 
-    from ptq4dm.quant import quant_units
+    from qtoolkit.quant import quant_units
 
     shortcuts = {name for name, _ in tiny_unet.named_modules() if name.endswith("conv_shortcut")}
     assert shortcuts
@@ -51,14 +51,14 @@ def test_split_shortcuts_quantizes_the_shortcuts_the_default_keeps_in_float(tiny
     ({"quantize_conv_outputs": 1}, "quantize_conv_outputs = 1"),
 ])
 def test_invalid_configs_are_refused_with_the_field_named(changes, message):
-    with pytest.raises(Ptq4dmError, match=message.replace("(", r"\(")):
+    with pytest.raises(QtoolkitError, match=message.replace("(", r"\(")):
         QuantConfig(**changes)
 
 
 def test_unknown_json_keys_and_bad_json_are_refused():
-    with pytest.raises(Ptq4dmError, match="unknown quantization config keys"):
+    with pytest.raises(QtoolkitError, match="unknown quantization config keys"):
         QuantConfig.from_json('{"weight_bit": 8}')
-    with pytest.raises(Ptq4dmError, match="not valid JSON"):
+    with pytest.raises(QtoolkitError, match="not valid JSON"):
         QuantConfig.from_json("{weight_bits: 8")
 
 
@@ -71,6 +71,6 @@ def test_selection_applies_include_then_exclude():
 @pytest.mark.parametrize("field", ["include", "exclude"])
 def test_a_pattern_matching_no_layer_is_an_error_before_any_swap(tiny_unet, field):
     config = QuantConfig(**{field: ["mid_block.*", "encoder.*"]})
-    with pytest.raises(Ptq4dmError, match=r"'encoder\.\*' matches no quantizable layer.*conv_in"):
+    with pytest.raises(QtoolkitError, match=r"'encoder\.\*' matches no quantizable layer.*conv_in"):
         quantize(tiny_unet, config)
     assert not any("Quant" in type(m).__name__ for m in tiny_unet.modules())

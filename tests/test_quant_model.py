@@ -7,8 +7,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.quant import (QuantAttnProcessor, QuantConfig, QuantConv2d, QuantLinear, calibrate, freeze,
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.quant import (QuantAttnProcessor, QuantConfig, QuantConv2d, QuantLinear, calibrate, freeze,
                           load_quantized, quant_units, quantize, read_quantized_metadata, save_quantized)
 
 
@@ -66,19 +66,19 @@ def test_the_calibration_pass_is_the_float_model(tiny_unet):
 
 
 def test_life_cycle_errors_are_clear(tiny_unet):
-    with pytest.raises(Ptq4dmError, match="not quantized by ptq4dm"):
+    with pytest.raises(QtoolkitError, match="not quantized by qtoolkit"):
         freeze(tiny_unet)
     quantize(tiny_unet, QuantConfig())
-    with pytest.raises(Ptq4dmError, match="already quantized"):
+    with pytest.raises(QtoolkitError, match="already quantized"):
         quantize(tiny_unet, QuantConfig())
-    with pytest.raises(Ptq4dmError, match="no fixed quantization parameters"):
+    with pytest.raises(QtoolkitError, match="no fixed quantization parameters"):
         _output(tiny_unet)
-    with pytest.raises(Ptq4dmError, match="saw no calibration data"):
+    with pytest.raises(QtoolkitError, match="saw no calibration data"):
         freeze(tiny_unet)
     with calibrate(tiny_unet):
         _output(tiny_unet)
     freeze(tiny_unet)
-    with pytest.raises(Ptq4dmError, match="already frozen"):
+    with pytest.raises(QtoolkitError, match="already frozen"):
         with calibrate(tiny_unet):
             pass
 
@@ -159,31 +159,31 @@ def test_save_and_load_give_bit_identical_outputs(tiny_unet, tmp_path):
 
 def test_save_refuses_unfrozen_models_and_existing_folders(tiny_unet, tmp_path):
     quantize(tiny_unet, QuantConfig())
-    with pytest.raises(Ptq4dmError, match="not frozen"):
+    with pytest.raises(QtoolkitError, match="not frozen"):
         save_quantized(tiny_unet, tmp_path / "q")
     assert not (tmp_path / "q").exists()
     with calibrate(tiny_unet):
         _output(tiny_unet)
     freeze(tiny_unet)
     save_quantized(tiny_unet, tmp_path / "q")
-    with pytest.raises(Ptq4dmError, match="already exists"):
+    with pytest.raises(QtoolkitError, match="already exists"):
         save_quantized(tiny_unet, tmp_path / "q")
     save_quantized(tiny_unet, tmp_path / "q", overwrite=True)
 
 
 def test_load_reports_missing_and_corrupt_files(tiny_unet, tmp_path):
-    with pytest.raises(Ptq4dmError, match="no quantization.json"):
+    with pytest.raises(QtoolkitError, match="no quantization.json"):
         load_quantized(tmp_path)
     _calibrated(tiny_unet, QuantConfig(), batches=1)
     save_quantized(tiny_unet, tmp_path / "q")
     weights = tmp_path / "q" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(Ptq4dmError, match="corrupt or truncated"):
+    with pytest.raises(QtoolkitError, match="corrupt or truncated"):
         load_quantized(tmp_path / "q")
     weights.unlink()
-    with pytest.raises(Ptq4dmError, match="no model.safetensors"):
+    with pytest.raises(QtoolkitError, match="no model.safetensors"):
         load_quantized(tmp_path / "q")
     (tmp_path / "q" / "quantization.json").write_text("{not json")
     weights.write_bytes(b"")
-    with pytest.raises(Ptq4dmError, match="quantization.json is corrupt"):
+    with pytest.raises(QtoolkitError, match="quantization.json is corrupt"):
         load_quantized(tmp_path / "q")

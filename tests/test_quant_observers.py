@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.quant import HistogramLpObserver, MinMaxObserver, PercentileObserver, WeightLpObserver
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.quant import HistogramLpObserver, MinMaxObserver, PercentileObserver, WeightLpObserver
 
 
 def _batches():
@@ -103,11 +103,11 @@ def test_constant_and_empty_inputs():
 
 
 def test_observer_errors_are_clear():
-    with pytest.raises(Ptq4dmError, match="observed nothing"):
+    with pytest.raises(QtoolkitError, match="observed nothing"):
         HistogramLpObserver().compute_params(8, False)
-    with pytest.raises(Ptq4dmError, match="NaN or inf"):
+    with pytest.raises(QtoolkitError, match="NaN or inf"):
         PercentileObserver().observe(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(Ptq4dmError, match="cannot merge"):
+    with pytest.raises(QtoolkitError, match="cannot merge"):
         MinMaxObserver(axis=None).merge(MinMaxObserver(axis=0))
-    with pytest.raises(Ptq4dmError, match="cannot merge"):
+    with pytest.raises(QtoolkitError, match="cannot merge"):
         PercentileObserver().merge(HistogramLpObserver())

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.quant import MinMaxObserver, QuantParams, integer_range
-from ptq4dm.quant.quantizer import check_bits
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.quant import MinMaxObserver, QuantParams, integer_range
+from qtoolkit.quant.quantizer import check_bits
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -70,5 +70,5 @@ def test_straight_through_gradient_is_one_inside_the_range_and_zero_outside():
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 33, 8.0, True, "8"])
 def test_bad_bit_widths_are_refused(bits):
-    with pytest.raises(Ptq4dmError, match="2 to 8"):
+    with pytest.raises(QtoolkitError, match="2 to 8"):
         check_bits(bits, "weight_bits")

@@ -6,15 +6,15 @@ import torch
 from diffusers import UNet2DModel
 
 from conftest import TINY_UNET, calibration_inputs, frozen_copy
-from ptq4dm.cli import main
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.quant import (QuantConfig, ReconstructionSettings, load_quantized, quant_units, quantize, reconstruct,
+from qtoolkit.cli import main
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.quant import (QuantConfig, ReconstructionSettings, load_quantized, quant_units, quantize, reconstruct,
                           save_quantized)
-from ptq4dm.quant.adaround import AdaRoundWeight
-from ptq4dm.quant.quantizer import QuantParams
-from ptq4dm.quant.capture import execution_order
-from ptq4dm.quant.reconstruction import reconstruction_units
-from ptq4dm.models.blocks import RECONSTRUCTION_BLOCKS
+from qtoolkit.quant.adaround import AdaRoundWeight
+from qtoolkit.quant.quantizer import QuantParams
+from qtoolkit.quant.capture import execution_order
+from qtoolkit.quant.reconstruction import reconstruction_units
+from qtoolkit.models.blocks import RECONSTRUCTION_BLOCKS
 
 
 @pytest.fixture
@@ -103,17 +103,17 @@ def test_units_are_outermost_blocks_in_execution_order(fp_unet):
     (dict(lr=-1.0), "lr = -1.0"),
 ])
 def test_bad_reconstruction_settings_are_clear_errors(settings, message):
-    with pytest.raises(Ptq4dmError, match=message):
+    with pytest.raises(QtoolkitError, match=message):
         ReconstructionSettings(**settings)
 
 
 def test_reconstruction_refuses_unfrozen_or_float_weight_models(fp_unet):
     calib = calibration_inputs(8, 0)
     unfrozen = quantize(copy.deepcopy(fp_unet), QuantConfig())
-    with pytest.raises(Ptq4dmError, match="freeze"):
+    with pytest.raises(QtoolkitError, match="freeze"):
         reconstruct(unfrozen, fp_unet, calib, progress=False)
     float_weights = frozen_copy(fp_unet, QuantConfig(weight_bits=None), calib)
-    with pytest.raises(Ptq4dmError, match="weight_bits"):
+    with pytest.raises(QtoolkitError, match="weight_bits"):
         reconstruct(float_weights, fp_unet, calib, progress=False)
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.models.blocks import skip_concat_splits
-from ptq4dm.quant import QuantConfig, calibrate, freeze, load_quantized, quant_units, quantize, save_quantized
-from ptq4dm.quant.fake_quant import SplitFakeQuantize
-from ptq4dm.quant.observers import MinMaxObserver
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.models.blocks import skip_concat_splits
+from qtoolkit.quant import QuantConfig, calibrate, freeze, load_quantized, quant_units, quantize, save_quantized
+from qtoolkit.quant.fake_quant import SplitFakeQuantize
+from qtoolkit.quant.observers import MinMaxObserver
 
 
 def test_split_points_are_where_the_skip_starts_in_the_real_forward(tiny_unet):
@@ -65,9 +65,9 @@ def test_split_shortcuts_swaps_only_the_skip_layers_and_reloads_bit_identically(
 
 
 def test_split_shortcuts_config_errors(tiny_unet):
-    with pytest.raises(Ptq4dmError, match="quantize_conv_outputs"):
+    with pytest.raises(QtoolkitError, match="quantize_conv_outputs"):
         QuantConfig(split_shortcuts=True, quantize_conv_outputs=True)
-    with pytest.raises(Ptq4dmError, match="no quantized layer that reads a UNet skip"):
+    with pytest.raises(QtoolkitError, match="no quantized layer that reads a UNet skip"):
         quantize(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)), QuantConfig(split_shortcuts=True, exclude=[]))
-    with pytest.raises(Ptq4dmError, match="no quantized layer that reads a UNet skip"):
+    with pytest.raises(QtoolkitError, match="no quantized layer that reads a UNet skip"):
         quantize(copy.deepcopy(tiny_unet), QuantConfig(split_shortcuts=True, exclude=["*conv_shortcut"]))

@@ -1,8 +1,8 @@
 import torch
 
-from ptq4dm import report
-from ptq4dm.report import ReportSettings, fp_samples, within_fp_noise
-from ptq4dm.sampling import sample
+from qtoolkit import report
+from qtoolkit.report import ReportSettings, fp_samples, within_fp_noise
+from qtoolkit.sampling import sample
 
 
 def test_fp_samples_are_cached_and_a_larger_set_serves_a_smaller_request(tiny_model, tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ptq4dm.errors import Ptq4dmError
-from ptq4dm.sampling import denoise, make_scheduler, sample
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.sampling import denoise, make_scheduler, sample
 
 
 def test_sampling_is_deterministic_for_a_seed(tiny_model):
@@ -30,9 +30,9 @@ def test_each_scheduler_visits_its_steps_in_order(tiny_model, kind):
 
 
 def test_bad_scheduler_arguments(tiny_model):
-    with pytest.raises(Ptq4dmError, match="unknown scheduler"):
+    with pytest.raises(QtoolkitError, match="unknown scheduler"):
         make_scheduler("euler", tiny_model.scheduler_config, 10)
-    with pytest.raises(Ptq4dmError, match="--steps must be between 1 and 1000"):
+    with pytest.raises(QtoolkitError, match="--steps must be between 1 and 1000"):
         make_scheduler("ddim", tiny_model.scheduler_config, 0)
 
 

@@ -3,7 +3,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from ptq4dm.training.ddpm import TrainConfig, train_ddpm
+from qtoolkit.training.ddpm import TrainConfig, train_ddpm
 
 
 def _weights(run):

@@ -1,0 +1,160 @@
+"""The backends the benchmark compares, each a noise predictor built from one set of sources.
+
+Engine backends are named ENGINE-GRAPH ("openvino-int8": qtoolkit's int8 graph on OpenVINO), with a -bf16 suffix
+where OpenVINO runs the graph's float parts in bf16 (on CPUs that have it): "openvino-bf16" is the float
+graph in bf16, a float baseline beside torch.compile BF16, and "openvino-int8-bf16" qtoolkit's int8 graph with
+its unquantized parts in bf16.
+
+A backend is built from the quantized model's FP32 original, the two exported graphs (float and qtoolkit's
+int8 QDQ) and, for the peers' int8 recipes, the calibration set qtoolkit was calibrated on. BackendSources
+keeps all of them in one work folder, so that a fresh process can rebuild any single backend from it: the
+memory probe (qtoolkit.engines.memory) measures each backend alone in its own process, where nothing the other
+backends hold counts against it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..calibration import CalibrationSet
+from ..errors import QtoolkitError
+from ..export.onnx_graph import export_onnx
+from ..models.loading import load_diffusion_model, save_diffusion_model
+from ..quant.api import quant_units
+from ..sampling import NoisePredictor, unet_predictor
+from . import ENGINES, load_engine
+from .openvino_engine import native_float_precision
+from .peers import PEERS
+
+EAGER = "pytorch-fp32-eager"
+PRECISIONS = ("fp32", "int8")
+FP_MODEL_DIR = "fp32-model"
+CALIBRATION_DIR = "calibration"
+SOURCES_FILE = "sources.json"
+
+
+@dataclass
+class Backend:
+    name: str
+    eps: NoisePredictor
+    size_bytes: int
+    fp32_engine: bool  # a float graph on an inference engine: the baseline int8 has to beat
+
+
+def engine_backends() -> dict[str, tuple[str, str, str]]:
+    """Engine backend name -> (engine, graph precision, float precision): the float graph, then the int8 graph, on
+    every engine; OpenVINO with bf16 float parts too where the CPU supports it."""
+    backends = {}
+    bf16 = native_float_precision() == "bf16"
+    for graph in PRECISIONS:
+        for engine in ENGINES:
+            backends[f"{engine}-{graph}"] = (engine, graph, "fp32")
+        if bf16:
+            backends["openvino-bf16" if graph == "fp32" else f"openvino-{graph}-bf16"] = ("openvino", graph, "bf16")
+    return backends
+
+
+def backend_names(peers: tuple[str, ...] = ()) -> list[str]:
+    """FP32 eager, the engine backends, then the peers, in the benchmark's order."""
+    return [EAGER, *engine_backends(), *peers]
+
+
+def float_twin(qunet: nn.Module) -> nn.Module:
+    """The full-precision model `qunet` was quantized from: the same float weights (quantize keeps them), no quantizers."""
+    twin = type(qunet).from_config(qunet.config).eval()
+    state = qunet.state_dict()
+    twin.load_state_dict({key: state[key] for key in twin.state_dict()}, strict=True)
+    return twin
+
+
+def _file_bytes(onnx_file: Path) -> int:
+    """The graph plus its external weights file, if it has one."""
+    return sum(f.stat().st_size for f in onnx_file.parent.glob(onnx_file.name + "*"))
+
+
+@dataclass
+class BackendSources:
+    """What every backend is built from, under `work`. The FP32 model is loaded from disk on first use only,
+    so that a process building an engine backend does not hold it."""
+    work: Path
+    sample_shape: tuple[int, ...]
+    threads: int
+    calibration: CalibrationSet | None = None
+    fp_model: nn.Module | None = None
+
+    def graph(self, precision: str) -> Path:
+        return self.work / precision / "model.onnx"
+
+    def fp_unet(self) -> nn.Module:
+        if self.fp_model is None:
+            self.fp_model = load_diffusion_model(self.work / FP_MODEL_DIR).unet
+        return self.fp_model
+
+    @classmethod
+    def prepare(cls, qunet: nn.Module, scheduler_config: dict, sample_shape: tuple[int, ...], work: Path,
+                threads: int, calibration: CalibrationSet | None = None,
+                fp_unet: nn.Module | None = None) -> "BackendSources":
+        """Write the FP32 original, both graphs and the calibration set under `work` (overwriting a previous run's).
+
+        The FP32 original is `fp_unet`, the model `qunet` was quantized from; without it, qunet's float twin,
+        which is the original only if nothing after quantization changed float weights: bias correction and
+        reconstruction do, and then the twin is a different FP model for the reference and the peers alike.
+        """
+        if not quant_units(qunet):
+            raise QtoolkitError("the benchmark compares a qtoolkit-quantized model with its FP32 original: pass a model "
+                              "made by `qtoolkit quantize` (its run folder or its model/ folder)")
+        if fp_unet is None:
+            fp_unet = float_twin(qunet)
+        else:  # the quantized model's state holds every float tensor under the float model's names
+            q_state = qunet.state_dict()
+            if type(fp_unet) is not type(qunet) or any(key not in q_state or q_state[key].shape != t.shape
+                                                       for key, t in fp_unet.state_dict().items()):
+                raise QtoolkitError(f"the full-precision model ({type(fp_unet).__name__}) does not have the quantized "
+                                  "model's architecture: give the model it was quantized from")
+        sources = cls(work, tuple(sample_shape), threads, calibration, fp_unet.eval())
+        for precision, unet in zip(PRECISIONS, (sources.fp_model, qunet)):
+            sources.graph(precision).parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(unet, sample_shape, sources.graph(precision))
+        save_diffusion_model(sources.fp_model, scheduler_config, work / FP_MODEL_DIR, overwrite=True)
+        if calibration is not None:
+            calibration.save(work / CALIBRATION_DIR, overwrite=True)
+        (work / SOURCES_FILE).write_text(json.dumps({"sample_shape": list(sample_shape)}) + "\n")
+        return sources
+
+    @classmethod
+    def reopen(cls, work: Path, threads: int) -> "BackendSources":
+        """The sources `prepare` wrote, as another process finds them."""
+        if not (work / SOURCES_FILE).is_file():
+            raise QtoolkitError(f"{work} holds no benchmark sources: BackendSources.prepare writes them")
+        sample_shape = tuple(json.loads((work / SOURCES_FILE).read_text())["sample_shape"])
+        calibration = CalibrationSet.load(work / CALIBRATION_DIR) if (work / CALIBRATION_DIR).is_dir() else None
+        return cls(work, sample_shape, threads, calibration)
+
+
+def require_calibration(peers: tuple[str, ...], calibration: CalibrationSet | None) -> None:
+    """The peers' recipes calibrate on the inputs qtoolkit was calibrated on: there must be a set when there are peers."""
+    if peers and calibration is None:
+        raise QtoolkitError("the peers' int8 recipes calibrate on the inputs qtoolkit was calibrated on: give the "
+                          "calibration set (a `qtoolkit quantize` run folder has it in calibration/), or no peers")
+
+
+def build_backend(name: str, sources: BackendSources) -> Backend:
+    if name == EAGER:
+        fp = sources.fp_unet()
+        return Backend(name, unet_predictor(fp), sum(t.numel() * t.element_size() for t in fp.state_dict().values()),
+                       fp32_engine=False)
+    engines = engine_backends()
+    if name in engines:
+        engine, precision, float_precision = engines[name]
+        graph = sources.graph(precision)
+        return Backend(name, load_engine(engine, graph, sources.threads, float_precision), _file_bytes(graph),
+                       fp32_engine=(precision, float_precision) == ("fp32", "fp32"))
+    if name not in PEERS:
+        raise QtoolkitError(f"unknown backend {name!r}: choose among {', '.join(backend_names(tuple(PEERS)))}")
+    require_calibration((name,), sources.calibration)
+    eps, size = PEERS[name](sources)
+    return Backend(name, eps, size, fp32_engine=False)

@@ -1,0 +1,314 @@
+"""How fast qtoolkit's int8 graph runs, against FP32 and against the peers' own recipes, on the same weights
+(`qtoolkit bench`, benchmarks/int8_speed.py).
+
+Backends: PyTorch FP32 eager; the float graph (qtoolkit.export of the unquantized twin) on ONNX Runtime and on
+OpenVINO; qtoolkit's int8 QDQ graph on ONNX Runtime and on OpenVINO; and the peers of qtoolkit.engines.peers
+(torch.compile BF16, NNCF, ORT quantize_static, PT2E), calibrated on the same inputs as qtoolkit. Three
+measurements:
+
+- the UNet forward at each batch size: median latency and its spread (interquartile range), speedups
+  against PyTorch FP32 eager and against the faster FP32 engine, effective GOP/s (2 x the multiply-accumulates of
+  the FP model's Conv/Linear layers and attention matmuls, per second), SQNR of the output against PyTorch FP32 on the same
+  inputs, and the model's size (float32 state for PyTorch, the files on disk for the engines);
+- peak memory: each backend alone in a fresh process (qtoolkit.engines.memory), its peak resident memory above
+  that of a process with the same libraries imported, while it serves each batch size;
+- quality on the model's own inputs: the noise-prediction SQNR against PyTorch FP32 at every step of
+  held-out FP DDIM chains (the same x_t for all, so errors do not compound);
+- end-to-end DDIM sampling through qtoolkit.sampling.sample: median seconds, speedups, SQNR of the final
+  samples against PyTorch FP32's (errors compound along the chain here).
+
+Every backend runs with the same number of threads, and the backends take turns within each iteration
+(rotating the order), because timings on this machine drift 10-20% between runs (REFERENCE.md): a backend
+timed minutes after another would be compared with a different machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..agreement import per_timestep_error, sqnr_db
+from ..calibration import CalibrationSet
+from ..errors import QtoolkitError
+from ..models.loading import DiffusionModel
+from ..sampling import sample
+from . import memory
+from .backends import EAGER, Backend, BackendSources, backend_names, build_backend, require_calibration
+from .optional import import_optional
+from .peers import PEERS
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = (1, 16, 64)
+    iterations: int = 10
+    warmup: int = 1
+    threads: int = 2
+    sample_steps: int = 20  # 0 skips the sampling measurement
+    sample_num: int = 16
+    sample_iterations: int = 3
+    quality_steps: int = 20  # DDIM steps of the per-step SQNR chains
+    quality_num: int = 8  # held-out chains for the per-step SQNR (0 skips it)
+    peers: tuple[str, ...] = tuple(PEERS)
+    memory: bool = True  # peak memory of each backend, in a process of its own (Linux)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = {"batch size": min(self.batch_sizes, default=0), "iterations": self.iterations,
+                    "threads": self.threads, "sample num": self.sample_num,
+                    "sample iterations": self.sample_iterations}
+        for what, value in positive.items():
+            if value < 1:
+                raise QtoolkitError(f"{what} must be at least 1, got {value}")
+        if self.warmup < 0 or self.sample_steps < 0 or self.quality_num < 0:
+            raise QtoolkitError("warmup, sample steps and quality num cannot be negative")
+        if self.quality_num and self.quality_steps < 1:
+            raise QtoolkitError(f"quality steps must be at least 1, got {self.quality_steps}")
+        unknown = [name for name in self.peers if name not in PEERS]
+        if unknown:
+            raise QtoolkitError(f"unknown peer {unknown[0]!r}: choose among {', '.join(PEERS)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options, shared by `qtoolkit bench` and benchmarks/int8_speed.py."""
+    d = BenchSettings()
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
+    parser.add_argument("--iterations", type=int, default=d.iterations, help="timed forwards per backend and batch size")
+    parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed forwards before each timed one "
+                        "(warm caches, as in a sampler's back-to-back calls)")
+    parser.add_argument("--threads", type=int, default=d.threads, help="threads of every backend")
+    parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps of the sampling "
+                        "measurement (0 skips it)")
+    parser.add_argument("--sample-num", type=int, default=d.sample_num, help="samples drawn, as one batch")
+    parser.add_argument("--sample-iterations", type=int, default=d.sample_iterations)
+    parser.add_argument("--quality-steps", type=int, default=d.quality_steps, help="DDIM steps of the held-out "
+                        "chains of the per-step SQNR")
+    parser.add_argument("--quality-num", type=int, default=d.quality_num, help="held-out chains of the per-step "
+                        "SQNR (0 skips it)")
+    parser.add_argument("--peers", nargs="*", default=list(d.peers), metavar="PEER",
+                        help=f"the peers' recipes to compare with (default: all of {', '.join(PEERS)}; none: "
+                        "give the option alone)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory "
+                        "measurement (one fresh process per backend, which rebuilds it)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--work", type=Path, default=None, help="keep the exported graphs here (default: a temporary "
+                        "folder)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    return BenchSettings(batch_sizes=tuple(args.batch_sizes), iterations=args.iterations, warmup=args.warmup,
+                         threads=args.threads, sample_steps=args.sample_steps, sample_num=args.sample_num,
+                         sample_iterations=args.sample_iterations, quality_steps=args.quality_steps,
+                         quality_num=args.quality_num, peers=tuple(args.peers), memory=args.memory,
+                         seed=args.seed)
+
+
+def unet_macs(unet: nn.Module, sample_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one sample: Conv2d and Linear layers plus the attention matmuls (Q K^T and A V),
+    where nearly all of a UNet's work is; normalisations and activations are left out."""
+    from diffusers.models.attention_processor import Attention
+
+    total = 0
+
+    def layer(module, inputs, output):
+        nonlocal total
+        per_output = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.in_features
+        total += output[0].numel() * per_output
+
+    def attention_matmuls(to_q, inputs, output):
+        nonlocal total
+        tokens, inner = output[0].shape[-2:]
+        total += 2 * tokens * tokens * inner
+
+    hooks = [m.register_forward_hook(layer) for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks += [m.to_q.register_forward_hook(attention_matmuls) for m in unet.modules() if isinstance(m, Attention)]
+    try:
+        with torch.no_grad():
+            unet(torch.zeros(1, *sample_shape), torch.tensor([500]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def _spread(seconds: list[float]) -> dict:
+    """Median and interquartile range, in milliseconds."""
+    q1, median, q3 = np.percentile(np.array(seconds) * 1e3, [25, 50, 75])
+    return {"median_ms": float(median), "q1_ms": float(q1), "q3_ms": float(q3), "iqr_ms": float(q3 - q1)}
+
+
+def _rotations(backends: list[Backend], iterations: int):
+    """Each iteration runs every backend once, starting one further along, so that no backend always goes first."""
+    for i in range(iterations):
+        k = i % len(backends)
+        yield backends[k:] + backends[:k]
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    """Speedup columns for rows of one measurement (same batch size or same sampling run)."""
+    eager = next(r["median_ms"] for r in rows if r["backend"] == EAGER)
+    best_fp32_engine = min((r["median_ms"] for r in rows if r["fp32_engine"]), default=None)
+    for r in rows:
+        r["speedup_vs_eager"] = eager / r["median_ms"]
+        r["speedup_vs_best_fp32_engine"] = None if best_fp32_engine is None else best_fp32_engine / r["median_ms"]
+
+
+@torch.no_grad()
+def time_forward(backends: list[Backend], sample_shape: tuple[int, ...], settings: BenchSettings,
+                 macs_per_sample: int) -> list[dict]:
+    rows = []
+    generator = torch.Generator().manual_seed(settings.seed)
+    for batch in settings.batch_sizes:
+        x = torch.randn(batch, *sample_shape, generator=generator)
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        outputs = {}
+        seconds: dict[str, list[float]] = {b.name: [] for b in backends}
+        for order in _rotations(backends, settings.iterations):
+            for backend in order:
+                # Untimed calls first in every turn: the timed one finds the caches holding this backend's weights
+                # and buffers, as a sampler's back-to-back calls do, not the previous backend's.
+                for _ in range(settings.warmup):
+                    backend.eps(x, t)
+                start = time.perf_counter()
+                out = backend.eps(x, t)
+                seconds[backend.name].append(time.perf_counter() - start)
+                outputs.setdefault(backend.name, out)
+        batch_rows = [{"backend": b.name, "batch": batch, **_spread(seconds[b.name]), "fp32_engine": b.fp32_engine,
+                       "gops": 2 * macs_per_sample * batch / (np.median(seconds[b.name]) * 1e9),
+                       "sqnr_db_vs_fp32": sqnr_db(outputs[EAGER], outputs[b.name]), "size_mb": b.size_bytes / 2**20}
+                      for b in backends]
+        _add_speedups(batch_rows)
+        rows += batch_rows
+    return rows
+
+
+def time_sampling(backends: list[Backend], model: DiffusionModel, settings: BenchSettings) -> list[dict]:
+    """End-to-end DDIM sampling of sample_num images as one batch, through the same scheduler loop for all."""
+    seconds: dict[str, list[float]] = {b.name: [] for b in backends}
+    samples = {}
+    for backend in backends:  # warm-up at the sampling batch: compiled backends build its graph here, not in a timed run
+        sample(model, "ddim", 1, settings.sample_num, settings.seed, batch_size=settings.sample_num, eps=backend.eps,
+               progress=False)
+    for order in _rotations(backends, settings.sample_iterations):
+        for backend in order:
+            start = time.perf_counter()
+            x = sample(model, "ddim", settings.sample_steps, settings.sample_num, settings.seed,
+                       batch_size=settings.sample_num, eps=backend.eps, progress=False)
+            seconds[backend.name].append(time.perf_counter() - start)
+            samples.setdefault(backend.name, x)
+    rows = [{"backend": b.name, "steps": settings.sample_steps, "num": settings.sample_num,
+             **_spread(seconds[b.name]), "fp32_engine": b.fp32_engine,
+             "sqnr_db_vs_fp32": sqnr_db(samples[EAGER], samples[b.name])} for b in backends]
+    _add_speedups(rows)
+    return rows
+
+
+def step_quality(backends: list[Backend], model: DiffusionModel, settings: BenchSettings) -> list[dict]:
+    """Noise-prediction SQNR against PyTorch FP32 at every step of held-out FP DDIM chains."""
+    eager = next(b for b in backends if b.name == EAGER)
+    errors = per_timestep_error(model, eager.eps, {b.name: b.eps for b in backends if b is not eager},
+                                steps=settings.quality_steps, num=settings.quality_num)
+    rows = []
+    for b in backends:
+        if b is not eager:
+            sqnr = np.array(errors[b.name]["sqnr_db"])
+            rows.append({"backend": b.name, "steps": settings.quality_steps, "num": settings.quality_num,
+                         "sqnr_db_mean": float(sqnr.mean()), "sqnr_db_min": float(sqnr.min()),
+                         "sqnr_db_median": float(np.median(sqnr)), "sqnr_db": sqnr.tolist()})
+    return rows
+
+
+def peak_memory(forward: list[dict], sources: BackendSources, settings: BenchSettings) -> str | None:
+    """Add each backend's peak MiB (at each batch size) to the forward rows; say why when it cannot be measured."""
+    if not memory.supported():
+        return "peak memory needs Linux's /proc (not available here)"
+    names = list(dict.fromkeys(r["backend"] for r in forward))
+    with tqdm(total=len(names), desc="peak memory", unit="backend") as progress:
+        peaks = memory.measure(sources.work, names, list(settings.batch_sizes), settings.threads, settings.seed,
+                               progress)
+    for r in forward:
+        r["peak_mib"] = peaks[(r["backend"], r["batch"])]
+    return None
+
+
+def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | None = None,
+                  calibration: CalibrationSet | None = None, fp_unet: nn.Module | None = None) -> dict:
+    """Benchmark the quantized `model` (its .unet frozen by qtoolkit) against its FP32 original `fp_unet` (default:
+    its float twin, see BackendSources.prepare) and the peers, which quantize that FP32 model and calibrate on
+    `calibration` (needed when settings.peers is not empty)."""
+    require_calibration(settings.peers, calibration)  # before any export
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        with contextlib.ExitStack() as stack:
+            folder = Path(work or stack.enter_context(tempfile.TemporaryDirectory(prefix="qtoolkit-bench-")))
+            sources = BackendSources.prepare(model.unet, model.scheduler_config, model.sample_shape, folder,
+                                             settings.threads, calibration, fp_unet)
+            backends = [build_backend(name, sources) for name in backend_names(settings.peers)]
+            macs = unet_macs(model.unet, model.sample_shape)  # quantized layers are Conv2d / Linear too
+            forward = time_forward(backends, model.sample_shape, settings, macs)
+            quality = step_quality(backends, model, settings) if settings.quality_num else []
+            sampling = time_sampling(backends, model, settings) if settings.sample_steps else []
+            del backends  # free this process's engines before the probes build their own
+            memory_note = peak_memory(forward, sources, settings) if settings.memory else "not measured (--no-memory)"
+    finally:
+        torch.set_num_threads(threads_before)
+    return {"model": str(model.path), "sample_shape": list(model.sample_shape), "settings": asdict(settings),
+            "macs_per_sample": macs, "versions": _versions(settings.peers), "forward": forward, "quality": quality,
+            "sampling": sampling, "memory_note": memory_note}
+
+
+def _versions(peers: tuple[str, ...]) -> dict:
+    packages = ["onnxruntime", "openvino"] + ["nncf"] * ("openvino-int8-nncf" in peers) + \
+        ["torchao"] * ("pt2e-x86-inductor" in peers)
+    return {"torch": torch.__version__, **{name: import_optional(name, "the benchmark").__version__
+                                          for name in packages}}
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def format_tables(result: dict) -> str:
+    """The results as two Markdown tables (forward latency, then sampling)."""
+    lines = [f"UNet forward, {result['settings']['threads']} threads, median of {result['settings']['iterations']} "
+             f"(IQR = q3 - q1), model {result['model']}", "",
+             f"Work: {result['macs_per_sample'] / 1e9:.3g} G multiply-accumulates per sample; SQNR on "
+             "random inputs; peak MiB: the backend alone in a fresh process, resident memory above the bare "
+             f"process's ({result['memory_note'] or 'measured'})", "",
+             "| backend | batch | median ms | IQR ms | vs FP32 eager | vs best FP32 engine | GOP/s | SQNR vs FP32 dB "
+             "| size MB | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["forward"]:
+        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
+                     f"{_speedup(r['speedup_vs_eager'])} | {_speedup(r['speedup_vs_best_fp32_engine'])} | "
+                     f"{r['gops']:.0f} | {r['sqnr_db_vs_fp32']:.1f} | {r['size_mb']:.2f} | {peak} |")
+    if result["quality"]:
+        first = result["quality"][0]
+        lines += ["", f"Noise-prediction SQNR against PyTorch FP32 at each step of {first['num']} held-out FP "
+                  f"DDIM-{first['steps']} chains (same x_t for every backend)", "",
+                  "| backend | mean dB | median dB | min dB |", "|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['sqnr_db_mean']:.1f} | {r['sqnr_db_median']:.1f} | {r['sqnr_db_min']:.1f} |"
+                  for r in result["quality"]]
+    if result["sampling"]:
+        first = result["sampling"][0]
+        lines += ["", f"DDIM sampling, {first['steps']} steps, {first['num']} samples in one batch, median of "
+                  f"{result['settings']['sample_iterations']}", "",
+                  "| backend | median s | IQR s | vs FP32 eager | vs best FP32 engine | SQNR of samples vs FP32 dB |",
+                  "|---|---|---|---|---|---|"]
+        for r in result["sampling"]:
+            lines.append(f"| {r['backend']} | {r['median_ms'] / 1e3:.2f} | {r['iqr_ms'] / 1e3:.2f} | "
+                         f"{_speedup(r['speedup_vs_eager'])} | {_speedup(r['speedup_vs_best_fp32_engine'])} | "
+                         f"{r['sqnr_db_vs_fp32']:.1f} |")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Peak memory of each backend, measured alone in a fresh process (the benchmark's memory column).
+
+One process holds every backend while the benchmark times them, so its memory says nothing about any one of
+them; and engines keep their buffers between calls (OpenVINO and oneDNN allocate at the first inference),
+so the growth during a call is no measure either. Instead, for each backend, a child process imports the
+same libraries, notes its resident memory (the baseline), rebuilds the backend from the benchmark's
+BackendSources, and for each batch size (ascending) runs one warm-up forward (graph compilation and
+first-call allocations), resets the kernel's high-water mark of resident memory, and runs one more. The
+figure is that high-water mark minus the baseline: what serving the model at that batch size holds at its
+peak, weights, engine buffers and activations together, as `ps` or a container limit would see it.
+
+Linux only (/proc/self/status and /proc/self/clear_refs); elsewhere the column is left out.
+
+    python -m qtoolkit.engines.memory --work WORK --backend openvino-int8 --batch-sizes 1 16 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import QtoolkitError
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+RESULT_PREFIX = "qtoolkit-memory: "
+
+
+def supported() -> bool:
+    return STATUS.is_file() and CLEAR_REFS.exists()
+
+
+def _status_mib(field: str) -> float:
+    kib = re.search(rf"^{field}:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE)
+    return int(kib.group(1)) / 1024
+
+
+def _reset_peak() -> None:
+    CLEAR_REFS.write_text("5")  # "5" resets the peak resident set size (VmHWM) to the current one
+
+
+def probe(work: Path, backend: str, batch_sizes: list[int], threads: int, seed: int) -> dict[int, float]:
+    """In this process: peak resident MiB above the baseline while `backend` serves each batch size."""
+    import torch
+
+    from .backends import BackendSources, build_backend
+    from .optional import import_optional
+
+    # Every probe imports the same libraries before its baseline, whichever backend it builds.
+    for module in ("onnxruntime", "openvino"):
+        import_optional(module, "the memory probe")
+    torch.set_num_threads(threads)
+    sources = BackendSources.reopen(work, threads)
+    baseline = _status_mib("VmRSS")
+    backend = build_backend(backend, sources)
+    generator = torch.Generator().manual_seed(seed)
+    peaks = {}
+    with torch.no_grad():
+        for batch in sorted(batch_sizes):
+            x = torch.randn(batch, *sources.sample_shape, generator=generator)
+            t = torch.randint(0, 1000, (batch,), generator=generator)
+            backend.eps(x, t)
+            _reset_peak()
+            backend.eps(x, t)
+            peaks[batch] = _status_mib("VmHWM") - baseline
+    return peaks
+
+
+def measure(work: Path, backends: list[str], batch_sizes: list[int], threads: int, seed: int,
+            progress=None) -> dict[tuple[str, int], float]:
+    """Peak MiB of each backend at each batch size, each backend in its own child process."""
+    peaks = {}
+    for name in backends:
+        command = [sys.executable, "-m", __name__, "--work", str(work), "--backend", name, "--threads", str(threads),
+                   "--seed", str(seed), "--batch-sizes", *map(str, batch_sizes)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if done.returncode != 0 or not lines:
+            reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise QtoolkitError(f"the memory probe of {name} failed (exit {done.returncode}): {reason}; pass "
+                              "--no-memory to time the backends without it")
+        for batch, mib in json.loads(lines[-1][len(RESULT_PREFIX):]).items():
+            peaks[(name, int(batch))] = mib
+        if progress is not None:
+            progress.update(1)
+    return peaks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="a benchmark's work folder (BackendSources)")
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not supported():
+        print("the memory probe needs Linux's /proc/self/status and /proc/self/clear_refs", file=sys.stderr)
+        return 2
+    try:
+        peaks = probe(args.work, args.backend, args.batch_sizes, args.threads, args.seed)
+    except QtoolkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(RESULT_PREFIX + json.dumps(peaks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

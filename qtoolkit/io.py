@@ -1,0 +1,67 @@
+"""Writing outputs so that nothing a user made is lost: atomically, and never over an existing path unless asked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import QtoolkitError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def check_new_output(path: Path, overwrite: bool = False) -> None:
+    """Refuse to replace a user's existing output unless asked: call before any long work."""
+    if Path(path).exists() and not overwrite:
+        raise QtoolkitError(f"{path} already exists: choose another --out or pass --overwrite")
+
+
+def atomic_dir(final: Path, overwrite: bool = False):
+    """Context manager yielding a temporary folder that replaces `final` only when the block succeeds."""
+    return _AtomicDir(Path(final), overwrite)
+
+
+class _AtomicDir:
+    def __init__(self, final: Path, overwrite: bool):
+        check_new_output(final, overwrite)
+        self.final = final
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            self.final.rename(old)
+            self.tmp.rename(self.final)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.final)
+        return False
+
+

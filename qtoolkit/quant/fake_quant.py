@@ -1,0 +1,174 @@
+"""The quantization life cycle of a module: observe during calibration, freeze, then fake-quantize.
+
+`FakeQuantize` is one quantizer (an observer until frozen; then fixed scale / zero point held in
+buffers, so they travel with the model's state_dict). `QuantUnit` is the life cycle shared by the
+quantized layers and the attention processor: inside `calibrate(model)` they run in full precision
+and feed their observers; after `freeze(model)` they fake-quantize; in between they refuse to run,
+because silently running unquantized would make every later measurement a lie.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import QtoolkitError
+from .config import QuantConfig
+from .observers import Observer, make_activation_observer, make_weight_observer
+from .quantizer import QuantParams
+
+
+class FakeQuantize(nn.Module):
+    """One quantizer; `channels` None = per tensor, else per channel along axis 0 (weights)."""
+
+    def __init__(self, observer: Observer, bits: int, symmetric: bool, channels: int | None = None):
+        super().__init__()
+        self.observer = observer
+        self.bits = bits
+        self.symmetric = symmetric
+        self.axis = None if channels is None else 0
+        shape = () if channels is None else (channels,)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        # A buffer, not a Python flag, so that load_state_dict restores the frozen state too.
+        self.register_buffer("frozen", torch.tensor(False))
+
+    @property
+    def is_frozen(self) -> bool:
+        return bool(self.frozen)
+
+    @property
+    def has_data(self) -> bool:
+        return self.observer.has_data
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.observer.observe(x)
+
+    def freeze(self) -> None:
+        """Fix scale and zero point from everything observed."""
+        params = self.observer.compute_params(self.bits, self.symmetric)
+        self.scale.copy_(params.scale)
+        self.zero_point.copy_(params.zero_point)
+        self.frozen.fill_(True)
+
+    @property
+    def params(self) -> QuantParams:
+        """The frozen parameters, e.g. for an int8 exporter (QuantizeLinear / DequantizeLinear)."""
+        if not self.is_frozen:
+            raise QtoolkitError("quantization parameters are not fixed yet: calibrate(model), then freeze(model)")
+        return QuantParams(self.scale, self.zero_point, self.bits, self.symmetric, self.axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.params.fake_quantize(x)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        granularity = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        return f"bits={self.bits}, {kind}, {granularity}, frozen={self.is_frozen}"
+
+
+class SplitFakeQuantize(FakeQuantize):
+    """Q-Diffusion's shortcut splitting: one per-tensor range for input channels [0, split) and another for
+    [split, channels), for a layer that reads the concatenation of two feature maps with different ranges
+    (a UNet decoder's own features and the encoder's skip). The frozen parameters are per channel along
+    axis 1, each channel carrying its part's scale and zero point."""
+
+    def __init__(self, observers: tuple[Observer, Observer], bits: int, symmetric: bool, split: int, channels: int):
+        super().__init__(observers[0], bits, symmetric)
+        self.second_observer = observers[1]
+        self.split, self.channels = split, channels
+        self.register_buffer("scale", torch.ones(2))
+        self.register_buffer("zero_point", torch.zeros(2, dtype=torch.int32))
+
+    @property
+    def has_data(self) -> bool:
+        return self.observer.has_data and self.second_observer.has_data
+
+    def observe(self, x: torch.Tensor) -> None:
+        self.observer.observe(x[:, :self.split])
+        self.second_observer.observe(x[:, self.split:])
+
+    def freeze(self) -> None:
+        parts = [o.compute_params(self.bits, self.symmetric) for o in (self.observer, self.second_observer)]
+        self.scale.copy_(torch.stack([p.scale for p in parts]))
+        self.zero_point.copy_(torch.stack([p.zero_point for p in parts]))
+        self.frozen.fill_(True)
+
+    @property
+    def params(self) -> QuantParams:
+        if not self.is_frozen:
+            raise QtoolkitError("quantization parameters are not fixed yet: calibrate(model), then freeze(model)")
+        sizes = torch.tensor([self.split, self.channels - self.split], device=self.scale.device)
+        return QuantParams(self.scale.repeat_interleave(sizes), self.zero_point.repeat_interleave(sizes), self.bits,
+                           self.symmetric, axis=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, split={self.split} of {self.channels} channels"
+
+
+def activation_quantizer(config: QuantConfig, split: tuple[int, int] | None = None) -> FakeQuantize | None:
+    """A per-tensor activation quantizer as configured (per part, for split = (split channel, channels)),
+    or None when activations stay in full precision."""
+    if config.activation_bits is None:
+        return None
+    def observer() -> Observer:
+        return make_activation_observer(config.activation_observer, config.mse_p, config.percentile)
+    if split is not None:
+        return SplitFakeQuantize((observer(), observer()), config.activation_bits, config.activation_symmetric, *split)
+    return FakeQuantize(observer(), config.activation_bits, config.activation_symmetric)
+
+
+def weight_quantizer(config: QuantConfig, out_channels: int) -> FakeQuantize | None:
+    """A weight quantizer as configured, or None when weights stay in full precision."""
+    if config.weight_bits is None:
+        return None
+    per_channel = config.weight_granularity == "per_channel"
+    observer = make_weight_observer(config.weight_observer, 0 if per_channel else None, config.mse_p)
+    return FakeQuantize(observer, config.weight_bits, config.weight_symmetric, out_channels if per_channel else None)
+
+
+class QuantUnit:
+    """Mixin for an nn.Module with FakeQuantize children: the calibrate -> freeze -> quantized life cycle.
+
+    `calibrating` is switched by `calibrate(model)`; `quant_name` (the module's name in the model) makes
+    error messages point at the right layer.
+    """
+
+    calibrating: bool = False
+    quant_name: str = ""
+
+    def activation_quantizers(self) -> list[FakeQuantize]:
+        """The quantizers that learn their ranges from calibration data."""
+        raise NotImplementedError
+
+    def quantizers(self) -> list[FakeQuantize]:
+        return [m for m in self.children() if isinstance(m, FakeQuantize)]
+
+    @property
+    def is_frozen(self) -> bool:
+        return all(q.is_frozen for q in self.quantizers())
+
+    @property
+    def lacks_calibration_data(self) -> bool:
+        return any(not q.is_frozen and not q.has_data for q in self.activation_quantizers())
+
+    def freeze(self) -> None:
+        for quantizer in self.activation_quantizers():
+            if not quantizer.is_frozen:
+                quantizer.freeze()
+
+    def check_runnable(self) -> None:
+        if not self.calibrating and not self.is_frozen:
+            raise QtoolkitError(
+                f"quantized module {self.quant_name or type(self).__name__!r} has no fixed quantization "
+                "parameters yet: run calibration batches inside `with calibrate(model):`, then call freeze(model)"
+            )
+
+    def observe_or_quantize(self, quantizer: FakeQuantize | None, x: torch.Tensor) -> torch.Tensor:
+        """While calibrating: feed the observer and pass x through unchanged; once frozen: fake-quantize x."""
+        if quantizer is None:
+            return x
+        if self.calibrating:
+            quantizer.observe(x)
+            return x
+        return quantizer(x)

@@ -1,0 +1,90 @@
+"""The denoising loop, shared by sampling, calibration-data generation and evaluation.
+
+A noise predictor is any callable `eps(x_t, t) -> noise` where `t` is an int64 tensor of shape (B,):
+a diffusers UNet (wrapped by `unet_predictor`), a fake-quantized copy of it, or an exported engine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from tqdm import tqdm
+
+from .distributed import gather_batches, my_batches
+from .errors import QtoolkitError
+from .models.loading import DiffusionModel
+
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+SCHEDULERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpm-solver": DPMSolverMultistepScheduler,
+}
+
+
+def make_scheduler(kind: str, scheduler_config: dict, steps: int):
+    """A diffusers scheduler of `kind` on the model's training noise schedule, set to `steps` steps."""
+    if kind not in SCHEDULERS:
+        raise QtoolkitError(f"unknown scheduler {kind!r}: choose one of {', '.join(SCHEDULERS)}")
+    train_steps = scheduler_config.get("num_train_timesteps", 1000)
+    if not 1 <= steps <= train_steps:
+        raise QtoolkitError(f"--steps must be between 1 and {train_steps} (the model's training steps), got {steps}")
+    # Clipping of the predicted x_0 (clip_sample, thresholding) follows the model's own scheduler config, as
+    # in a diffusers pipeline: pixel-space DDPMs clip to [-1, 1] (Ho et al.'s clip_denoised; the bundled
+    # model's samples carry speckle noise without it), latent models do not.
+    extra = {}
+    if kind == "ddim":
+        # Deterministic DDIM (eta = 0) with the final alpha of the training schedule, as in Song et al.
+        extra["set_alpha_to_one"] = False
+    scheduler = SCHEDULERS[kind].from_config({**scheduler_config, **extra})
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def unet_predictor(unet: torch.nn.Module) -> NoisePredictor:
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x, t).sample
+    return eps
+
+
+@torch.no_grad()
+def denoise(eps: NoisePredictor, scheduler, x: torch.Tensor, generator: torch.Generator | None = None,
+            on_step: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
+    """Run the reverse chain from x (= x_T). `on_step(i, t, x_t)` sees each network input before its call."""
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", leave=False, disable=not progress)):
+        t = int(t)
+        if on_step is not None:
+            on_step(i, t, x)
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        x = scheduler.step(eps(x, t_batch), t, x, generator=generator).prev_sample
+    return x
+
+
+def initial_noise(num: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """x_T for `num` samples; sample i's noise depends on (seed, i) only, not on the batch size."""
+    return torch.randn((num, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sample(model: DiffusionModel, scheduler_kind: str = "ddim", steps: int = 100, num: int = 64, seed: int = 0,
+           batch_size: int = 256, eps: NoisePredictor | None = None, progress: bool = True) -> torch.Tensor:
+    """Draw `num` samples (float32, model range, unclamped). Deterministic for (seed, batch_size), and the
+    same under torchrun with any number of processes (see `qtoolkit.distributed`).
+
+    `eps` replaces the model's own network (a quantized copy or an engine) while keeping its schedule.
+    """
+    eps = eps or unet_predictor(model.unet)
+    x_T = initial_noise(num, model.sample_shape, seed)
+    num_batches = -(-num // batch_size)
+    mine = {}
+    # Under torchrun each process draws its share of the batches; alone, it draws them all.
+    for b in tqdm(my_batches(num_batches), desc=f"sample {scheduler_kind}-{steps}", unit="batch", disable=not progress):
+        scheduler = make_scheduler(scheduler_kind, model.scheduler_config, steps)
+        # Stochastic schedulers (DDPM) draw fresh noise per step from a per-batch generator.
+        g = torch.Generator().manual_seed(seed * 7919 + b + 1)
+        mine[b] = denoise(eps, scheduler, x_T[b * batch_size:(b + 1) * batch_size], generator=g)
+    return gather_batches(mine, num_batches)
