@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .calibration import STRATEGIES, CalibrationSet, generate_calibration_set, plot_timestep_histogram
 from .data import load_fashion_mnist
 from .errors import QtoolkitError
 from .io import atomic_dir
+from .progress import track
 from .models.loading import DiffusionModel, model_reference, write_pipeline_files
 from .quant.bias_correction import check_samples as check_bias_samples
 from .quant import (QuantConfig, ReconstructionSettings, calibrate, correct_bias, freeze, quantize, reconstruct,
@@ -73,7 +73,7 @@ def quantized_copy(unet: torch.nn.Module, config: QuantConfig) -> torch.nn.Modul
 def calibrate_and_freeze(qunet: torch.nn.Module, calibration: CalibrationSet, batch_size: int = 256,
                          progress: bool = True) -> torch.nn.Module:
     with calibrate(qunet):
-        for start in tqdm(range(0, len(calibration), batch_size), desc="calibrate", unit="batch", disable=not progress):
+        for start in track(range(0, len(calibration), batch_size), "calibrate", unit="batch", disable=not progress):
             qunet(calibration.x[start:start + batch_size], calibration.t[start:start + batch_size])
     return freeze(qunet)
 

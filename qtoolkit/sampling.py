@@ -10,11 +10,11 @@ from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from tqdm import tqdm
 
 from .distributed import gather_batches, my_batches
 from .errors import QtoolkitError
 from .models.loading import DiffusionModel
+from .progress import progress_bar
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -53,9 +53,9 @@ def unet_predictor(unet: torch.nn.Module) -> NoisePredictor:
 
 @torch.no_grad()
 def denoise(eps: NoisePredictor, scheduler, x: torch.Tensor, generator: torch.Generator | None = None,
-            on_step: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
+            on_step: StepCallback | None = None) -> torch.Tensor:
     """Run the reverse chain from x (= x_T). `on_step(i, t, x_t)` sees each network input before its call."""
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", leave=False, disable=not progress)):
+    for i, t in enumerate(scheduler.timesteps):
         t = int(t)
         if on_step is not None:
             on_step(i, t, x)
@@ -82,9 +82,14 @@ def sample(model: DiffusionModel, scheduler_kind: str = "ddim", steps: int = 100
     num_batches = -(-num // batch_size)
     mine = {}
     # Under torchrun each process draws its share of the batches; alone, it draws them all.
-    for b in tqdm(my_batches(num_batches), desc=f"sample {scheduler_kind}-{steps}", unit="batch", disable=not progress):
-        scheduler = make_scheduler(scheduler_kind, model.scheduler_config, steps)
-        # Stochastic schedulers (DDPM) draw fresh noise per step from a per-batch generator.
-        g = torch.Generator().manual_seed(seed * 7919 + b + 1)
-        mine[b] = denoise(eps, scheduler, x_T[b * batch_size:(b + 1) * batch_size], generator=g)
+    batches = list(my_batches(num_batches))
+    # The bar counts denoising steps, not batches: one batch of a long chain takes minutes.
+    with progress_bar(len(batches) * steps, f"sample {num} ({scheduler_kind}-{steps})", unit="step",
+                      disable=not progress) as bar:
+        for b in batches:
+            scheduler = make_scheduler(scheduler_kind, model.scheduler_config, steps)
+            # Stochastic schedulers (DDPM) draw fresh noise per step from a per-batch generator.
+            g = torch.Generator().manual_seed(seed * 7919 + b + 1)
+            mine[b] = denoise(eps, scheduler, x_T[b * batch_size:(b + 1) * batch_size], generator=g,
+                              on_step=lambda i, t, x: bar.advance())
     return gather_batches(mine, num_batches)

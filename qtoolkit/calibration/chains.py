@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..models.loading import DiffusionModel
+from ..progress import progress_bar
 from ..sampling import denoise, initial_noise, make_scheduler, unet_predictor
 
 
@@ -72,25 +72,25 @@ def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, schedu
     order = np.argsort(positions, kind="stable")
     batches = [order[start:start + batch_size] for start in range(0, num, batch_size)]
     # A batch visits positions 0 .. its largest one; the bar counts those visits.
-    bar = tqdm(total=sum(int(positions[rows].max()) + 1 for rows in batches), desc=desc, unit="step", disable=not progress)
-    device = _model_device(model)
-    for b, rows in enumerate(batches):
-        rows_t = torch.as_tensor(rows)
-        wanted = torch.as_tensor(positions[rows])
-        last_wanted = int(wanted.max())
+    with progress_bar(sum(int(positions[rows].max()) + 1 for rows in batches), desc, unit="step",
+                      disable=not progress) as bar:
+        device = _model_device(model)
+        for b, rows in enumerate(batches):
+            rows_t = torch.as_tensor(rows)
+            wanted = torch.as_tensor(positions[rows])
+            last_wanted = int(wanted.max())
 
-        def keep(i: int, t: int, x_t: torch.Tensor) -> None:
-            bar.update(1)
-            here = wanted == i
-            kept_x[rows_t[here]] = x_t[here.to(x_t.device)].float().cpu()
-            kept_t[rows_t[here]] = t
-            if i == last_wanted:
-                raise _ChainDone  # every sample of this batch is kept: the rest of the chain is not needed
+            def keep(i: int, t: int, x_t: torch.Tensor) -> None:
+                bar.advance()
+                here = wanted == i
+                kept_x[rows_t[here]] = x_t[here.to(x_t.device)].float().cpu()
+                kept_t[rows_t[here]] = t
+                if i == last_wanted:
+                    raise _ChainDone  # every sample of this batch is kept: the rest of the chain is not needed
 
-        try:
-            denoise(counted_eps, make_scheduler(scheduler_kind, model.scheduler_config, steps), x_T[rows_t].to(device),
-                    generator=chain_generator(seed, b), on_step=keep)
-        except _ChainDone:
-            pass
-    bar.close()
+            try:
+                denoise(counted_eps, make_scheduler(scheduler_kind, model.scheduler_config, steps), x_T[rows_t].to(device),
+                        generator=chain_generator(seed, b), on_step=keep)
+            except _ChainDone:
+                pass
     return kept_x, kept_t, cost

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..agreement import per_timestep_error, sqnr_db
 from ..calibration import CalibrationSet
 from ..errors import QtoolkitError
 from ..models.loading import DiffusionModel
+from ..progress import progress_bar
 from ..sampling import sample
 from . import memory
 from .backends import EAGER, Backend, BackendSources, backend_names, build_backend, require_calibration
@@ -233,7 +233,7 @@ def peak_memory(forward: list[dict], sources: BackendSources, settings: BenchSet
     if not memory.supported():
         return "peak memory needs Linux's /proc (not available here)"
     names = list(dict.fromkeys(r["backend"] for r in forward))
-    with tqdm(total=len(names), desc="peak memory", unit="backend") as progress:
+    with progress_bar(len(names), "peak memory", unit="backend") as progress:
         peaks = memory.measure(sources.work, names, list(settings.batch_sizes), settings.threads, settings.seed,
                                progress)
     for r in forward:

@@ -86,7 +86,7 @@ def measure(work: Path, backends: list[str], batch_sizes: list[int], threads: in
         for batch, mib in json.loads(lines[-1][len(RESULT_PREFIX):]).items():
             peaks[(name, int(batch))] = mib
         if progress is not None:
-            progress.update(1)
+            progress.advance()
     return peaks
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import QtoolkitError
+from ..progress import track
 
 # Generated images may overshoot [-1, 1] slightly before clamping; anything further out is a
 # different convention ([0, 255], unnormalised outputs) and would give meaningless features.
@@ -59,8 +59,8 @@ class FeatureExtractor:
     def __call__(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         images = check_images(images)
         features, probabilities = [], []
-        for start in tqdm(range(0, len(images), self.batch_size), desc=self.name, unit="batch",
-                          disable=not self.progress, leave=False):
+        for start in track(range(0, len(images), self.batch_size), f"features ({self.name})", unit="batch",
+                           disable=not self.progress, transient=True):
             batch_features, logits = self.embed(images[start:start + self.batch_size].to(self.device))
             features.append(batch_features.double().cpu())
             if logits is not None:

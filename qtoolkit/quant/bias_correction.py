@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..errors import QtoolkitError
+from ..progress import track
 from .capture import CAPTURE_BATCH, execution_order, fp_twins, random_subset, run_until
 from .layers import QuantLayer
 
@@ -95,8 +95,8 @@ def correct_bias(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Ten
     inputs = random_subset(inputs, samples, torch.Generator().manual_seed(seed))
     targets = _fp_means(fp_model, layers, inputs)
     summaries = []
-    for name in tqdm(execution_order(qmodel, list(layers), inputs), desc="bias correction", unit="layer",
-                     disable=not progress):
+    for name in track(execution_order(qmodel, list(layers), inputs), "bias correction", unit="layer",
+                      disable=not progress):
         mean = _ChannelMean(layers[name])
         for output in run_until(qmodel, layers[name], inputs, want_output=True):
             mean.add(output)

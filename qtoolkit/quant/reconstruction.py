@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..errors import QtoolkitError
+from ..progress import track
 from .adaround import AdaRoundWeight
 from .capture import CAPTURE_BATCH, concat_batches, execution_order, fp_twins, random_subset, run_until
 from .layers import QuantLayer
@@ -193,8 +193,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Tens
     qmodel.requires_grad_(False)
     summaries = []
     try:
-        for name in tqdm(order, desc=f"reconstruct ({settings.granularity})", unit="unit",
-                                 disable=not progress):
+        for name in track(order, f"reconstruct ({settings.granularity})", unit="unit", disable=not progress):
             block, layers = q_modules[name], units[name]
             args, kwargs = concat_batches(run_until(qmodel, block, inputs, want_output=False), batch_sizes)
             target = concat_batches(run_until(fp_model, fp_modules[name], inputs, want_output=True), batch_sizes)

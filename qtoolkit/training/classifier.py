@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..data import load_fashion_mnist
 from ..models.classifier import FashionClassifier
+from ..progress import track
 
 
 @torch.no_grad()
@@ -36,8 +36,7 @@ def train_classifier(out: Path, epochs: int = 6, batch_size: int = 128, lr: floa
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(x_train), generator=g)
-        bar = tqdm(range(steps_per_epoch), desc=f"classifier epoch {epoch + 1}/{epochs}", unit="batch")
-        for i in bar:
+        for i in track(range(steps_per_epoch), f"classifier epoch {epoch + 1}/{epochs}", unit="batch"):
             idx = perm[i * batch_size:(i + 1) * batch_size]
             x = x_train[idx]
             # Horizontal flips and 2-pixel shifts: cheap augmentations that keep clothing classes.
@@ -50,7 +49,6 @@ def train_classifier(out: Path, epochs: int = 6, batch_size: int = 128, lr: floa
             loss.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
         print(f"epoch {epoch + 1}: test accuracy {accuracy(model, x_test, y_test):.4f}")
     acc = accuracy(model, x_test, y_test)
     model.save_pretrained(out, metadata={"test_accuracy": acc, "epochs": epochs, "batch_size": batch_size,

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from tqdm import tqdm
 
 from ..data import load_fashion_mnist
 from ..errors import QtoolkitError
 from ..io import atomic_write_bytes, atomic_write_text
 from ..models.loading import DEFAULT_SCHEDULER_CONFIG, save_diffusion_model
+from ..progress import progress_bar
 
 # The bundled model: 2.6M parameters; residual blocks with GroupNorm+SiLU, skip concatenations,
 # self-attention at 16x16 and the sinusoidal timestep embedding -- the parts that make diffusion
@@ -126,42 +126,41 @@ def train_ddpm(run_dir: Path, cfg: TrainConfig, data_root: str | None = None) ->
     steps_per_epoch = n // cfg.batch_size
     model.train()
     losses = []
-    bar = tqdm(total=cfg.steps, initial=step, desc="train ddpm", unit="step")
-    try:
-        while step < cfg.steps and not stop["now"]:
-            t0 = time.perf_counter()
-            epoch, i = divmod(step, steps_per_epoch)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            x0 = images[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]].to(device)
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 1)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g).to(device)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                pred = model(xt, t).sample
-            loss = F.mse_loss(pred.float(), noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            _ema_update(ema, model, step, cfg.ema_decay)
-            step += 1
-            wall += time.perf_counter() - t0
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % 50 == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": sum(losses) / len(losses), "wall_seconds": round(wall, 1)}) + "\n")
-                losses.clear()
-            if step % cfg.checkpoint_every == 0:
-                checkpoint()
-        checkpoint()
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+    with progress_bar(cfg.steps, "train ddpm", unit="step", completed=step) as bar:
+        try:
+            while step < cfg.steps and not stop["now"]:
+                t0 = time.perf_counter()
+                epoch, i = divmod(step, steps_per_epoch)
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+                x0 = images[perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]].to(device)
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 1)
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g).to(device)
+                noise = torch.randn(x0.shape, generator=g).to(device)
+                a = alphas_cumprod[t].view(-1, 1, 1, 1)
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    pred = model(xt, t).sample
+                loss = F.mse_loss(pred.float(), noise)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                _ema_update(ema, model, step, cfg.ema_decay)
+                step += 1
+                wall += time.perf_counter() - t0
+                losses.append(loss.item())
+                bar.advance()
+                bar.update(description=f"train ddpm (loss {loss.item():.4f})")
+                if step % 50 == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "loss": sum(losses) / len(losses), "wall_seconds": round(wall, 1)}) + "\n")
+                    losses.clear()
+                if step % cfg.checkpoint_every == 0:
+                    checkpoint()
+            checkpoint()
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
     return run_dir / "model"
