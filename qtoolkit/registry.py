@@ -1,0 +1,122 @@
+"""The records plugins register, one type per hook of `qtoolkit.hookspecs`, and the lookups the core uses.
+
+A record is plain data: a name (what recipes and the command line use), the callables that do the work,
+and a one-line description for `qtoolkit plugins`. The core never imports a plugin; it asks for a name
+here, and an unknown name is an error listing the installed ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import QtoolkitError
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationRequest, StrategyOutput
+    from .models.loading import DiffusionModel
+    from .sampling import NoisePredictor
+
+
+@dataclass(frozen=True)
+class CalibrationStrategy:
+    """Which calibration inputs to make. `run(request, **params) -> StrategyOutput`.
+
+    uses_sampler: False when the inputs do not come from the chosen sampler's chain (e.g. forward-noised
+    real images); the calibration set then records no sampler.
+    """
+
+    name: str
+    run: Callable[..., "StrategyOutput"]
+    description: str = ""
+    uses_sampler: bool = True
+
+
+@dataclass(frozen=True)
+class RoundingMethod:
+    """How a frozen model's weights are rounded onto their grid.
+
+    settings(params: dict) -> Any: checks the recipe's parameters before any work (raise QtoolkitError).
+    apply(qmodel, fp_model, inputs: (x, t), settings, progress: bool) -> JSON-ready summary.
+    """
+
+    name: str
+    settings: Callable[[dict], Any]
+    apply: Callable[..., Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where an exported quantized model runs. load(exported_folder, threads, float_precision) -> NoisePredictor.
+
+    float_precisions() -> the precisions this machine can run the graph's float parts in, FP32 first
+    ("fp32", "bf16"); empty when the backend cannot run here. export_format: what `qtoolkit export` writes
+    for it.
+    """
+
+    name: str
+    load: Callable[..., "NoisePredictor"]
+    float_precisions: Callable[[], tuple[str, ...]]
+    description: str = ""
+    export_format: str = "onnx"
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """How a model string becomes a model. claims(source: str) -> bool without loading; load(source) -> model."""
+
+    name: str
+    claims: Callable[[str], bool]
+    load: Callable[[str], "DiffusionModel"]
+    description: str = ""
+
+
+KINDS = {  # hook name -> (record type, what the records are called, their key in `qtoolkit plugins --json`)
+    "register_calibration_strategies": (CalibrationStrategy, "calibration strategy", "calibration_strategies"),
+    "register_rounding_methods": (RoundingMethod, "rounding method", "rounding_methods"),
+    "register_backends": (Backend, "backend", "backends"),
+    "register_model_loaders": (ModelLoader, "model loader", "model_loaders"),
+}
+
+
+class PluginConflict(QtoolkitError):
+    """Two plugins register the same name for the same hook."""
+
+
+@dataclass
+class Registry:
+    """Every record of every loaded plugin, by hook and name, with the plugin that registered it."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=lambda: {hook: {} for hook in KINDS})
+    owners: dict[str, dict[str, str]] = field(default_factory=lambda: {hook: {} for hook in KINDS})
+
+    def check(self, records: list[tuple[str, Any]], plugin: str) -> None:
+        """Can `plugin` add these (hook, record) pairs? Wrong record types, nameless records and names already
+        taken (by another plugin or twice by this one) are errors."""
+        seen: dict[str, set[str]] = {hook: set() for hook in KINDS}
+        for hook, record in records:
+            record_type, kind, _ = KINDS[hook]
+            if not isinstance(record, record_type):
+                raise TypeError(f"{hook} registered {record!r}, but takes qtoolkit.registry.{record_type.__name__}")
+            if not isinstance(record.name, str) or not record.name:
+                raise ValueError(f"{hook} registered a {kind} without a name")
+            first = self.owners[hook].get(record.name) or (plugin if record.name in seen[hook] else None)
+            if first is not None:
+                raise PluginConflict(f"{kind} {record.name!r} is registered twice, by plugin {first!r} and by "
+                                     f"plugin {plugin!r}: uninstall one of them, or choose the plugins to load "
+                                     "with QTOOLKIT_LOAD_PLUGINS")
+            seen[hook].add(record.name)
+
+    def add(self, hook: str, record: Any, plugin: str) -> None:
+        """File a record `check` accepted."""
+        self.records[hook][record.name] = record
+        self.owners[hook][record.name] = plugin
+
+    def get(self, hook: str, name: str) -> Any:
+        found = self.records[hook].get(name)
+        if found is None:
+            kind = KINDS[hook][1]
+            installed = ", ".join(sorted(self.records[hook])) or "none installed"
+            raise QtoolkitError(f"unknown {kind} {name!r}: choose one of: {installed}")
+        return found
