@@ -1,8 +1,18 @@
-"""Find and load diffusion models: bundled short names, diffusers pipeline folders, bare UNet folders.
+"""Turn a model source (a bundled name, a local folder, a Hugging Face hub id) into a diffusion model.
 
-A model folder is either a diffusers pipeline folder (model_index.json, unet/, scheduler/) or a
-bare UNet2DModel folder (config.json + weights), which is paired with the DDPM schedule it was
-most likely trained with (1000 linear steps) and says so.
+The core does not decide which sources exist: `load_diffusion_model` asks the model loaders that plugins
+register (hook `register_model_loaders`) which one claims the source, and checks that the weights it
+returns are finite. The readers are model plumbing and live here, for plugins to register: bundled names
+(`load_bundled`), local folders (`load_folder`) and hub ids (`load_from_hub`, safetensors only).
+
+Folder layouts `load_folder` reads:
+- a diffusers pipeline folder: unet/ and scheduler/, with or without model_index.json (save_pretrained
+  on the two parts writes no model_index.json);
+- a bare UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors), with its scheduler config
+  beside it (scheduler_config.json, as the hub's google/ddpm-cifar10-32 has it) or without one, in which
+  case it is paired with the DDPM schedule it was most likely trained with (1000 linear steps) and says so;
+- a qtoolkit-quantized network (quantization.json) in either place of the UNet;
+- a qtoolkit run folder: the model/ it wrote.
 """
 
 from __future__ import annotations
@@ -10,28 +20,35 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .. import plugins
 from ..errors import QtoolkitError
 from ..io import atomic_dir
 
 log = logging.getLogger(__name__)
 
 HUB_DIR = Path(__file__).resolve().parent.parent / "hub"
-BUNDLED = {
-    "fmnist-ddpm": HUB_DIR / "fmnist-ddpm",
-    "fmnist-classifier": HUB_DIR / "fmnist-classifier",
-}
+BUNDLED_DIFFUSION_MODELS = {"fmnist-ddpm": HUB_DIR / "fmnist-ddpm"}
+# Everything shipped in the package by name: the diffusion models and the metrics' classifier.
+BUNDLED = {**BUNDLED_DIFFUSION_MODELS, "fmnist-classifier": HUB_DIR / "fmnist-classifier"}
 DEFAULT_MODEL = "fmnist-ddpm"
 # DDPM defaults (Ho et al. 2020) for a bare UNet folder that ships no scheduler config.
 DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear",
                             "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon"}
+MODEL_LOADERS_HOOK = "register_model_loaders"
+# A hub repository id: owner/name of letters, digits, '-', '_', '.' (the hub's own rule, less its length limit).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What a hub download takes: configs and safetensors weights, never pickles (.bin, .ckpt) nor sample images.
+HUB_FILES = ["*.json", "*.safetensors"]
 
 
 @dataclass
@@ -49,6 +66,51 @@ class DiffusionModel:
         return (cfg.in_channels, size, size)
 
 
+def load_diffusion_model(source: str | os.PathLike = DEFAULT_MODEL) -> DiffusionModel:
+    """The model `source` names, read by the one installed model loader that claims it; its weights are
+    checked to be finite."""
+    source = str(source)
+    model = _loader_for(source).load(source)
+    check_finite(model.unet, source)
+    return model
+
+
+def _loader_for(source: str):
+    registry = plugins.registry()
+    loaders = registry.records[MODEL_LOADERS_HOOK]
+    claiming = [loader for loader in loaders.values() if loader.claims(source)]
+    if not claiming:
+        if not loaders:
+            raise QtoolkitError(f"cannot load model {source!r}: no model loader is installed (see `qtoolkit plugins` "
+                                f"and {plugins.LOAD_ENV})")
+        accepted = "; ".join(loader.description or loader.name for loader in loaders.values())
+        raise QtoolkitError(f"cannot load model {source!r}: expected one of: {accepted}")
+    if len(claiming) > 1:
+        owners = registry.owners[MODEL_LOADERS_HOOK]
+        names = " and ".join(f"{loader.name!r} (plugin {owners[loader.name]!r})" for loader in claiming)
+        raise QtoolkitError(f"model {source!r} is claimed by the model loaders {names}: name it unambiguously "
+                            f"(a folder as ./{source}), or choose the plugins to load with {plugins.LOAD_ENV}")
+    return claiming[0]
+
+
+def check_finite(network: torch.nn.Module, source: str) -> None:
+    """Refuse a network whose weights hold NaN or inf: it would sample NaN images without a word."""
+    for name, tensor in network.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = (~torch.isfinite(tensor)).sum().item()
+            raise QtoolkitError(f"model {source!r}: weight tensor {name!r} holds {bad} NaN/inf value(s) of "
+                                f"{tensor.numel()}: the model is broken (diverged training or a damaged file); "
+                                "retrain it or fetch it again")
+
+
+def is_bundled_model(source: str) -> bool:
+    return source in BUNDLED_DIFFUSION_MODELS
+
+
+def load_bundled(name: str) -> DiffusionModel:
+    return load_folder(resolve_model_path(name))
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """A bundled short name or an existing folder -> its path; anything else is a clear error."""
     key = str(name_or_path)
@@ -60,9 +122,41 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(key).expanduser()
     if path.is_dir():
         return path
-    raise QtoolkitError(
-        f"model {key!r} is neither a bundled name ({', '.join(BUNDLED)}) nor an existing folder"
-    )
+    raise QtoolkitError(f"model {key!r} is neither a bundled name ({', '.join(BUNDLED)}) nor an existing folder")
+
+
+def is_local_folder(source: str) -> bool:
+    return Path(source).expanduser().is_dir()
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """owner/name that is not a path on this machine ("runs/x" that exists is a folder, not a hub id)."""
+    return (HUB_ID.fullmatch(source) is not None and ".." not in source and "--" not in source
+            and not Path(source).exists())
+
+
+def load_from_hub(repo_id: str) -> DiffusionModel:
+    """A model from the Hugging Face hub (or its local cache, when offline): configs and safetensors only."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except LocalEntryNotFoundError:
+        raise QtoolkitError(
+            f"model {repo_id!r} is not a local folder, and as a Hugging Face hub id it is not in the local cache "
+            f"while the hub cannot be reached: where the hub is reachable, run `hf download {repo_id} "
+            f"--include '*.json' '*.safetensors' --local-dir DIR` (`huggingface-cli download` in older "
+            "huggingface_hub), copy DIR here and pass it as the model (`--set model=DIR`)") from None
+    except RepositoryNotFoundError:
+        raise QtoolkitError(f"model {repo_id!r} is not a local folder, nor a model on the Hugging Face hub that "
+                            "this machine may read (a typo, or a private/gated model: log in with `hf auth login`)"
+                            ) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise QtoolkitError(f"downloading model {repo_id!r} from the Hugging Face hub failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no message'}): retry, or pass a local folder"
+                            ) from None
+    return load_folder(Path(folder))
 
 
 def model_reference(path: Path) -> str:
@@ -84,30 +178,32 @@ QUANTIZED_MARKER = "quantization.json"
 
 
 def _locate(root: Path) -> tuple[Path, Path]:
-    """(folder that may hold scheduler/, folder of the network) for the layouts qtoolkit reads."""
-    if (root / "ptq.json").is_file() and (root / "model").is_dir():  # a `qtoolkit quantize` run folder
-        return _locate(root / "model")
-    if (root / "model_index.json").is_file() and (root / "unet").is_dir():
+    """(folder that holds the scheduler config, folder of the network) for the layouts qtoolkit reads."""
+    if (root / "unet").is_dir():
         return root, root / "unet"
     if (root / "config.json").is_file() or (root / QUANTIZED_MARKER).is_file():
         return root, root
+    if (root / "model").is_dir():  # a qtoolkit run folder
+        return _locate(root / "model")
     raise QtoolkitError(
-        f"{root} is not a diffusers model folder: expected model_index.json with unet/, "
-        "or a UNet2DModel folder with config.json and diffusion_pytorch_model.safetensors"
+        f"{root} is not a diffusers model folder: expected unet/ and scheduler/ (a pipeline folder), a UNet2DModel "
+        "folder with config.json and diffusion_pytorch_model.safetensors, or a qtoolkit run folder"
     )
 
 
-def load_diffusion_model(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> DiffusionModel:
-    root = resolve_model_path(name_or_path)
-    root, unet_dir = _locate(root)
+def _scheduler_config(root: Path) -> dict:
+    for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
+        if candidate.is_file():
+            return {k: v for k, v in json.loads(candidate.read_text()).items() if not k.startswith("_")}
+    log.warning("%s ships no scheduler config: assuming DDPM, 1000 linear steps, epsilon prediction", root)
+    return dict(DEFAULT_SCHEDULER_CONFIG)
+
+
+def load_folder(folder: str | os.PathLike) -> DiffusionModel:
+    """A model from a local folder in any layout of the module docstring."""
+    root, unet_dir = _locate(Path(folder).expanduser())
     unet = _load_quantized_unet(unet_dir) if (unet_dir / QUANTIZED_MARKER).is_file() else _load_float_unet(unet_dir)
-    scheduler_file = root / "scheduler" / "scheduler_config.json"
-    if scheduler_file.is_file():
-        scheduler_config = {k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")}
-    else:
-        log.warning("%s ships no scheduler config: assuming DDPM, 1000 linear steps, epsilon prediction", root)
-        scheduler_config = dict(DEFAULT_SCHEDULER_CONFIG)
-    return DiffusionModel(unet=unet, scheduler_config=scheduler_config, path=root)
+    return DiffusionModel(unet=unet, scheduler_config=_scheduler_config(root), path=root)
 
 
 def _load_quantized_unet(unet_dir: Path) -> torch.nn.Module:
@@ -144,6 +240,6 @@ def write_pipeline_files(folder: Path, scheduler_config: dict) -> None:
     """The scheduler config and model_index.json that make `folder` a DDPMPipeline folder."""
     DDPMScheduler(**scheduler_config).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "_diffusers_version": __import__("diffusers").__version__,
-        "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": [diffusers.__name__, UNet2DModel.__name__], "scheduler": [diffusers.__name__, DDPMScheduler.__name__],
     }, indent=2) + "\n")
