@@ -10,3 +10,7 @@ __version__ = "0.1.0"
 # note about torchao tensor types. Errors still show.
 for _logger in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
     logging.getLogger(_logger).setLevel(logging.ERROR)
+
+from .hookspecs import hookimpl  # noqa: E402  (what a plugin marks its hooks with: `from qtoolkit import hookimpl`)
+
+__all__ = ["__version__", "hookimpl"]

@@ -24,20 +24,24 @@ class CalibrationStrategy:
 
     uses_sampler: False when the inputs do not come from the chosen sampler's chain (e.g. forward-noised
     real images); the calibration set then records no sampler.
+    check(request, **params): optional; raises QtoolkitError on bad parameter values without any network
+    call, so that a job is refused before its first expensive step (`run` checks them too).
     """
 
     name: str
     run: Callable[..., "StrategyOutput"]
     description: str = ""
     uses_sampler: bool = True
+    check: Callable[..., None] | None = None
 
 
 @dataclass(frozen=True)
 class RoundingMethod:
     """How a frozen model's weights are rounded onto their grid.
 
-    settings(params: dict) -> Any: checks the recipe's parameters before any work (raise QtoolkitError).
-    apply(qmodel, fp_model, inputs: (x, t), settings, progress: bool) -> JSON-ready summary.
+    settings(params: dict) -> Any: checks the recipe's parameters before any work (raise QtoolkitError) and
+    returns them resolved (every default filled in) as a dict or a dataclass, which the run records.
+    apply(qmodel, fp_model, inputs: (x, t), settings, progress=bool) -> JSON-ready summary.
     """
 
     name: str
@@ -48,11 +52,14 @@ class RoundingMethod:
 
 @dataclass(frozen=True)
 class Backend:
-    """Where an exported quantized model runs. load(exported_folder, threads, float_precision) -> NoisePredictor.
+    """Where an exported quantized model runs. load(graph_file, threads, float_precision) -> NoisePredictor,
+    graph_file being the graph of an exported folder (`qtoolkit.engines.load_engine` finds it in the folder).
 
     float_precisions() -> the precisions this machine can run the graph's float parts in, FP32 first
-    ("fp32", "bf16"); empty when the backend cannot run here. export_format: what `qtoolkit export` writes
-    for it.
+    ("fp32", "bf16"); empty when the backend cannot run here (its runtime is not installed: import it
+    lazily, so that listing the plugins does not need it). export_format: what `qtoolkit export` writes
+    for it. auto_priority: "backend: auto" picks the runnable backend with the highest one.
+    runtime_version() -> the version of the runtime it runs on, for benchmark records.
     """
 
     name: str
@@ -60,6 +67,8 @@ class Backend:
     float_precisions: Callable[[], tuple[str, ...]]
     description: str = ""
     export_format: str = "onnx"
+    auto_priority: int = 0
+    runtime_version: Callable[[], str] = lambda: "unknown"
 
 
 @dataclass(frozen=True)

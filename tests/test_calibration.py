@@ -5,10 +5,11 @@ import pytest
 import torch
 from scipy import stats
 
-from qtoolkit.calibration import (NDTC_PRESETS, STRATEGIES, CalibrationSet, SkewNormal, chain_generator, chain_timesteps,
-                                draw_ndtc_fractions, fractions_to_chain_positions, generate_calibration_set,
-                                plot_timestep_histogram, sample_skew_normal)
+from qtoolkit import plugins
+from qtoolkit.calibration import (CalibrationSet, chain_assignment, chain_generator, chain_timesteps,
+                                  fractions_to_chain_positions, generate_calibration_set, plot_timestep_histogram)
 from qtoolkit.errors import QtoolkitError
+from qtoolkit_plugins.ndtc import NDTC_PRESETS, SkewNormal, draw_ndtc_fractions, sample_skew_normal
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
 from qtoolkit.sampling import denoise, initial_noise, make_scheduler, unet_predictor
 
@@ -93,7 +94,14 @@ def test_ndtc_timesteps_follow_the_requested_skew_normal():
 
 # --- every strategy ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+BUILT_IN_STRATEGIES = ["ndtc", "uniform", "first-n", "random", "real-data"]
+
+
+def test_the_built_in_strategies_are_registered_plugins():
+    assert set(BUILT_IN_STRATEGIES) <= set(plugins.names("register_calibration_strategies"))
+
+
+@pytest.mark.parametrize("strategy", BUILT_IN_STRATEGIES)
 def test_each_strategy_yields_num_pairs_on_its_timesteps(tiny_model, strategy):
     num, steps, batch_size = 7, 6, 3
     extra = {"real_images": torch.rand(5, 1, 8, 8) * 2 - 1} if strategy == "real-data" else {}
@@ -109,9 +117,19 @@ def test_each_strategy_yields_num_pairs_on_its_timesteps(tiny_model, strategy):
         assert ((calib.t >= 0) & (calib.t < 1000)).all() and cost["sample_evaluations"] == 0
     else:
         assert set(calib.t.tolist()) <= set(chain.tolist())
-    if strategy == "last-step":
+    if strategy == "first-n":  # n = 1: pure noise at the chain's first timestep, the naive baseline; no network call
         assert (calib.t == chain[0]).all() and cost == {"sample_evaluations": 0, "batched_calls": 0}
         torch.testing.assert_close(calib.x, initial_noise(num, (1, 8, 8), seed=0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 6])
+def test_first_n_takes_the_chains_first_n_steps_evenly(tiny_model, n):
+    num, steps = 13, 6
+    calib = generate_calibration_set("first-n", tiny_model, num, steps=steps, batch_size=4, progress=False, n=n)
+    chain = chain_timesteps(tiny_model, "ddim", steps).tolist()
+    counts = [(calib.t == chain[i]).sum().item() for i in range(steps)]
+    assert all(c > 0 for c in counts[:n]) and not any(counts[n:]) and max(counts[:n]) - min(counts[:n]) <= 1
+    assert calib.meta["parameters"] == {"n": n}
 
 
 @pytest.mark.parametrize("num, num_steps", [(23, None), (23, 5), (20, 20)])
@@ -152,28 +170,66 @@ def record_chain(model, scheduler, steps, x_T, generator):
     return inputs, timesteps
 
 
+def documented_chains(positions, inputs_per_chain):
+    """The chains of qtoolkit.calibration.chains' contract: the samples of each chain, and the sample whose noise
+    starts it. Written from the docstring, not from the code, so that the two can disagree."""
+    num = len(positions)
+    order = np.argsort(positions, kind="stable")
+    num_chains = max(-(-num // inputs_per_chain), np.bincount(positions).max())
+    return [order[c::num_chains] for c in range(num_chains)], order[:num_chains]
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
-@pytest.mark.parametrize("strategy", ["ndtc", "uniform", "random"])
-def test_each_stored_x_t_is_the_network_input_at_its_timestep(tiny_model, strategy, scheduler):
+@pytest.mark.parametrize("strategy, inputs_per_chain", [("ndtc", 1), ("uniform", 1), ("random", 1), ("ndtc", 3),
+                                                        ("uniform", 4)])
+def test_each_stored_x_t_is_the_network_input_at_its_timestep(tiny_model, strategy, scheduler, inputs_per_chain):
     num, steps, batch_size, seed = 9, 8, 4, 3
     calib = generate_calibration_set(strategy, tiny_model, num, scheduler=scheduler, steps=steps, seed=seed,
-                                     batch_size=batch_size, progress=False)
+                                     batch_size=batch_size, inputs_per_chain=inputs_per_chain, progress=False)
+    assert calib.meta["inputs_per_chain"] == inputs_per_chain
     chain = chain_timesteps(tiny_model, scheduler, steps).tolist()
     positions = np.array([chain.index(t) for t in calib.t.tolist()])
     x_T = initial_noise(num, tiny_model.sample_shape, seed)
-    # Re-run the chains as documented in qtoolkit.calibration.chains: batches of samples grouped by chain position.
-    order = np.argsort(positions, kind="stable")
-    for b, start in enumerate(range(0, num, batch_size)):
-        rows = order[start:start + batch_size]
-        inputs, timesteps = record_chain(tiny_model, scheduler, steps, x_T[rows], chain_generator(seed, b))
+    # Re-run the chains as documented in qtoolkit.calibration.chains, batch by batch.
+    members, starts = documented_chains(positions, inputs_per_chain)
+    assert max(len(m) for m in members) <= inputs_per_chain
+    for b, first in enumerate(range(0, len(starts), batch_size)):
+        chains = range(first, min(first + batch_size, len(starts)))
+        inputs, timesteps = record_chain(tiny_model, scheduler, steps, x_T[starts[list(chains)]],
+                                         chain_generator(seed, b))
         assert timesteps == chain
-        for k, row in enumerate(rows):
-            torch.testing.assert_close(calib.x[row], inputs[positions[row]][k], rtol=0, atol=0)
-    if scheduler == "ddim":  # deterministic chains: one batch of all samples, in their own order, agrees too
+        for k, c in enumerate(chains):
+            assert len(set(positions[members[c]])) == len(members[c])  # no chain holds one position twice
+            for row in members[c]:
+                torch.testing.assert_close(calib.x[row], inputs[positions[row]][k], rtol=0, atol=0)
+    if scheduler == "ddim" and inputs_per_chain == 1:  # deterministic chains: one batch of all samples agrees too
         inputs, _ = record_chain(tiny_model, scheduler, steps, x_T, None)
         expected = torch.stack([inputs[p][row] for row, p in enumerate(positions)])
         # Batch sizes round differently (clipped x_0 included); a wrong pairing would be O(1) off.
         torch.testing.assert_close(calib.x, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_several_inputs_per_chain_keep_the_timesteps_and_cut_the_cost():
+    num, steps = 64, 20
+    make = lambda k: generate_calibration_set("ndtc", cheap_model(), num, steps=steps, batch_size=num,  # noqa: E731
+                                              inputs_per_chain=k, progress=False)
+    one, four = make(1), make(4)
+    assert one.t.tolist() == four.t.tolist()  # the same positions, for the same samples
+    positions = np.array([chain_timesteps(cheap_model(), "ddim", steps).tolist().index(t) for t in four.t.tolist()])
+    num_chains = len(chain_assignment(positions, 4)[1])
+    assert num_chains == num // 4  # the clamped ends hold fewer than num / 4 inputs each
+    # One batch of chains runs up to its latest wanted position: num chains for K = 1, num / 4 for K = 4.
+    assert one.meta["cost"]["sample_evaluations"] == num * positions.max()
+    assert four.meta["cost"]["sample_evaluations"] == num_chains * positions.max()
+    assert len(torch.unique(four.x, dim=0)) == num  # every input is its own tensor, not a copy of another
+
+
+def test_a_position_wanted_more_often_than_there_are_chains_gets_more_chains():
+    positions = np.array([0] * 6 + [3, 4])
+    chain_of, starts = chain_assignment(positions, inputs_per_chain=4)
+    assert len(starts) == 6  # six inputs at position 0 need six chains, not ceil(8 / 4) = 2
+    for c in range(len(starts)):
+        assert len(set(positions[chain_of == c])) == (chain_of == c).sum()
 
 
 def test_chains_stop_once_their_samples_are_kept_and_cost_is_counted():
@@ -226,16 +282,17 @@ def test_corrupt_or_incomplete_sets_are_clear_errors(tmp_path):
 
 
 def test_histogram_plot_is_written(tmp_path, tiny_model):
-    sets = {name: generate_calibration_set(name, tiny_model, 4, steps=3, progress=False) for name in ("ndtc", "last-step")}
+    sets = {name: generate_calibration_set(name, tiny_model, 4, steps=3, progress=False) for name in ("ndtc", "first-n")}
     plot_timestep_histogram(sets, tmp_path / "hist.png")
     assert (tmp_path / "hist.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("strategy, num, kwargs, message", [
-    ("ndtc2", 4, {}, "unknown calibration strategy 'ndtc2'"),
+    ("ndtc2", 4, {}, "unknown calibration strategy 'ndtc2': choose one of: .*first-n.*ndtc"),
     ("ndtc", 0, {}, "num must be an integer >= 1"),
     ("ndtc", -3, {}, "num must be an integer >= 1"),
     ("ndtc", 4, {"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ("ndtc", 4, {"inputs_per_chain": 0}, "inputs_per_chain must be an integer >= 1"),
     ("ndtc", 4, {"scale": 0.0}, "scale must be > 0"),
     ("ndtc", 4, {"scale": -0.1}, "scale must be > 0"),
     ("ndtc", 4, {"loc": "middle"}, "loc must be a finite number"),
@@ -246,7 +303,9 @@ def test_histogram_plot_is_written(tmp_path, tiny_model):
     ("ndtc", 4, {"real_images": torch.zeros(1, 1, 4, 4)}, "takes no parameter 'real_images'"),
     ("ndtc", 4, {"scheduler": "euler"}, "unknown scheduler"),
     ("uniform", 4, {"num_steps": 5}, "num_steps must be an integer between 1 and"),
-    ("real-data", 4, {}, "needs real images"),
+    ("first-n", 4, {"n": 6}, "n must be an integer between 1 and the chain's steps"),
+    ("first-n", 4, {"n": 0}, "n must be an integer between 1 and the chain's steps"),
+    ("real-data", 4, {"data_root": "/nonexistent/fashion-mnist"}, "Fashion-MNIST folder /nonexistent/fashion-mnist does not exist"),
     ("real-data", 4, {"real_images": torch.zeros(3, 1, 8, 8)}, r"shape \(N, 1, 4, 4\)"),
     ("real-data", 4, {"real_images": torch.full((3, 1, 4, 4), 255.0)}, r"range \[-1, 1\]"),
     ("real-data", 4, {"real_images": torch.zeros(3, 1, 4, 4, dtype=torch.uint8)}, "must be a float tensor"),

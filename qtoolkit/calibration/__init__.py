@@ -1,18 +1,21 @@
 """Calibration data for post-training quantization of diffusion models: which (x_t, t) inputs to calibrate on.
 
-`generate_calibration_set(strategy, model, num, ...)` runs one of STRATEGIES ("ndtc", "uniform",
-"random", "last-step", "real-data") and returns a `CalibrationSet`, which saves to and loads from
-a folder (safetensors + JSON).
+`generate_calibration_set(strategy, model, num, ...)` runs a calibration strategy (a plugin, see
+`qtoolkit.hookspecs.register_calibration_strategies`) and returns a `CalibrationSet`, which saves to and
+loads from a folder (safetensors + JSON). Strategies build on `CalibrationRequest.collect_from_chain` (the
+FP chain's own inputs) and the timestep helpers of `timesteps`.
 """
 
-from .chains import NetworkCost, chain_generator, chain_timesteps
+from .chains import NetworkCost, chain_assignment, chain_generator, chain_timesteps, collect_chain_inputs
 from .dataset import CalibrationSet
+from .generate import (CalibrationRequest, StrategyOutput, check_calibration, generate_calibration_set,
+                       strategy_parameters)
 from .plots import plot_timestep_histogram
-from .strategies import STRATEGIES, CalibrationRequest, generate_calibration_set
-from .timesteps import NDTC_PRESETS, SkewNormal, draw_ndtc_fractions, fractions_to_chain_positions, sample_skew_normal
+from .timesteps import evenly_spaced_positions, fractions_to_chain_positions, spread_over
 
 __all__ = [
-    "CalibrationRequest", "CalibrationSet", "NDTC_PRESETS", "NetworkCost", "STRATEGIES", "SkewNormal",
-    "chain_generator", "chain_timesteps", "draw_ndtc_fractions", "fractions_to_chain_positions",
-    "generate_calibration_set", "plot_timestep_histogram", "sample_skew_normal",
+    "CalibrationRequest", "CalibrationSet", "NetworkCost", "StrategyOutput", "chain_assignment", "chain_generator",
+    "chain_timesteps", "check_calibration", "collect_chain_inputs", "evenly_spaced_positions",
+    "fractions_to_chain_positions", "generate_calibration_set", "plot_timestep_histogram", "spread_over",
+    "strategy_parameters",
 ]

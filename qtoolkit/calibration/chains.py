@@ -1,15 +1,22 @@
 """Collect network inputs from the full-precision model's own denoising chains.
 
-One runner serves every strategy that takes x_t from the FP chain (ndtc, uniform, random): the
+One runner serves every strategy that takes x_t from the FP chain (ndtc, uniform, random, ...): the
 strategy says, per calibration sample, at which chain position to keep x_t; the runner runs
-`qtoolkit.sampling.denoise` once per batch of samples and keeps, for each sample, the very tensor
-the loop feeds the network at that position, labelled with the timestep fed alongside it.
+`qtoolkit.sampling.denoise` over batches of chains and keeps, for each sample, the very tensor the loop
+feeds the network at that position, labelled with the timestep fed alongside it.
+
+One chain can give several samples (`inputs_per_chain` = K): a chain visits every position on its way,
+so taking K inputs from it costs no more than taking its latest one. The inputs of one chain are
+correlated (the same x_T, seen at K steps), which is the price; K = 1 gives every sample its own chain.
 
 Reproducibility contract (what tests re-run to check the pairing):
-- sample j starts from `initial_noise(num, sample_shape, seed)[j]`;
-- samples are grouped in order of their chain position (stable sort), `batch_size` per batch,
-  so a batch needing only early, noisy steps stops early;
+- the samples are ranked by chain position (stable sort: rank r is sample `order[r]`);
+- there are C = max(ceil(num / K), the most samples wanted at one position) chains; chain c holds the
+  samples of ranks c, c + C, c + 2C, ... (so every chain spans the range of positions, and no chain
+  holds one position twice) and starts from `initial_noise(num, sample_shape, seed)[order[c]]`;
+- chains run in order, `batch_size` per batch, so a batch needing only early, noisy steps stops early;
 - batch b's stochastic steps (DDPM) draw from `chain_generator(seed, b)`.
+With K = 1, chain c is the sample of rank c and starts from its own noise: one chain per sample.
 """
 
 from __future__ import annotations
@@ -54,12 +61,25 @@ def _model_device(model: DiffusionModel) -> torch.device:
     return first_parameter.device if first_parameter is not None else torch.device("cpu")
 
 
-def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, scheduler_kind: str, steps: int, seed: int,
-                         batch_size: int, desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor, NetworkCost]:
-    """x_t (N, C, H, W) float32 and t (N,) int64 where sample j is kept at chain position `positions[j]`."""
+def chain_assignment(positions: np.ndarray, inputs_per_chain: int) -> tuple[np.ndarray, np.ndarray]:
+    """(chain of each sample, sample whose noise starts each chain), as the module's contract says."""
     num = len(positions)
-    x_T = initial_noise(num, model.sample_shape, seed)
-    kept_x = torch.empty_like(x_T)
+    order = np.argsort(positions, kind="stable")
+    most_at_one_position = int(np.unique(positions, return_counts=True)[1].max())
+    num_chains = max(-(-num // inputs_per_chain), most_at_one_position)
+    chain_of = np.empty(num, dtype=np.int64)
+    chain_of[order] = np.arange(num) % num_chains
+    return chain_of, order[:num_chains]
+
+
+def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, scheduler_kind: str, steps: int, seed: int,
+                         batch_size: int, desc: str, progress: bool,
+                         inputs_per_chain: int = 1) -> tuple[torch.Tensor, torch.Tensor, NetworkCost]:
+    """x_t (N, C, H, W) float32 and t (N,) int64 where sample j is kept at chain position `positions[j]`,
+    up to `inputs_per_chain` samples from each chain."""
+    num = len(positions)
+    noise = initial_noise(num, model.sample_shape, seed)
+    kept_x = torch.empty_like(noise)
     kept_t = torch.empty(num, dtype=torch.long)
     cost = NetworkCost()
     unet_eps = unet_predictor(model.unet)
@@ -69,27 +89,31 @@ def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, schedu
         cost.batched_calls += 1
         return unet_eps(x, t)
 
-    order = np.argsort(positions, kind="stable")
-    batches = [order[start:start + batch_size] for start in range(0, num, batch_size)]
+    chain_of, chain_starts = chain_assignment(positions, inputs_per_chain)
+    batches = [np.arange(start, min(start + batch_size, len(chain_starts)))
+               for start in range(0, len(chain_starts), batch_size)]
+    samples_of = [np.flatnonzero((chain_of >= chains[0]) & (chain_of <= chains[-1])) for chains in batches]
     # A batch visits positions 0 .. its largest one; the bar counts those visits.
-    with progress_bar(sum(int(positions[rows].max()) + 1 for rows in batches), desc, unit="step",
+    with progress_bar(sum(int(positions[samples].max()) + 1 for samples in samples_of), desc, unit="step",
                       disable=not progress) as bar:
         device = _model_device(model)
-        for b, rows in enumerate(batches):
-            rows_t = torch.as_tensor(rows)
-            wanted = torch.as_tensor(positions[rows])
+        for b, (chains, samples) in enumerate(zip(batches, samples_of)):
+            samples_t = torch.as_tensor(samples)
+            rows_t = torch.as_tensor(chain_of[samples] - chains[0])  # each sample's chain, as a row of the batch
+            wanted = torch.as_tensor(positions[samples])
             last_wanted = int(wanted.max())
 
             def keep(i: int, t: int, x_t: torch.Tensor) -> None:
                 bar.advance()
                 here = wanted == i
-                kept_x[rows_t[here]] = x_t[here.to(x_t.device)].float().cpu()
-                kept_t[rows_t[here]] = t
+                kept_x[samples_t[here]] = x_t[rows_t[here].to(x_t.device)].float().cpu()
+                kept_t[samples_t[here]] = t
                 if i == last_wanted:
                     raise _ChainDone  # every sample of this batch is kept: the rest of the chain is not needed
 
+            x_T = noise[torch.as_tensor(chain_starts[chains])].to(device)
             try:
-                denoise(counted_eps, make_scheduler(scheduler_kind, model.scheduler_config, steps), x_T[rows_t].to(device),
+                denoise(counted_eps, make_scheduler(scheduler_kind, model.scheduler_config, steps), x_T,
                         generator=chain_generator(seed, b), on_step=keep)
             except _ChainDone:
                 pass
