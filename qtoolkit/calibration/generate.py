@@ -83,6 +83,13 @@ def check_calibration(strategy: str, model: DiffusionModel, num: int, *, schedul
     if unknown:
         raise QtoolkitError(f"strategy {strategy!r} takes no parameter {', '.join(map(repr, unknown))}; "
                             f"its parameters: {', '.join(accepted) or 'none'}")
+    # A parameter without a default (e.g. a plugin's `t`) must be given: refused here, not as a TypeError later.
+    missing = [name for name, p in list(inspect.signature(chosen.run).parameters.items())[1:]
+               if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and name not in strategy_params]
+    if missing:
+        raise QtoolkitError(f"strategy {strategy!r} needs the parameter {', '.join(map(repr, missing))}: "
+                            "set it in calibration.params")
     for name, value, lowest in (("num", num, 1), ("steps", steps, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
                                 ("inputs_per_chain", inputs_per_chain, 1)):
         if not _is_int(value) or value < lowest:
