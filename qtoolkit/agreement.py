@@ -48,17 +48,27 @@ def per_timestep_error(model: DiffusionModel, fp: NoisePredictor, candidates: di
     return result
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+SSIM_WINDOW = 11  # Wang et al. 2004
+
+
+def ssim_window(height: int, width: int) -> int:
+    """The SSIM window for images of this size: Wang et al.'s 11x11, or the largest odd one that fits."""
+    fits = min(height, width)
+    return min(SSIM_WINDOW, fits if fits % 2 else fits - 1)
+
+
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> torch.Tensor:
     g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma**2))
     g = g / g.sum()
     return (g[:, None] * g[None, :])[None, None]
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03), channel mean."""
+    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03), channel mean.
+    Images smaller than the window get the largest odd window that fits (`ssim_window`)."""
     a, b = a.double(), b.double()
     c = a.shape[1]
-    w = _gaussian_window().to(a).repeat(c, 1, 1, 1)
+    w = _gaussian_window(ssim_window(*a.shape[-2:])).to(a).repeat(c, 1, 1, 1)
 
     def blur(x):
         return F.conv2d(x, w, groups=c)
@@ -83,4 +93,5 @@ def sample_agreement(fp_samples: torch.Tensor, q_samples: torch.Tensor) -> dict:
     a, b = fp_samples.clamp(-1, 1), q_samples.clamp(-1, 1)
     p, s = psnr(a, b), ssim(a, b)
     return {"psnr_db_mean": p.mean().item(), "psnr_db_std": p.std().item(), "mean_shift": (b - a).mean().item(),
-            "ssim_mean": s.mean().item(), "ssim_std": s.std().item(), "num": len(a)}
+            "ssim_mean": s.mean().item(), "ssim_std": s.std().item(), "ssim_window": ssim_window(*a.shape[-2:]),
+            "num": len(a)}

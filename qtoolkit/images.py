@@ -35,10 +35,11 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int = 8, scale: int = 2) -
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
-def save_samples(path: Path, samples: torch.Tensor, meta: dict) -> None:
-    """Samples as float32 in model range, unclamped, with the metadata that made them."""
+def save_samples(path: Path, samples: torch.Tensor, meta: dict, compress: bool = False) -> None:
+    """Samples as float32 in model range, unclamped, with the metadata that made them (compressed: for files
+    that ship in the repository)."""
     buf = io.BytesIO()
-    np.savez(buf, samples=samples.float().numpy(), meta=np.array(json.dumps(meta)))
+    (np.savez_compressed if compress else np.savez)(buf, samples=samples.float().numpy(), meta=np.array(json.dumps(meta)))
     atomic_write_bytes(Path(path), buf.getvalue())
 
 

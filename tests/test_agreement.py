@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qtoolkit.agreement import per_timestep_error, psnr, sample_agreement, sqnr_db, ssim
+from qtoolkit.agreement import per_timestep_error, psnr, sample_agreement, sqnr_db, ssim, ssim_window
 from qtoolkit.sampling import unet_predictor
 
 
@@ -22,6 +22,16 @@ def test_psnr_and_ssim_extremes():
     noisy = sample_agreement(a, a + 0.3 * torch.randn_like(a))
     slight = sample_agreement(a, a + 0.01 * torch.randn_like(a))
     assert slight["psnr_db_mean"] > noisy["psnr_db_mean"] + 20 and slight["ssim_mean"] > noisy["ssim_mean"]
+
+
+@pytest.mark.parametrize("size, window", [(32, 11), (11, 11), (10, 9), (8, 7), (3, 3)])
+def test_ssim_of_images_smaller_than_its_window_uses_the_largest_window_that_fits(size, window):
+    torch.manual_seed(0)
+    a = torch.rand(3, 1, size, size) * 2 - 1
+    assert ssim_window(size, size) == window
+    assert ssim(a, a).allclose(torch.ones(3, dtype=torch.float64))
+    assert ssim(a, a + 0.01 * torch.randn_like(a)).min() > ssim(a, a + 0.3 * torch.randn_like(a)).max()
+    assert sample_agreement(a, a)["ssim_window"] == window
 
 
 def test_per_timestep_error_sees_a_perturbed_network(tiny_model):
