@@ -6,8 +6,10 @@ bit-width pair, the model is quantized, calibrated and frozen, then compared wit
 same-seed samples, and FID (bootstrap CI) / KID (± std) / IS against the Fashion-MNIST test split.
 Calibration sets are made once per (strategy, seed), saved under --out/calibration/ and reused across bit
 widths and by a re-run with the same --out (a study that was cut off resumes there); FP samples are cached.
-With --reconstruct, every quantized model also gets a row with BRECQ (or AdaRound) on its calibration set;
-with --bias-correction, a row with bias correction on its calibration set (after the reconstruction, if any).
+With --rounding METHOD (a rounding method plugin, e.g. brecq or adaround), every quantized model also gets a
+row with that rounding learned on its calibration set; with --bias-correction, a row with bias correction on
+its calibration set (after the rounding, if any). --inputs-per-chain K takes up to K calibration inputs from
+each FP chain (about K times cheaper; compare K = 1 and K = 4 to see what it costs in quality).
 Writes study.md (the table), study.json and one folder of figures per bit width to --out.
 
     python benchmarks/calibration_study.py --out runs/study
@@ -26,19 +28,27 @@ from pathlib import Path
 from qtoolkit.calibration import CalibrationSet
 from qtoolkit.io import atomic_write_text
 from qtoolkit.models import load_diffusion_model
-from qtoolkit.ptq import (CalibrationSettings, calibrate_and_freeze, correct_bias_on_calibration, make_calibration_set,
-                        quantized_copy, reconstruct_on_calibration)
-from qtoolkit.quant import QuantConfig, ReconstructionSettings
-from qtoolkit.quant.reconstruction import METHOD_NAMES
-from qtoolkit.report import COMPARISON_HEADER, ReportSettings, compare_to_fp, comparison_row
+from qtoolkit.ptq import (CalibrationSettings, RoundingSettings, calibrate_and_freeze, check_ptq,
+                          correct_bias_on_calibration, make_calibration_set, quantized_copy, round_on_calibration)
+from qtoolkit.quant import QuantConfig
+from qtoolkit.report import COMPARISON_HEADER, ReportSettings, candidate_results, compare_to_fp, comparison_row
 from qtoolkit.sampling import unet_predictor
 
-STRATEGIES = ["ndtc", "uniform", "random", "last-step", "real-data"]
+STRATEGIES = ["ndtc", "uniform", "random", "first-n", "real-data"]
 
 
 def parse_bits(text: str) -> tuple[int, int]:
     w, a = text.upper().lstrip("W").split("A")
     return int(w), int(a)
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as JSON when it is JSON (numbers, true/false), else as a string."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def main() -> None:
@@ -48,6 +58,7 @@ def main() -> None:
     p.add_argument("--bits", nargs="+", default=["W8A8", "W8A6", "W6A6", "W4A8"])
     p.add_argument("--strategies", nargs="+", default=STRATEGIES)
     p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--inputs-per-chain", type=int, default=1, help="calibration inputs taken from one FP chain")
     p.add_argument("--steps", type=int, default=100, help="DDIM steps of the calibration chains and of evaluation")
     p.add_argument("--eval-num", type=int, default=500)
     p.add_argument("--error-num", type=int, default=64)
@@ -55,9 +66,10 @@ def main() -> None:
                    help="calibration seeds; all get the per-step SQNR, the first also samples + FID/KID/IS/PSNR")
     p.add_argument("--sample-bits", nargs="*", default=None,
                    help="bit widths that get samples + FID/KID/IS/PSNR (default: all); others get per-step SQNR only")
-    p.add_argument("--reconstruct", choices=["block", "layer"], default=None,
-                   help="also report each model after BRECQ (block) or AdaRound (layer) reconstruction")
-    p.add_argument("--recon-iters", type=int, default=1000)
+    p.add_argument("--rounding", default=None, metavar="METHOD",
+                   help="also report each model after this rounding method (e.g. brecq, adaround)")
+    p.add_argument("--rounding-param", type=parse_param, nargs="*", default=[], metavar="KEY=VALUE",
+                   help="the rounding method's parameters, e.g. iterations=1000 (the seed is the calibration seed's)")
     p.add_argument("--bias-correction", action="store_true",
                    help="also report each model after bias correction (qtoolkit.quant.correct_bias)")
     p.add_argument("--bias-samples", type=int, default=256, help="calibration inputs used by bias correction")
@@ -67,9 +79,17 @@ def main() -> None:
 
     model = load_diffusion_model(a.model)
     settings = ReportSettings(steps=a.steps, num=a.eval_num, error_num=a.error_num)
-    calibration_sets = {(s, seed): stored_calibration_set(model, CalibrationSettings(strategy=s, size=a.calib_size,
-                                                                                     steps=a.steps, seed=seed), a.out)
-                        for s in a.strategies for seed in a.seeds}
+    calib_settings = {(s, seed): CalibrationSettings(strategy=s, size=a.calib_size, steps=a.steps, seed=seed,
+                                                     inputs_per_chain=a.inputs_per_chain)
+                      for s in a.strategies for seed in a.seeds}
+    rounding = {seed: RoundingSettings(a.rounding, {**dict(a.rounding_param), "seed": seed}) for seed in a.seeds} \
+        if a.rounding else {}
+    for (strategy, seed), calib in calib_settings.items():  # every check before the first network call
+        for bits in a.bits:
+            wbits, abits = parse_bits(bits)
+            check_ptq(model, QuantConfig(weight_bits=wbits, activation_bits=abits), calib, rounding.get(seed),
+                      a.bias_samples if a.bias_correction else None)
+    calibration_sets = {key: stored_calibration_set(model, calib, a.out) for key, calib in calib_settings.items()}
     sample_bits = set(a.bits if a.sample_bits is None else a.sample_bits)
     results = {}
     for bits in a.bits:
@@ -80,11 +100,10 @@ def main() -> None:
             qunet = calibrate_and_freeze(quantized_copy(model.unet, config), calibration)
             candidates[f"{bits} {strategy} s{seed}"] = unet_predictor(qunet)
             name = f"{bits} {strategy}"
-            if a.reconstruct:
+            if a.rounding:
                 qunet = copy.deepcopy(qunet)
-                reconstruct_on_calibration(qunet, model, calibration, ReconstructionSettings(
-                    granularity=a.reconstruct, iterations=a.recon_iters, seed=seed))
-                name += f"+{METHOD_NAMES[a.reconstruct]}"
+                round_on_calibration(qunet, model, calibration, rounding[seed])
+                name += f"+{a.rounding}"
                 candidates[f"{name} s{seed}"] = unet_predictor(qunet)
             if a.bias_correction:
                 qunet = copy.deepcopy(qunet)
@@ -97,7 +116,8 @@ def main() -> None:
     seconds = time.perf_counter() - t_start
     command = shlex.join(["python", *sys.argv])
     text = (f"# Calibration study on {a.model}\n\nCommand: `{command}`\n\nWall time: {seconds / 60:.1f} min "
-            f"(2-core CPU). Calibration: {a.calib_size} inputs per strategy, DDIM-{a.steps} chains; evaluation: "
+            f"(2-core CPU). Calibration: {a.calib_size} inputs per strategy, DDIM-{a.steps} chains, up to "
+            f"{a.inputs_per_chain} input(s) per chain; evaluation: "
             f"{a.eval_num} DDIM-{a.steps} samples per model, per-step SQNR on {a.error_num} held-out chains.\n\n"
             f"{format_study(results)}\n")
     atomic_write_text(a.out / "study.md", text)
@@ -113,8 +133,9 @@ def stored_calibration_set(model, settings: CalibrationSettings, out: Path) -> C
     if folder.is_dir():
         stored = CalibrationSet.load(folder)
         meta = stored.meta
-        if (meta.get("strategy"), meta.get("num"), meta.get("seed"), meta.get("scheduler")) == \
-                (settings.strategy, settings.size, settings.seed, {"kind": settings.scheduler, "steps": settings.steps}):
+        if (meta.get("strategy"), meta.get("num"), meta.get("seed"), meta.get("scheduler"), meta.get("inputs_per_chain", 1)) \
+                == (settings.strategy, settings.size, settings.seed, {"kind": settings.scheduler, "steps": settings.steps},
+                    settings.inputs_per_chain):
             print(f"reusing the calibration set in {folder}", flush=True)
             return stored
         raise SystemExit(f"{folder} holds a calibration set made with other settings: use another --out or remove it")
@@ -128,9 +149,8 @@ def format_study(results: dict) -> str:
     for i, per_bits in enumerate(results.values()):
         if i == 0:
             rows.append(comparison_row("FP", per_bits["fp"]["metrics"], None, None))
-        for name, r in per_bits.items():
-            if name not in ("settings", "per_timestep", "fp"):
-                rows.append(comparison_row(name, r["metrics"], r["agreement"], (r["sqnr_db_mean"], r["sqnr_db_min"])))
+        for name, r in candidate_results(per_bits).items():
+            rows.append(comparison_row(name, r["metrics"], r["agreement"], (r["sqnr_db_mean"], r["sqnr_db_min"])))
     return "\n".join(rows)
 
 

@@ -1,8 +1,9 @@
-"""The post-training quantization job behind `qtoolkit quantize`.
+"""The post-training quantization job behind `qtoolkit run` and `qtoolkit quantize`.
 
-Method (which inputs to calibrate on: `calibration`; how to quantize: `quant`) meets model plumbing
-here, and nowhere else: load the FP model, check the config against it, make the calibration set,
-calibrate a quantized copy, freeze it, and save it as a pipeline folder that `qtoolkit sample` loads.
+Method (which inputs to calibrate on: a calibration strategy; how to round the weights: a rounding method;
+both plugins, looked up by name) meets model plumbing here, and nowhere else: check the whole job, make the
+calibration set, calibrate a quantized copy of the FP model, freeze it, round and bias-correct it, and save
+it as a pipeline folder that `qtoolkit sample` loads.
 """
 
 from __future__ import annotations
@@ -10,53 +11,86 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
 
-from .calibration import STRATEGIES, CalibrationSet, generate_calibration_set, plot_timestep_histogram
-from .data import load_fashion_mnist
+from . import plugins
+from .calibration import CalibrationSet, check_calibration, generate_calibration_set, plot_timestep_histogram
+from .calibration.dataset import META_FILE, TENSORS_FILE
 from .errors import QtoolkitError
 from .io import atomic_dir
-from .progress import track
 from .models.loading import DiffusionModel, model_reference, write_pipeline_files
+from .progress import track
+from .quant import QuantConfig, calibrate, correct_bias, freeze, quantize, save_quantized
 from .quant.bias_correction import check_samples as check_bias_samples
-from .quant import (QuantConfig, ReconstructionSettings, calibrate, correct_bias, freeze, quantize, reconstruct,
-                    save_quantized)
 
 
 @dataclass
 class CalibrationSettings:
-    """Which calibration set to make: a strategy of `qtoolkit.calibration` and its parameters."""
+    """Which calibration set to make: a calibration strategy (a plugin) and its parameters. A job names its
+    strategy; there is no default."""
 
-    strategy: str = "ndtc"
+    strategy: str
     size: int = 1024  # the paper's calibration set size
     scheduler: str = "ddim"
     steps: int = 100
     seed: int = 0
     batch_size: int = 256
+    inputs_per_chain: int = 1  # FP chains give up to this many inputs each (1: one chain per input)
     params: dict = field(default_factory=dict)  # strategy parameters, e.g. {"preset": "reference-code"}
     source: str | None = None  # a saved calibration set (another run's calibration/) to reuse instead
 
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise QtoolkitError(f"unknown calibration strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+
+@dataclass
+class RoundingSettings:
+    """How the frozen weights are rounded: a rounding method (a plugin) and its parameters."""
+
+    method: str
+    params: dict = field(default_factory=dict)
 
 
-def make_calibration_set(model: DiffusionModel, settings: CalibrationSettings, data_root: str | None = None,
-                         progress: bool = True) -> CalibrationSet:
+def _check_source(source: str) -> None:
+    folder = Path(source)
+    for name in (TENSORS_FILE, META_FILE):
+        if not (folder / name).is_file():
+            raise QtoolkitError(f"the calibration source {folder} is not a calibration set ({name} is missing): "
+                                "give another run's calibration/ folder")
+
+
+def check_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings,
+              rounding: RoundingSettings | None = None, bias_correction: int | None = None) -> None:
+    """Every check of a PTQ job, without any network call: the config against the model's layers, the
+    calibration strategy, its settings and parameters (or the reused set), the rounding method and its
+    parameters, the bias-correction sample count."""
+    quantized_copy(model.unet, config)  # include/exclude patterns against this model's layer names
+    if calib.source is not None:
+        _check_source(calib.source)
+    else:
+        check_calibration(calib.strategy, model, calib.size, scheduler=calib.scheduler, steps=calib.steps,
+                          seed=calib.seed, batch_size=calib.batch_size, inputs_per_chain=calib.inputs_per_chain,
+                          progress=False, **calib.params)
+    if rounding is not None:
+        plugins.rounding_method(rounding.method).settings(dict(rounding.params))
+        if config.weight_bits is None:
+            raise QtoolkitError(f"rounding method {rounding.method!r} rounds quantized weights, and this job "
+                                "quantizes none: set weight bits, or drop the rounding")
+    if bias_correction is not None:
+        check_bias_samples(bias_correction)
+
+
+def make_calibration_set(model: DiffusionModel, settings: CalibrationSettings, progress: bool = True) -> CalibrationSet:
     if settings.source is not None:
         calibration = CalibrationSet.load(settings.source)
         if tuple(calibration.x.shape[1:]) != tuple(model.sample_shape):
             raise QtoolkitError(f"the calibration set {settings.source} holds inputs of shape "
-                              f"{tuple(calibration.x.shape[1:])}, but this model takes {tuple(model.sample_shape)}: "
-                              "reuse a set made for this model")
+                                f"{tuple(calibration.x.shape[1:])}, but this model takes {tuple(model.sample_shape)}: "
+                                "reuse a set made for this model")
         return calibration
-    real = load_fashion_mnist("train", data_root)[0] if settings.strategy == "real-data" else None
     return generate_calibration_set(settings.strategy, model, settings.size, scheduler=settings.scheduler,
                                     steps=settings.steps, seed=settings.seed, batch_size=settings.batch_size,
-                                    real_images=real, progress=progress, **settings.params)
+                                    inputs_per_chain=settings.inputs_per_chain, progress=progress, **settings.params)
 
 
 def strategy_of(calibration: CalibrationSet) -> str:
@@ -78,10 +112,14 @@ def calibrate_and_freeze(qunet: torch.nn.Module, calibration: CalibrationSet, ba
     return freeze(qunet)
 
 
-def reconstruct_on_calibration(qunet: torch.nn.Module, model: DiffusionModel, calibration: CalibrationSet,
-                               settings: ReconstructionSettings, progress: bool = True) -> list[dict]:
-    """BRECQ / AdaRound of the frozen `qunet` against the FP UNet, on (a subset of) the calibration inputs."""
-    return reconstruct(qunet, model.unet, (calibration.x, calibration.t), settings, progress=progress)
+def round_on_calibration(qunet: torch.nn.Module, model: DiffusionModel, calibration: CalibrationSet,
+                         rounding: RoundingSettings, progress: bool = True):
+    """The rounding method's pass over the frozen `qunet` against the FP UNet on the calibration inputs; returns
+    (resolved settings, JSON-ready summary)."""
+    method = plugins.rounding_method(rounding.method)
+    settings = method.settings(dict(rounding.params))
+    summary = method.apply(qunet, model.unet, (calibration.x, calibration.t), settings, progress=progress)
+    return settings, summary
 
 
 def correct_bias_on_calibration(qunet: torch.nn.Module, model: DiffusionModel, calibration: CalibrationSet,
@@ -98,34 +136,37 @@ def save_quantized_pipeline(qunet: torch.nn.Module, model: DiffusionModel, out: 
         write_pipeline_files(tmp, model.scheduler_config)
 
 
-def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings, out: Path, *,
-            reconstruction: ReconstructionSettings | None = None, bias_correction: int | None = None,
-            overwrite: bool = False, data_root: str | None = None, progress: bool = True) -> tuple[torch.nn.Module, CalibrationSet]:
-    """Quantize `model` with `config`, calibrated on `calib` (then reconstructed, if `reconstruction` is given,
-    and bias-corrected on `bias_correction` calibration inputs, if it is given); write the model and
-    calibration set to `out`.
+def _json_ready(settings) -> dict:
+    return asdict(settings) if is_dataclass(settings) else dict(settings)
 
-    Every check (bits, patterns against this model's layers, strategy and its parameters) runs before the
-    first network evaluation. Returns the frozen quantized UNet and its calibration set.
+
+def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings, out: Path, *,
+            rounding: RoundingSettings | None = None, bias_correction: int | None = None,
+            overwrite: bool = False, progress: bool = True) -> tuple[torch.nn.Module, CalibrationSet]:
+    """Quantize `model` with `config`, calibrated on `calib` (then its weights rounded by `rounding`, if given,
+    and bias-corrected on `bias_correction` calibration inputs, if given); write the model, the calibration
+    set and ptq.json (what was done, with every setting resolved) to `out`.
+
+    Every check (`check_ptq`, and `out` free unless `overwrite`) runs before the first network evaluation.
+    Returns the frozen quantized UNet and its calibration set.
     """
     if out.exists() and not overwrite:
-        raise QtoolkitError(f"{out} already exists: choose another --out or pass --overwrite")
-    qunet = quantized_copy(model.unet, config)  # validates the config against the model's layer names
-    if bias_correction is not None:
-        check_bias_samples(bias_correction)
+        raise QtoolkitError(f"{out} already exists: choose another output folder or allow overwriting")
+    check_ptq(model, config, calib, rounding, bias_correction)
+    qunet = quantized_copy(model.unet, config)
     t0 = time.perf_counter()
-    calibration = make_calibration_set(model, calib, data_root, progress)
+    calibration = make_calibration_set(model, calib, progress)
     calibration_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     calibrate_and_freeze(qunet, calibration, calib.batch_size, progress)
     seconds = {"calibration_set": round(calibration_seconds, 1), "observe_and_freeze": round(time.perf_counter() - t0, 1)}
     provenance = {"base_model": model_reference(model.path), "calibration": asdict(calib),
                   "calibration_cost": calibration.meta["cost"], "seconds": seconds}
-    if reconstruction is not None:
+    if rounding is not None:
         t0 = time.perf_counter()
-        units = reconstruct_on_calibration(qunet, model, calibration, reconstruction, progress)
-        seconds["reconstruction"] = round(time.perf_counter() - t0, 1)
-        provenance["reconstruction"] = {"settings": reconstruction.to_dict(), "units": units}
+        settings, summary = round_on_calibration(qunet, model, calibration, rounding, progress)
+        seconds["rounding"] = round(time.perf_counter() - t0, 1)
+        provenance["rounding"] = {"method": rounding.method, "params": _json_ready(settings), "summary": summary}
     if bias_correction is not None:
         t0 = time.perf_counter()
         layers = correct_bias_on_calibration(qunet, model, calibration, bias_correction, calib.seed, progress)

@@ -1,20 +1,17 @@
 import copy
-import json
 
 import pytest
 import torch
 from diffusers import UNet2DModel
 
 from conftest import TINY_UNET, calibration_inputs, frozen_copy
-from qtoolkit.cli import main
+from qtoolkit import plugins
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.quant import (QuantConfig, ReconstructionSettings, load_quantized, quant_units, quantize, reconstruct,
-                          save_quantized)
-from qtoolkit.quant.adaround import AdaRoundWeight
+from qtoolkit.quant import QuantConfig, load_quantized, quant_units, quantize, save_quantized
 from qtoolkit.quant.quantizer import QuantParams
 from qtoolkit.quant.capture import execution_order
-from qtoolkit.quant.reconstruction import reconstruction_units
 from qtoolkit.models.blocks import RECONSTRUCTION_BLOCKS
+from qtoolkit_plugins.reconstruction import AdaRoundWeight, ReconstructionSettings, reconstruct, reconstruction_units
 
 
 @pytest.fixture
@@ -117,16 +114,24 @@ def test_reconstruction_refuses_unfrozen_or_float_weight_models(fp_unet):
         reconstruct(float_weights, fp_unet, calib, progress=False)
 
 
-def test_quantize_cli_splits_reconstructs_and_records_it(tiny_model_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["quantize", "--model", str(tiny_model_dir), "--wbits", "4", "--calib", "uniform", "--calib-size", "16",
-                 "--calib-steps", "4", "--reconstruct", "block", "--recon-iters", "3", "--recon-samples", "8",
-                 "--split-shortcuts", "--no-report", "--out", str(run)]) == 0
-    ptq = json.loads((run / "ptq.json").read_text())
-    assert ptq["quant_config"]["split_shortcuts"] and ptq["quant_config"]["weight_bits"] == 4
-    assert ptq["reconstruction"]["settings"]["granularity"] == "block"
-    assert len(ptq["reconstruction"]["units"]) > 0 and "reconstruction" in ptq["seconds"]
-    assert "reconstruction (block)" in capsys.readouterr().out
-    assert main(["quantize", "--model", str(tiny_model_dir), "--wbits", "off", "--reconstruct", "layer",
-                 "--out", str(tmp_path / "never")]) == 2
-    assert "needs --wbits" in capsys.readouterr().err and not (tmp_path / "never").exists()
+@pytest.mark.parametrize("method, granularity", [("adaround", "layer"), ("brecq", "block")])
+def test_the_rounding_plugins_resolve_their_parameters_and_run_the_reconstruction(fp_unet, method, granularity):
+    rounding = plugins.rounding_method(method)
+    settings = rounding.settings({"iterations": 2, "samples": 8})
+    assert settings == ReconstructionSettings(granularity=granularity, iterations=2, samples=8)
+    with pytest.raises(QtoolkitError, match="unknown rounding parameter.*'granularity'"):
+        rounding.settings({"granularity": "block"})  # the method is the granularity
+    calib = calibration_inputs(8, 0)
+    q = frozen_copy(fp_unet, QuantConfig(weight_bits=4), calib)
+    summary = rounding.apply(q, fp_unet, calib, settings, progress=False)
+    units = reconstruction_units(q, granularity, RECONSTRUCTION_BLOCKS)
+    assert [u["unit"] for u in summary] == execution_order(q, list(units), calib)
+
+
+def test_nearest_leaves_the_frozen_model_as_it_is(fp_unet):
+    nearest = plugins.rounding_method("nearest")
+    calib = calibration_inputs(8, 0)
+    q = frozen_copy(fp_unet, QuantConfig(weight_bits=4), calib)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    assert nearest.apply(q, fp_unet, calib, nearest.settings({}), progress=False) == []
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())

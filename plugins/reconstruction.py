@@ -1,8 +1,9 @@
-"""Reconstruction: learn the weights' rounding so that each block's quantized output matches full precision.
+"""Reconstruction, shared by the `adaround` and `brecq` rounding methods: learn the weights' rounding so that
+each block's (or layer's) quantized output matches full precision.
 
 BRECQ (Li et al., ICLR 2021), the reconstruction Q-Diffusion applies to diffusion models: after
 calibration and freeze, walk through the network's blocks in execution order and, for each block, train
-the AdaRound variables of its quantized layers (adaround.py) to minimise
+the AdaRound variables of its quantized layers (AdaRoundWeight, below) to minimise
 
     || block_q(x_q) - block_fp(x_fp) ||^2  +  round_weight * sum(1 - |2h - 1|^beta)
 
@@ -27,15 +28,62 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import QtoolkitError
-from ..progress import track
-from .adaround import AdaRoundWeight
-from .capture import CAPTURE_BATCH, concat_batches, execution_order, fp_twins, random_subset, run_until
-from .layers import QuantLayer
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.models.blocks import RECONSTRUCTION_BLOCKS
+from qtoolkit.progress import track
+from qtoolkit.quant.capture import CAPTURE_BATCH, concat_batches, execution_order, fp_twins, random_subset, run_until
+from qtoolkit.quant.layers import QuantLayer
+from qtoolkit.quant.quantizer import QuantParams
 
 GRANULARITIES = ("block", "layer")
-# What each granularity is known as in the literature (used in run and row names).
-METHOD_NAMES = {"block": "brecq", "layer": "adaround"}
+
+# The rectified sigmoid's stretch, as in the AdaRound paper and BRECQ:
+# h = clamp(sigmoid(alpha) (ZETA - GAMMA) + GAMMA, 0, 1) reaches 0 and 1 for finite alpha, so rounding can settle.
+ZETA, GAMMA = 1.1, -0.1
+
+
+class AdaRoundWeight(nn.Module):
+    """Stands in for a frozen weight quantizer during reconstruction: soft rounding with a learnable alpha.
+
+    AdaRound (Nagel et al., ICML 2020): round-to-nearest minimises each weight's own error, not the layer's
+    output error. AdaRound keeps the frozen scale and zero point and replaces the rounding of w / scale by
+    floor(w / scale) + h(alpha), with h a rectified sigmoid in [0, 1] that a regulariser pushes to exactly 0
+    or 1 as training goes on. At the end each weight is rounded to floor + (h > 1/2) and written back as a
+    value on the quantizer's grid, so that the frozen quantizer reproduces exactly those codes and everything
+    downstream (saving, export) stays as it is.
+    """
+    def __init__(self, weight: torch.Tensor, params: QuantParams):
+        super().__init__()
+        self.params = params
+        scale = params._along_axis(params.scale, weight)
+        scaled = weight.detach().float() / scale
+        self.register_buffer("floor", torch.floor(scaled))
+        # Start where rounding is "as the weight lies": h(alpha) = the fractional part, i.e. the soft
+        # quantized weight starts at the float weight itself (inside the clipping range).
+        rest = (scaled - self.floor).clamp(0.01, 0.99)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+
+    def soft_rounding(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """sum(1 - |2h - 1|^beta): zero only when every h is exactly 0 or 1; beta anneals from large to small."""
+        return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
+
+    def _dequantize(self, rounding: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        codes = torch.clamp(self.floor + rounding + p._along_axis(p.zero_point, self.floor), p.qmin, p.qmax)
+        return p.dequantize(codes)  # float codes: the gradient reaches alpha
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as the layer sees it during reconstruction (the argument is the float weight, unused)."""
+        return self._dequantize(self.soft_rounding()).to(weight.dtype)
+
+    @torch.no_grad()
+    def hard_weight(self) -> torch.Tensor:
+        """The learned rounding made final: a weight exactly on the quantizer's grid."""
+        return self._dequantize((self.alpha >= 0).float())
+
 
 
 @dataclass
@@ -73,11 +121,14 @@ class ReconstructionSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ReconstructionSettings":
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    def from_dict(cls, data: dict, granularity: str) -> "ReconstructionSettings":
+        """The settings of a rounding method's parameters `data`; the method decides the granularity."""
+        valid = [f.name for f in fields(cls) if f.name != "granularity"]
+        unknown = sorted(set(data) - set(valid))
         if unknown:
-            raise QtoolkitError(f"unknown reconstruction settings {unknown}: valid are {[f.name for f in fields(cls)]}")
-        return cls(**data)
+            raise QtoolkitError(f"unknown rounding parameter(s) {', '.join(map(repr, unknown))}: valid are "
+                                f"{', '.join(valid)}")
+        return cls(granularity=granularity, **data)
 
     def beta(self, iteration: int) -> float | None:
         """The regulariser's exponent at `iteration`, or None during the warm-up (no regulariser)."""
@@ -169,13 +220,11 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Tens
     qmodel: the output of freeze(model) (scales fixed); fp_model: the full-precision model it was made from
     (same module names); inputs: the calibration inputs as the models' positional arguments, each with the
     samples in dim 0 (for a UNet: (x_t, t)). block_types: the block classes (default: diffusers' blocks,
-    qtoolkit.models.blocks). Each summary has the unit's name, its layers, and its output mean squared error
+    qtoolkit.models.blocks.RECONSTRUCTION_BLOCKS). Each summary has the unit's name, its layers, and its output mean squared error
     on the reconstruction inputs with round-to-nearest and with the learned rounding.
     """
     settings = settings or ReconstructionSettings()
-    if block_types is None:
-        from ..models.blocks import RECONSTRUCTION_BLOCKS
-        block_types = RECONSTRUCTION_BLOCKS
+    block_types = RECONSTRUCTION_BLOCKS if block_types is None else block_types
     units = reconstruction_units(qmodel, settings.granularity, block_types)
     if not units:
         raise QtoolkitError("reconstruction learns the rounding of quantized weights, and this model has none: "
