@@ -21,6 +21,7 @@ import qtoolkit
 from qtoolkit import hookspecs, plugins
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.hookspecs import hookimpl
+from qtoolkit.models.loading import load_diffusion_model
 from qtoolkit.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, LOAD_ENV, OWN_DISTRIBUTION, PluginInfo
 from qtoolkit.registry import KINDS, Backend, CalibrationStrategy, ModelLoader, PluginConflict, RoundingMethod
 
@@ -76,7 +77,7 @@ def install(tmp_path, monkeypatch):
 def strategy_plugin(*names: str) -> str:
     """The source of a plugin module that registers calibration strategies `names`."""
     return f"""
-        from qtoolkit.hookspecs import hookimpl
+        from qtoolkit import hookimpl
         from qtoolkit.registry import CalibrationStrategy
 
         @hookimpl
@@ -147,16 +148,17 @@ def test_hook_register_backends(no_plugins):
     assert plugins.plugin_infos()[0].as_dict()["backends"] == ["fake-backend"]
 
 
-def test_hook_register_model_loaders(no_plugins):
+def test_hook_register_model_loaders(no_plugins, tiny_model):
     class Plugin:
         @hookimpl
         def register_model_loaders(self, register):
             register(ModelLoader(name="fake-loader", claims=lambda source: source.startswith("fake:"),
-                                 load=lambda source: source))
+                                 load=lambda source: tiny_model))
 
     plugins.add_plugin(Plugin(), info("fake"))
-    record = plugins.registry().get("register_model_loaders", "fake-loader")
-    assert record.claims("fake:model") and not record.claims("fmnist-ddpm")
+    assert load_diffusion_model("fake:tiny") is tiny_model
+    with pytest.raises(QtoolkitError, match="cannot load model 'elsewhere'"):
+        load_diffusion_model("elsewhere")
     assert plugins.plugin_infos()[0].as_dict()["model_loaders"] == ["fake-loader"]
 
 
@@ -222,7 +224,7 @@ def test_installed_plugins_with_one_name_stop_loading_with_both_named(install):
 @pytest.mark.parametrize("source, error", [
     ("raise ImportError('needs libfoo, which is not installed')", "ImportError: needs libfoo"),
     ("""
-     from qtoolkit.hookspecs import hookimpl
+     from qtoolkit import hookimpl
 
      @hookimpl
      def register_backends(register):
@@ -248,7 +250,8 @@ def test_a_broken_plugin_is_one_warning_line_and_the_rest_still_loads(install, c
 @pytest.fixture
 def three_plugins(install):
     for name in ("a", "b", "c"):
-        install(f"dist-{name}", {name: f"qtoolkit_fake_{name}"}, {f"qtoolkit_fake_{name}": strategy_plugin(f"{name}-strategy")})
+        module = f"qtoolkit_fake_{name}"
+        install(f"dist-{name}", {name: module}, {module: strategy_plugin(f"{name}-strategy")})
 
 
 def test_all_installed_plugins_load_by_default(three_plugins):
@@ -268,8 +271,8 @@ def test_load_plugins_env_loads_only_those(three_plugins, monkeypatch, chosen):
 def test_load_plugins_env_naming_a_plugin_not_installed_is_a_clear_error(three_plugins, monkeypatch):
     monkeypatch.setenv(LOAD_ENV, "a,nope")
     plugins.reload()
-    with pytest.raises(QtoolkitError, match=rf"^{LOAD_ENV} names 'nope', which is not installed: installed plugins are ") \
-            as raised:
+    expected = rf"^{LOAD_ENV} names 'nope', which is not installed: installed plugins are "
+    with pytest.raises(QtoolkitError, match=expected) as raised:
         plugins.registry()
     assert {"a", "b", "c"} <= set(str(raised.value).split("installed plugins are ")[1].split(", "))
 
@@ -337,7 +340,8 @@ def _code_strings(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
                 docstrings.add(id(first.value))
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
