@@ -3,7 +3,8 @@
 Copies the EMA weights of a `qtoolkit train` run into the package, draws 2,000 DDIM-100 samples,
 evaluates them against the Fashion-MNIST test split (FID with bootstrap CI, KID, IS, precision/recall,
 plus the IS of the real test split for scale), plots the loss curve and a sample grid, and writes
-the model card (README.md) next to the weights.
+the model card (README.md) next to the weights, with the FP samples a report with default settings
+compares against (fp_samples.npz/.json: a fresh clone need not draw them).
 
     python benchmarks/bundled_model.py --run runs/train-fmnist-ddpm --num 2000
 """
@@ -26,7 +27,7 @@ from qtoolkit.evaluation import evaluate_images, feature_extractor, load_referen
 from qtoolkit.images import save_grid  # noqa: E402
 from qtoolkit.metrics import format_table  # noqa: E402
 from qtoolkit.models.loading import BUNDLED, load_diffusion_model  # noqa: E402
-from qtoolkit.report import ReportSettings, fp_samples  # noqa: E402
+from qtoolkit.report import ReportSettings, fp_samples, ship_fp_samples  # noqa: E402
 from qtoolkit.training.ddpm import FMNIST_UNET_CONFIG  # noqa: E402
 
 HUB = BUNDLED["fmnist-ddpm"]
@@ -118,6 +119,7 @@ Measured by: `python benchmarks/bundled_model.py --run runs/train-fmnist-ddpm --
 ![samples](samples.png)
 """
     (tmp / "README.md").write_text(card)
+    ship_fp_samples(model, ReportSettings())
     (tmp / "quality.json").write_text(json.dumps({"samples": results, "train_vs_test": real,
                                                   "sample_seconds": sample_seconds}, indent=2) + "\n")
     old = HUB.with_name(HUB.name + ".old")

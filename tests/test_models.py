@@ -143,3 +143,12 @@ def test_records_name_a_bundled_model_by_its_name_not_this_machines_install_path
     assert model_reference(BUNDLED["fmnist-ddpm"]) == "fmnist-ddpm"
     assert model_reference(BUNDLED["fmnist-ddpm"] / "unet" / "..") == "fmnist-ddpm"
     assert model_reference(tiny_model_dir) == str(tiny_model_dir)
+
+
+def test_missing_or_broken_configs_are_clear_errors(tiny_model_dir):
+    (tiny_model_dir / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(QtoolkitError, match=r"scheduler_config.json is not a readable JSON config"):
+        load_diffusion_model(tiny_model_dir)
+    (tiny_model_dir / "unet" / "config.json").unlink()
+    with pytest.raises(QtoolkitError, match=r"unet/config.json is missing"):
+        load_diffusion_model(tiny_model_dir)

@@ -191,10 +191,23 @@ def _locate(root: Path) -> tuple[Path, Path]:
     )
 
 
+def _read_config(path: Path) -> dict:
+    """A JSON config file; missing or unreadable is one clear line naming it."""
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QtoolkitError(f"{path} is missing: a diffusers model folder needs its config beside the weights") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QtoolkitError(f"{path} is not a readable JSON config ({e}); re-download or re-save the model") from None
+    if not isinstance(config, dict):
+        raise QtoolkitError(f"{path} holds a JSON {type(config).__name__}, not a config object")
+    return config
+
+
 def _scheduler_config(root: Path) -> dict:
     for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
         if candidate.is_file():
-            return {k: v for k, v in json.loads(candidate.read_text()).items() if not k.startswith("_")}
+            return {k: v for k, v in _read_config(candidate).items() if not k.startswith("_")}
     log.warning("%s ships no scheduler config: assuming DDPM, 1000 linear steps, epsilon prediction", root)
     return dict(DEFAULT_SCHEDULER_CONFIG)
 
@@ -213,7 +226,7 @@ def _load_quantized_unet(unet_dir: Path) -> torch.nn.Module:
 
 
 def _load_float_unet(unet_dir: Path) -> UNet2DModel:
-    config = json.loads((unet_dir / "config.json").read_text())
+    config = _read_config(unet_dir / "config.json")
     if config.get("_class_name") != "UNet2DModel":
         raise QtoolkitError(
             f"{unet_dir / 'config.json'} describes a {config.get('_class_name')!r}, "
