@@ -27,11 +27,10 @@ from onnx import numpy_helper  # noqa: E402
 from qtoolkit.agreement import per_timestep_error, sqnr_db  # noqa: E402
 from qtoolkit.calibration import generate_calibration_set  # noqa: E402
 from qtoolkit.cli import main  # noqa: E402
-from qtoolkit.engines import ENGINES, load_engine  # noqa: E402
+from qtoolkit.engines import engine_names, load_engine, resolve_backend  # noqa: E402
 from qtoolkit.engines import memory  # noqa: E402
 from qtoolkit.engines.backends import BackendSources  # noqa: E402
 from qtoolkit.engines.benchmark import unet_macs  # noqa: E402
-from qtoolkit.engines.openvino_engine import native_float_precision  # noqa: E402
 from qtoolkit.engines.peers import PEERS  # noqa: E402
 from qtoolkit.errors import QtoolkitError  # noqa: E402
 from qtoolkit.export import export_model, load_exported  # noqa: E402
@@ -42,6 +41,9 @@ from qtoolkit.ptq import calibrate_and_freeze, quantized_copy, save_quantized_pi
 from qtoolkit.quant import QuantConfig, quant_units  # noqa: E402
 from qtoolkit.quant.fake_quant import SplitFakeQuantize  # noqa: E402
 from qtoolkit.sampling import unet_predictor  # noqa: E402
+from qtoolkit_plugins.openvino_backend import read_for_batch  # noqa: E402
+
+ENGINES = engine_names()
 
 # Agreement bounds, from measurements on this model (5 seeds of the tiny UNet, 10 DDIM steps, 4 samples):
 # - Most steps agree to float precision (> 100 dB): engine and simulation compute the same integer codes.
@@ -259,6 +261,13 @@ def test_engines_run_batch_1_3_and_65(exported, quantized, engine):
         assert sqnr_db(reference, out) >= MIN_STEP_SQNR_DB, (engine, batch)
 
 
+def test_auto_is_openvino_where_both_run_and_an_exported_folder_loads_as_its_graph(exported):
+    assert resolve_backend("auto").name == "openvino"  # the fastest here, and int8 convolutions on the default graph
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 900])
+    torch.testing.assert_close(load_engine("auto", exported[0].path, threads=1)(x, t),
+                               load_engine("openvino", exported[0].onnx_file, threads=1)(x, t), rtol=0, atol=0)
+
+
 def test_openvino_keeps_the_timestep_embedding_in_fp32(exported, quantized):
     """OpenVINO's own default here is bf16, which gives 23 dB against the simulation at t=999."""
     eps = load_engine("openvino", exported[0].onnx_file, threads=1)
@@ -270,10 +279,8 @@ def test_openvino_keeps_the_timestep_embedding_in_fp32(exported, quantized):
 @pytest.mark.parametrize("batch", [1, 5])
 def test_openvino_runs_the_quantized_convolutions_in_u8_at_a_static_batch(exported, quantized, batch):
     """The engine compiles for the batch each call brings; the static shape is set in the ONNX inputs, as
-    reshaping the read model instead left most convolutions in f32 (openvino_engine)."""
+    reshaping the read model instead left most convolutions in f32 (plugins/openvino_backend.py)."""
     import openvino as ov
-
-    from qtoolkit.engines.openvino_engine import read_for_batch
 
     core = ov.Core()
     model = read_for_batch(core, exported[0].onnx_file, batch)
@@ -286,7 +293,7 @@ def test_openvino_runs_the_quantized_convolutions_in_u8_at_a_static_batch(export
     assert quantized_convs and convolutions.count("u8") == len(quantized_convs), (convolutions, quantized_convs)
 
 
-BF16 = native_float_precision() == "bf16"
+BF16 = "bf16" in resolve_backend("openvino").float_precisions()
 
 
 @pytest.mark.skipif(not BF16, reason="this CPU has no bf16 support (the test below checks the error instead)")
@@ -310,12 +317,13 @@ def test_openvino_runs_the_float_parts_in_bf16_when_asked(exported, quantized, t
 
 @pytest.mark.skipif(BF16, reason="this CPU has bf16 support (the test above runs instead)")
 def test_bf16_float_parts_on_a_cpu_without_bf16_are_refused(exported):
-    with pytest.raises(QtoolkitError, match="no bf16 support"):
+    with pytest.raises(QtoolkitError, match="openvino backend runs the float parts in fp32 here, not 'bf16'"):
         load_engine("openvino", exported[0].onnx_file, float_precision="bf16")
 
 
 def test_float_precision_is_checked_against_the_engine(exported, quantized, tmp_path, capsys):
-    with pytest.raises(QtoolkitError, match="onnxruntime engine runs the float parts in fp32 only.*openvino engine"):
+    with pytest.raises(QtoolkitError, match="onnxruntime backend runs the float parts in fp32 here, not 'bf16'"
+                                            + ": use the openvino backend" * BF16):
         load_engine("onnxruntime", exported[0].onnx_file, float_precision="bf16")
     assert main(["sample", "--model", str(quantized[2]), "--float-precision", "bf16", "--out", str(tmp_path / "a")]) == 2
     assert "--engine openvino" in capsys.readouterr().err and not (tmp_path / "a").exists()

@@ -1,14 +1,19 @@
 """What the export and the engines refuse, with a clear error, before needing any of the int8 packages."""
 
+import dataclasses
 import json
 import sys
 
 import pytest
 import torch
 
+from qtoolkit import hookimpl, plugins
 from qtoolkit.cli import main
-from qtoolkit.engines import load_engine
+from qtoolkit.engines import load_engine, resolve_backend
+from qtoolkit.engines.backends import engine_backends
 from qtoolkit.errors import QtoolkitError
+from qtoolkit.plugins import PluginInfo
+from qtoolkit.registry import Backend
 from qtoolkit.export import load_exported, qdq_copy
 from qtoolkit.export.folder import DESCRIPTION_FILE, FORMAT, FORMAT_VERSION
 from qtoolkit.ptq import quantized_copy
@@ -48,8 +53,9 @@ def test_weights_of_any_bit_width_export_as_their_codes(tiny_unet):
 @pytest.mark.parametrize("module", ["openvino", "onnxruntime"])
 def test_a_missing_engine_package_names_the_install_command(monkeypatch, tmp_path, module):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if it were not installed
-    with pytest.raises(QtoolkitError, match=f"needs the Python package '{module}'.*" + INSTALL_HINT.replace("[", r"\[")
-                       .replace("]", r"\]")):
+    assert resolve_backend(module).float_precisions() == ()  # `qtoolkit plugins` still lists it
+    with pytest.raises(QtoolkitError, match=f"the {module} backend cannot run on this machine.*" +
+                       INSTALL_HINT.replace("[", r"\[").replace("]", r"\]")):
         load_engine(module, tmp_path / "model.onnx")
 
 
@@ -62,10 +68,61 @@ def test_export_without_the_exporter_packages_names_the_install_command(tiny_mod
 
 
 def test_unknown_engine_and_bad_threads(tmp_path):
-    with pytest.raises(QtoolkitError, match="unknown engine 'tensorrt'"):
+    with pytest.raises(QtoolkitError, match="unknown backend 'tensorrt': choose one of: onnxruntime, openvino"):
         load_engine("tensorrt", tmp_path / "model.onnx")
     with pytest.raises(QtoolkitError, match="threads must be at least 1"):
         load_engine("openvino", tmp_path / "model.onnx", threads=0)
+
+
+@pytest.fixture
+def backends(monkeypatch):
+    """The registered backends, as a dict that a test may change (undone after it)."""
+    records = plugins.registry().records["register_backends"]
+    monkeypatch.setattr(plugins.registry(), "records", {**plugins.registry().records, "register_backends": dict(records)})
+    return plugins.registry().records["register_backends"]
+
+
+def cannot_run(backend: Backend) -> Backend:
+    return dataclasses.replace(backend, float_precisions=lambda: ())
+
+
+def test_auto_picks_the_runnable_backend_of_highest_priority(backends):
+    runnable = sorted((b for b in backends.values() if b.float_precisions()), key=lambda b: -b.auto_priority)
+    assert resolve_backend("auto") is runnable[0]
+    first = runnable[0].name
+    backends[first] = cannot_run(backends[first])
+    assert resolve_backend("auto").name != first
+    for name in list(backends):
+        backends[name] = cannot_run(backends[name])
+    with pytest.raises(QtoolkitError, match="no installed backend can run on this machine.*" + first):
+        resolve_backend("auto")
+
+
+class FakeBackendPlugin:
+    """A third-party backend: an engine that runs the float parts in fp32 or fp16, and outranks the built-ins."""
+
+    @hookimpl
+    def register_backends(self, register):
+        register(Backend(name="fake", load=lambda graph, threads, precision: (graph, threads, precision),
+                         float_precisions=lambda: ("fp32", "fp16"), auto_priority=1000))
+
+
+@pytest.fixture
+def fake_backend():
+    plugins.reload()
+    plugins.add_plugin(FakeBackendPlugin(), PluginInfo("fake", "1.0", "qtoolkit-fake", "tests"))
+    yield
+    plugins.reload()
+
+
+def test_a_third_party_backend_is_loaded_benched_and_chosen_by_auto(fake_backend, tmp_path):
+    assert resolve_backend("auto").name == "fake"
+    assert load_engine("auto", tmp_path / "model.onnx", 2, "fp16") == (tmp_path / "model.onnx", 2, "fp16")
+    with pytest.raises(QtoolkitError, match="fake backend runs the float parts in fp32, fp16 here, not 'bf16'"):
+        load_engine("fake", tmp_path / "model.onnx", float_precision="bf16")
+    benched = engine_backends()
+    assert [benched[name] for name in ("fake-fp32", "fake-fp16", "fake-int8", "fake-int8-fp16")] == [
+        ("fake", "fp32", "fp32"), ("fake", "fp32", "fp16"), ("fake", "int8", "fp32"), ("fake", "int8", "fp16")]
 
 
 def test_broken_export_folders_are_clear_errors(tmp_path):

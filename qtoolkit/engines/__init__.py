@@ -1,52 +1,83 @@
 """Inference engines that run an exported ONNX graph (qtoolkit.export) as a noise predictor.
 
-Every engine gives the same callable as the torch path, eps(x float32 (B, C, H, W), t int64 (B,)) -> float32
-noise, so qtoolkit.sampling.sample(..., eps=predictor) draws samples through the same scheduler loop:
+The engines are backends, registered by plugins (`qtoolkit.hookspecs.register_backends`) and looked up by
+name. Every engine gives the same callable as the torch path, eps(x float32 (B, C, H, W), t int64 (B,)) ->
+float32 noise, so qtoolkit.sampling.sample(..., eps=predictor) draws samples through the same scheduler loop:
 
     exported = load_exported("exported/")
-    eps = load_engine("openvino", exported.onnx_file, threads=2)
+    eps = load_engine(resolve_backend("auto").name, exported.path, threads=2)
     x = sample(exported, "ddim", 100, num=64, eps=eps)
 
 The parts of the graph that stay float (GroupNorm, SiLU, softmax, residual adds, the timestep embedding) run
-in FP32 by default. OpenVINO can run them in bf16 instead (`float_precision="bf16"`, on CPUs with bf16
-support): on a model of few channels they, not the integer convolutions, take most of the time.
+in FP32 by default; a backend may offer others (`Backend.float_precisions()`, e.g. bf16 on CPUs that have it):
+on a model of few channels they, not the integer convolutions, take most of the time.
 
-Engines are optional (pip install -c constraints.txt 'qtoolkit[int8]'); a missing one is a clear QtoolkitError.
+The built-in engines' runtimes are optional (pip install -c constraints.txt 'qtoolkit[int8]'); a backend whose
+runtime is missing cannot run here, and asking for it is a clear QtoolkitError.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import plugins
 from ..errors import QtoolkitError
+from .optional import INSTALL_HINT
 
-if TYPE_CHECKING:  # the CLI imports ENGINES while it builds its parser: keep this module light
+if TYPE_CHECKING:
+    from ..registry import Backend
     from ..sampling import NoisePredictor
 
-# Engine name -> the module whose load(onnx_file, threads, float_precision) builds its predictor (imported on use).
-_ENGINE_MODULES = {"onnxruntime": "onnxruntime_engine", "openvino": "openvino_engine"}
-ENGINES = tuple(_ENGINE_MODULES)
-FLOAT_PRECISIONS = ("fp32", "bf16")
-# Engine name -> the precisions it can run the graph's float parts in.
-_ENGINE_FLOAT_PRECISIONS = {"onnxruntime": ("fp32",), "openvino": FLOAT_PRECISIONS}
+AUTO = "auto"
+BACKENDS_HOOK = "register_backends"
+FLOAT_PRECISIONS = ("fp32", "bf16")  # the precisions qtoolkit knows names for, FP32 (the default) first
 
 
-def load_engine(engine: str, onnx_file: str | Path, threads: int | None = None,
+def engine_names() -> list[str]:
+    """The installed backends' names (runnable here or not)."""
+    return plugins.names(BACKENDS_HOOK)
+
+
+def resolve_backend(name: str) -> Backend:
+    """The backend named `name`, or for "auto" the one that can run on this machine with the highest
+    auto_priority (ties: the first name). A backend that cannot run here is an error naming the ones that can."""
+    if name != AUTO:
+        return plugins.backend(name)
+    backends = [plugins.backend(n) for n in engine_names()]
+    runnable = [b for b in backends if b.float_precisions()]
+    if not runnable:
+        installed = ", ".join(b.name for b in backends) or "none"
+        raise QtoolkitError(f"no installed backend can run on this machine (installed: {installed}; their runtimes "
+                            f"are missing): install the built-in backends' runtimes with {INSTALL_HINT}")
+    return max(runnable, key=lambda b: b.auto_priority)  # max keeps the first of equals, in name order
+
+
+def graph_file(exported: str | Path) -> Path:
+    """The graph an engine runs: the ONNX file of an exported folder, or the graph file given."""
+    from ..export.folder import is_exported_folder, load_exported  # the export imports this package: import on use
+
+    exported = Path(exported)
+    return load_exported(exported).onnx_file if is_exported_folder(exported) else exported
+
+
+def load_engine(engine: str, exported: str | Path, threads: int | None = None,
                 float_precision: str = "fp32") -> NoisePredictor:
-    """A noise predictor running `onnx_file` on `engine` (CPU), with `threads` threads (None: the engine's default),
-    the graph's float (unquantized) parts in `float_precision`."""
-    if engine not in _ENGINE_MODULES:
-        raise QtoolkitError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    """A noise predictor running `exported` (a folder of `qtoolkit export`, or its graph file) on the backend
+    named `engine` ("auto": see resolve_backend), with `threads` threads (None: the backend's default), the
+    graph's float (unquantized) parts in `float_precision`."""
     if threads is not None and threads < 1:
         raise QtoolkitError(f"threads must be at least 1, got {threads}")
-    if float_precision not in _ENGINE_FLOAT_PRECISIONS[engine]:
-        able = [name for name, precisions in _ENGINE_FLOAT_PRECISIONS.items() if float_precision in precisions]
-        raise QtoolkitError(f"the {engine} engine runs the float parts in {', '.join(_ENGINE_FLOAT_PRECISIONS[engine])} "
-                          f"only, not {float_precision!r}" + (f": use the {' or '.join(able)} engine" if able else ""))
-    module = importlib.import_module(f".{_ENGINE_MODULES[engine]}", __name__)
-    return module.load(Path(onnx_file), threads, float_precision)
+    backend = resolve_backend(engine)
+    precisions = backend.float_precisions()
+    if not precisions:
+        raise QtoolkitError(f"the {backend.name} backend cannot run on this machine: its runtime is not installed "
+                            f"(for the built-in backends: {INSTALL_HINT})")
+    if float_precision not in precisions:
+        able = [name for name in engine_names() if float_precision in plugins.backend(name).float_precisions()]
+        raise QtoolkitError(f"the {backend.name} backend runs the float parts in {', '.join(precisions)} here, not "
+                            f"{float_precision!r}" + (f": use the {' or '.join(able)} backend" if able else ""))
+    return backend.load(graph_file(exported), threads, float_precision)
 
 
-__all__ = ["ENGINES", "FLOAT_PRECISIONS", "load_engine"]
+__all__ = ["AUTO", "FLOAT_PRECISIONS", "engine_names", "graph_file", "load_engine", "resolve_backend"]

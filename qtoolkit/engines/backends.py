@@ -1,9 +1,10 @@
 """The backends the benchmark compares, each a noise predictor built from one set of sources.
 
-Engine backends are named ENGINE-GRAPH ("openvino-int8": qtoolkit's int8 graph on OpenVINO), with a -bf16 suffix
-where OpenVINO runs the graph's float parts in bf16 (on CPUs that have it): "openvino-bf16" is the float
-graph in bf16, a float baseline beside torch.compile BF16, and "openvino-int8-bf16" qtoolkit's int8 graph with
-its unquantized parts in bf16.
+Engine backends are every registered backend (a plugin, see qtoolkit.engines) that can run on this machine,
+named ENGINE-GRAPH ("openvino-int8": qtoolkit's int8 graph on OpenVINO), with a -PRECISION suffix for each
+other float precision the engine can run the graph's float parts in here (e.g. bf16, on CPUs that have it):
+"openvino-bf16" is the float graph in bf16, a float baseline beside torch.compile BF16, and
+"openvino-int8-bf16" qtoolkit's int8 graph with its unquantized parts in bf16.
 
 A backend is built from the quantized model's FP32 original, the two exported graphs (float and qtoolkit's
 int8 QDQ) and, for the peers' int8 recipes, the calibration set qtoolkit was calibrated on. BackendSources
@@ -26,8 +27,7 @@ from ..export.onnx_graph import export_onnx
 from ..models.loading import load_diffusion_model, save_diffusion_model
 from ..quant.api import quant_units
 from ..sampling import NoisePredictor, unet_predictor
-from . import ENGINES, load_engine
-from .openvino_engine import native_float_precision
+from . import engine_names, load_engine, resolve_backend
 from .peers import PEERS
 
 EAGER = "pytorch-fp32-eager"
@@ -47,14 +47,17 @@ class Backend:
 
 def engine_backends() -> dict[str, tuple[str, str, str]]:
     """Engine backend name -> (engine, graph precision, float precision): the float graph, then the int8 graph, on
-    every engine; OpenVINO with bf16 float parts too where the CPU supports it."""
+    every engine that can run here with FP32 float parts, then with each other float precision it offers."""
+    engines = {name: resolve_backend(name).float_precisions() for name in engine_names()}
+    engines = {name: precisions for name, precisions in engines.items() if precisions}  # runnable here
     backends = {}
-    bf16 = native_float_precision() == "bf16"
     for graph in PRECISIONS:
-        for engine in ENGINES:
+        for engine in engines:
             backends[f"{engine}-{graph}"] = (engine, graph, "fp32")
-        if bf16:
-            backends["openvino-bf16" if graph == "fp32" else f"openvino-{graph}-bf16"] = ("openvino", graph, "bf16")
+        for engine, precisions in engines.items():
+            for reduced in precisions[1:]:
+                backends[f"{engine}-{reduced}" if graph == "fp32" else f"{engine}-{graph}-{reduced}"] = \
+                    (engine, graph, reduced)
     return backends
 
 

@@ -41,8 +41,9 @@ from ..errors import QtoolkitError
 from ..models.loading import DiffusionModel
 from ..progress import progress_bar
 from ..sampling import sample
-from . import memory
-from .backends import EAGER, Backend, BackendSources, backend_names, build_backend, require_calibration
+from . import memory, resolve_backend
+from .backends import (EAGER, Backend, BackendSources, backend_names, build_backend, engine_backends,
+                       require_calibration)
 from .optional import import_optional
 from .peers import PEERS
 
@@ -269,10 +270,11 @@ def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | N
 
 
 def _versions(peers: tuple[str, ...]) -> dict:
-    packages = ["onnxruntime", "openvino"] + ["nncf"] * ("openvino-int8-nncf" in peers) + \
-        ["torchao"] * ("pt2e-x86-inductor" in peers)
-    return {"torch": torch.__version__, **{name: import_optional(name, "the benchmark").__version__
-                                          for name in packages}}
+    """torch, every engine's runtime (by backend name), and the peers' own packages."""
+    engines = {engine for engine, _, _ in engine_backends().values()}
+    packages = ["nncf"] * ("openvino-int8-nncf" in peers) + ["torchao"] * ("pt2e-x86-inductor" in peers)
+    return {"torch": torch.__version__, **{name: resolve_backend(name).runtime_version() for name in sorted(engines)},
+            **{name: import_optional(name, "the benchmark").__version__ for name in packages}}
 
 
 def _speedup(value: float | None) -> str:

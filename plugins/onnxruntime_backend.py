@@ -1,4 +1,4 @@
-"""ONNX Runtime on the CPU execution provider, all graph optimizations on.
+"""The `onnxruntime` backend: ONNX Runtime on the CPU execution provider, all graph optimizations on.
 
 What it makes of qtoolkit's QDQ graph (measured with its optimized-model dump, onnxruntime 1.32): quantized
 Linear layers become MatMulIntegerToFloat (u8 x s8 integer GEMM, float output). A quantized convolution
@@ -11,16 +11,24 @@ OpenVINO runs that same graph's convolutions in u8.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
-from ..export.onnx_graph import INPUT_NAMES, OUTPUT_NAME
-from ..sampling import NoisePredictor
-from .optional import import_optional
-from .predictor import numpy_predictor
+from qtoolkit import hookimpl
+from qtoolkit.engines.optional import import_optional
+from qtoolkit.engines.predictor import numpy_predictor
+from qtoolkit.export.onnx_graph import INPUT_NAMES, OUTPUT_NAME
+from qtoolkit.registry import Backend
+from qtoolkit.sampling import NoisePredictor
+
+
+def float_precisions() -> tuple[str, ...]:
+    """FP32 only (its CPU provider has no bf16 kernels for this graph); nothing when it is not installed."""
+    return ("fp32",) if importlib.util.find_spec("onnxruntime") is not None else ()
 
 
 def load(onnx_file: Path, threads: int | None = None, float_precision: str = "fp32") -> NoisePredictor:
-    """`float_precision`: fp32 only (qtoolkit.engines.load_engine checks it)."""
+    """`float_precision`: fp32 only (qtoolkit.engines.load_engine checks it against float_precisions)."""
     ort = import_optional("onnxruntime", "the onnxruntime engine")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -39,3 +47,13 @@ def load(onnx_file: Path, threads: int | None = None, float_precision: str = "fp
     def run(sample, timestep):
         return session.run([OUTPUT_NAME], {sample_name: sample, timestep_name: timestep})[0]
     return numpy_predictor(run)
+
+
+def runtime_version() -> str:
+    return import_optional("onnxruntime", "the onnxruntime engine").__version__
+
+
+@hookimpl
+def register_backends(register):
+    register(Backend(name="onnxruntime", load=load, float_precisions=float_precisions, runtime_version=runtime_version,
+                     description="ONNX Runtime (CPU): integer GEMMs; QLinearConv for graphs with quantized conv outputs"))

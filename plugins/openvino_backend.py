@@ -1,4 +1,7 @@
-"""OpenVINO on the CPU, reading the ONNX QDQ graph directly (no conversion step, no nncf).
+"""The `openvino` backend: OpenVINO on the CPU, reading the ONNX QDQ graph directly (no conversion step, no nncf).
+
+It is "backend: auto"'s first choice where it can run: the fastest here, and it runs qtoolkit's default
+(input-only) graph's convolutions in int8, which ONNX Runtime does not.
 
 OpenVINO turns each QuantizeLinear/DequantizeLinear pair into a FakeQuantize and its low-precision
 transformations run the quantized convolutions and matmuls in u8 x s8 (checked in its runtime model: every
@@ -29,13 +32,16 @@ model is kept, so that memory holds one copy of the weights.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from pathlib import Path
 
-from ..errors import QtoolkitError
-from ..export.onnx_graph import INPUT_NAMES, OUTPUT_NAME
-from ..sampling import NoisePredictor
-from .optional import import_optional
-from .predictor import numpy_predictor
+from qtoolkit import hookimpl
+from qtoolkit.engines.optional import import_optional
+from qtoolkit.engines.predictor import numpy_predictor
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.export.onnx_graph import INPUT_NAMES, OUTPUT_NAME
+from qtoolkit.registry import Backend
+from qtoolkit.sampling import NoisePredictor
 
 
 # qtoolkit's names -> OpenVINO's inference precision hints.
@@ -43,16 +49,24 @@ _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 @functools.cache  # the CPU's capabilities do not change while a process runs
-def native_float_precision() -> str:
-    """The precision OpenVINO picks for float parts when not told: bf16 where the CPU supports it, else FP32."""
+def _cpu_has_bf16() -> bool:
     ov = import_optional("openvino", "the openvino engine")
-    return "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "fp32"
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def float_precisions() -> tuple[str, ...]:
+    """FP32, and bf16 where the CPU supports it (then the precision OpenVINO picks for float parts when not
+    told); nothing when OpenVINO is not installed."""
+    if importlib.util.find_spec("openvino") is None:
+        return ()
+    return ("fp32", "bf16") if _cpu_has_bf16() else ("fp32",)
 
 
 def engine_config(float_precision: str, threads: int | None) -> dict:
     """OpenVINO's CPU properties for qtoolkit's engine: pinned float precision, latency mode, thread count."""
-    if float_precision == "bf16" and native_float_precision() != "bf16":
-        raise QtoolkitError("this CPU has no bf16 support that OpenVINO can use: run the float parts in fp32")
+    if float_precision not in float_precisions():
+        raise QtoolkitError(f"this CPU has no {float_precision} support that OpenVINO can use: run the float parts "
+                            "in fp32")
     config = {"INFERENCE_PRECISION_HINT": _HINTS[float_precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -93,3 +107,15 @@ def load(model_file: Path, threads: int | None = None, float_precision: str = "f
         # share_outputs=False (the default) copies the result out of the request's buffer, which the next call reuses.
         return request.infer({sample_name: sample, timestep_name: timestep}, share_inputs=True)[output]
     return numpy_predictor(run)
+
+
+def runtime_version() -> str:
+    return import_optional("openvino", "the openvino engine").__version__
+
+
+@hookimpl
+def register_backends(register):
+    register(Backend(name="openvino", load=load, float_precisions=float_precisions, auto_priority=10,
+                     runtime_version=runtime_version,
+                     description="OpenVINO (CPU): int8 convolutions and matmuls from the ONNX QDQ graph; bf16 float "
+                                 "parts where the CPU has them"))
