@@ -47,12 +47,14 @@ def probe(work: Path, backend: str, batch_sizes: list[int], threads: int, seed: 
     """In this process: peak resident MiB above the baseline while `backend` serves each batch size."""
     import torch
 
+    from . import engine_names, resolve_backend
     from .backends import BackendSources, build_backend
-    from .optional import import_optional
 
-    # Every probe imports the same libraries before its baseline, whichever backend it builds.
-    for module in ("onnxruntime", "openvino"):
-        import_optional(module, "the memory probe")
+    # Every probe imports the same libraries before its baseline, whichever backend it builds: asking each
+    # runnable engine for its runtime's version imports that runtime.
+    for name in engine_names():
+        if resolve_backend(name).float_precisions():
+            resolve_backend(name).runtime_version()
     torch.set_num_threads(threads)
     sources = BackendSources.reopen(work, threads)
     baseline = _status_mib("VmRSS")
