@@ -334,17 +334,39 @@ def _core_files() -> list[Path]:
     return sorted(CORE.rglob("*.py"))
 
 
+# Calls whose first argument is a Python module's name: some built-in plugins are named after the library they
+# wrap (openvino, onnxruntime, diffusers), and the core may import or version a library by its name.
+MODULE_NAME_CALLS = {"import_module", "import_optional", "find_spec", "version"}
+
+
+def _module_names(tree: ast.AST) -> set[int]:
+    """ids of the string constants that name a Python module: the first argument of a MODULE_NAME_CALLS call,
+    and a dict key whose value is that very module's __version__ ({"torch": torch.__version__})."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if callee in MODULE_NAME_CALLS:
+                found.add(id(node.args[0]))
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and isinstance(value, ast.Attribute) and value.attr == "__version__" \
+                        and isinstance(value.value, ast.Name) and value.value.id == key.value:
+                    found.add(id(key))
+    return found
+
+
 def _code_strings(tree: ast.AST):
-    """String constants of a module that are not docstrings (f-string parts included)."""
-    docstrings = set()
+    """String constants of a module that are not docstrings (f-string parts included) nor module names."""
+    skipped = _module_names(tree)
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
                     and isinstance(first.value.value, str):
-                docstrings.add(id(first.value))
+                skipped.add(id(first.value))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skipped:
             yield node
 
 
