@@ -1,0 +1,126 @@
+"""Run a recipe: check everything first, then quantize, export, report, into one run folder.
+
+`prepare(recipe)` loads the model and runs every check the job has (the quantization config against the model's
+layers, the strategy's and rounding method's parameters, the backend on this machine, what the report can compute)
+without a single network evaluation; `run(job, out)` then does the work and writes, atomically:
+
+    recipe.yaml       the recipe as it ran: every default filled in, the backend `auto` chose
+    versions.json     qtoolkit, torch, python, and each plugin the run used, with its version
+    model/ calibration/ ptq.json calibration_timesteps.png     (qtoolkit.ptq.run_ptq)
+    export/           the exported graph the backend runs (not with backend: none)
+    report.md report.json per_timestep_sqnr.png samples_*.png  (qtoolkit.report)
+
+`qtoolkit run` and `qtoolkit quantize` (which builds a recipe from its flags) both come here.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+
+from . import __version__, plugins
+from .engines import load_engine, resolve_backend
+from .errors import QtoolkitError
+from .export import export_model
+from .io import atomic_dir, check_new_output
+from .models import DiffusionModel, load_diffusion_model
+from .progress import progress_bar
+from .ptq import CalibrationSettings, RoundingSettings, check_ptq, run_ptq, strategy_of
+from .quant import QuantConfig
+from .recipe import NO_BACKEND, Recipe
+from .registry import Backend
+from .report import ReportSettings, compare_to_fp, plan_report, write_report
+from .sampling import unet_predictor
+
+
+@dataclass
+class Job:
+    """A recipe with everything checked and resolved: what `run` does, nothing left to fail on bad input."""
+
+    recipe: Recipe
+    model: DiffusionModel
+    config: QuantConfig
+    calibration: CalibrationSettings
+    rounding: RoundingSettings | None
+    bias_correction: int | None  # calibration inputs bias correction uses; None: off
+    backend: Backend | None  # None: the report samples the fake-quantized model in PyTorch
+    report: ReportSettings | None
+    plan: Any  # what the report can compute for this model (qtoolkit.report.plan_report)
+
+
+def prepare(recipe: Recipe) -> Job:
+    """Load the recipe's model and check the whole job against it, before any work."""
+    model = load_diffusion_model(recipe.model)
+    config = recipe.quantization.settings()
+    calibration = recipe.calibration.settings()
+    rounding = recipe.rounding.settings() if recipe.rounding is not None else None
+    bias_correction = recipe.bias_correction.samples if recipe.bias_correction.enabled else None
+    check_ptq(model, config, calibration, rounding, bias_correction)
+    backend = None if recipe.backend == NO_BACKEND else resolve_backend(recipe.backend)
+    if backend is not None:
+        precisions = backend.float_precisions()
+        if recipe.float_precision not in precisions:
+            raise QtoolkitError(f"backend {backend.name} runs the float parts in {', '.join(precisions) or 'nothing'} "
+                                f"on this machine, not {recipe.float_precision!r}: set float_precision to one of these")
+    report = recipe.report.settings() if recipe.report.enabled else None
+    plan = plan_report(model, report) if report is not None else None
+    return Job(recipe, model, config, calibration, rounding, bias_correction, backend, report, plan)
+
+
+def candidate_name(job: Job, strategy: str) -> str:
+    """The quantized model's name in the report, e.g. W8A8-ndtc-bc."""
+    name = f"W{job.config.weight_bits or 'fp'}A{job.config.activation_bits or 'fp'}-{strategy}"
+    if job.rounding is not None:
+        name += f"-{job.rounding.method}"
+    if job.bias_correction is not None:
+        name += "-bc"
+    return name
+
+
+def run(job: Job, out: Path, *, overwrite: bool = False, command: str = "") -> str | None:
+    """Do the job into the run folder `out` (replaced only when everything succeeded); returns the report's text."""
+    out = Path(out)
+    check_new_output(out, overwrite)
+    text = None
+    with atomic_dir(out, overwrite) as tmp:
+        t0 = time.perf_counter()
+        qunet, calibration = run_ptq(job.model, job.config, job.calibration, tmp, rounding=job.rounding,
+                                     bias_correction=job.bias_correction, overwrite=True)
+        print(f"quantized model ({out}/model) in {time.perf_counter() - t0:.0f} s")
+        eps, where = unet_predictor(qunet), "PyTorch (fake-quant simulation)"
+        if job.backend is not None:
+            with progress_bar(1, f"export for {job.backend.name}", unit="graph") as bar:
+                export_model(DiffusionModel(qunet, job.model.scheduler_config, out / "model"), tmp / "export")
+                bar.advance()
+            eps = load_engine(job.backend.name, tmp / "export", job.recipe.threads, job.recipe.float_precision)
+            where = f"{job.backend.name} ({job.recipe.float_precision} float parts), from {out}/export"
+        name = candidate_name(job, strategy_of(calibration))
+        if job.report is not None:
+            results = compare_to_fp(job.model, {name: eps}, job.report, tmp, plan=job.plan)
+            text = write_report(results, tmp, f"qtoolkit report: {name} on {job.recipe.model}, sampled on {where}",
+                                command)
+        resolved = job.recipe.model_copy(update={"backend": job.backend.name if job.backend else NO_BACKEND})
+        (tmp / "recipe.yaml").write_text(resolved.to_yaml())
+        (tmp / "versions.json").write_text(json.dumps(versions(job, strategy_of(calibration)), indent=2) + "\n")
+    return text
+
+
+def versions(job: Job, strategy: str) -> dict:
+    """Versions of what made the run: qtoolkit, torch, python, and every plugin whose record it used."""
+    registry = plugins.registry()
+    used = {("register_calibration_strategies", strategy),
+            ("register_rounding_methods", job.rounding.method if job.rounding else None),
+            ("register_backends", job.backend.name if job.backend else None)}
+    used |= {("register_model_loaders", name) for name, loader in registry.records["register_model_loaders"].items()
+             if loader.claims(job.recipe.model)}
+    owners = {registry.owners[hook][name] for hook, name in used if name in registry.owners[hook]}
+    return {"qtoolkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+            "plugins": [info.as_dict() for info in plugins.plugin_infos() if info.name in owners]}
