@@ -9,7 +9,7 @@ Then it runs the benchmark behind `qtoolkit bench` (qtoolkit.engines.benchmark),
 (NNCF, ORT quantize_static, PT2E, torch.compile BF16) calibrate on the same inputs.
 
     python benchmarks/int8_speed.py --json runs/int8_speed.json        # batch 1, 16, 64; 2 threads
-    python benchmarks/int8_speed.py --tiny --batch-sizes 1 2 --iterations 2 --sample-steps 2   # smoke run
+    python benchmarks/int8_speed.py --tiny --batch-sizes 1,2 --iterations 2 --sample-steps 2   # smoke run
 
 Random weights make the per-step SQNR of this script meaningless for quality (the benchmark of the trained
 bundled model, `qtoolkit bench --model RUN`, measures that), so it is skipped here by default.
@@ -18,15 +18,15 @@ Needs the extras: pip install -c constraints.txt 'qtoolkit[int8,peers]'.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import torch
+import typer
 
 from qtoolkit.calibration import CalibrationSet  # first: qtoolkit quiets torchao's import noise before diffusers
-from qtoolkit.engines.benchmark import add_arguments, format_tables, run_benchmark, settings_from_args
+from qtoolkit.engines.benchmark import BenchSettings, bench_options, format_tables, run_benchmark
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
 from qtoolkit.ptq import calibrate_and_freeze, quantized_copy
 from qtoolkit.quant import QuantConfig
@@ -51,31 +51,33 @@ def calibration_inputs(shape: tuple[int, ...], num: int, seed: int) -> Calibrati
     return CalibrationSet(x=abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t=t, meta={"strategy": "forward-noised"})
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a narrow model, for a smoke run of the script")
-    parser.add_argument("--calib-size", type=int, default=64)
-    parser.add_argument("--quantize-conv-outputs", action="store_true", help="QuantConfig(quantize_conv_outputs=True):"
-                        " the form ONNX Runtime runs as QLinearConv")
-    add_arguments(parser)
-    parser.set_defaults(quality_num=0)
-    args = parser.parse_args(argv)
-    settings = settings_from_args(args)
+@bench_options(quality_num=0)  # random weights: the per-step SQNR says nothing about quality here
+def main(
+    settings: BenchSettings,
+    tiny: Annotated[bool, typer.Option("--tiny", help="a narrow model, for a smoke run of the script")] = False,
+    calib_size: Annotated[int, typer.Option(help="forward-noised calibration inputs")] = 64,
+    quantize_conv_outputs: Annotated[bool, typer.Option("--quantize-conv-outputs", help="QuantConfig("
+                                                        "quantize_conv_outputs=True): the form ONNX Runtime runs as "
+                                                        "QLinearConv")] = False,
+    work: Annotated[Optional[Path], typer.Option(help="keep the exported graphs here (default: a temporary "
+                                                 "folder)")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results here")] = None,
+) -> None:
+    """int8 speed on the DDPM CIFAR-10 architecture (random weights): qtoolkit's graph against FP32 and the peers."""
     torch.set_num_threads(settings.threads)
-    torch.manual_seed(args.seed)
-    unet = UNet2DModel(**(TINY if args.tiny else CIFAR10_DDPM)).eval()
+    torch.manual_seed(settings.seed)
+    unet = UNet2DModel(**(TINY if tiny else CIFAR10_DDPM)).eval()
     model = DiffusionModel(unet, dict(DEFAULT_SCHEDULER_CONFIG), Path("random-weights-cifar10-ddpm"))
-    calibration = calibration_inputs(model.sample_shape, args.calib_size, args.seed)
-    config = QuantConfig(quantize_conv_outputs=args.quantize_conv_outputs)
+    calibration = calibration_inputs(model.sample_shape, calib_size, settings.seed)
+    config = QuantConfig(quantize_conv_outputs=quantize_conv_outputs)
     qunet = calibrate_and_freeze(quantized_copy(unet, config), calibration, batch_size=16, progress=False)
-    result = run_benchmark(DiffusionModel(qunet, model.scheduler_config, model.path), settings, args.work, calibration)
-    result["model_config"] = "tiny" if args.tiny else "cifar10-ddpm"
-    result["quantize_conv_outputs"] = args.quantize_conv_outputs
+    result = run_benchmark(DiffusionModel(qunet, model.scheduler_config, model.path), settings, work, calibration)
+    result["model_config"] = "tiny" if tiny else "cifar10-ddpm"
+    result["quantize_conv_outputs"] = quantize_conv_outputs
     print(format_tables(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    typer.run(main)

@@ -1,10 +1,14 @@
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from qtoolkit.cli import main
+from qtoolkit.models import load_diffusion_model
+from qtoolkit.quant import quant_units
 
 
 def run_cli(*args):
@@ -12,7 +16,7 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["sample", "--model", "no-such-model", "--out", "x"], "neither a bundled name"),
+    (["sample", "--model", "no-such-model", "--out", "x"], "cannot load model 'no-such-model'"),
     (["sample", "--model", ".", "--out", "x"], "not a diffusers model folder"),
 ])
 def test_bad_input_is_one_clear_line_and_nonzero_exit(args, message):
@@ -42,3 +46,78 @@ def test_missing_dataset_and_truncated_weights_are_one_line_errors(tiny_model_di
     r = run_cli("sample", "--model", str(tiny_model_dir), "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_quantize_builds_a_recipe_from_its_flags_and_runs_it(tiny_model_dir32, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["quantize", "--model", str(tiny_model_dir32), "--calib", "uniform", "--calib-size", "16",
+                 "--calib-steps", "4", "--inputs-per-chain", "4", "--bias-samples", "8", "--backend", "none",
+                 "--eval-num", "2", "--eval-steps", "4", "--out", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    name = "W8A8-uniform-bc"  # bias correction is on by default, as in a recipe
+    assert len(report["per_timestep"]["t"]) == 4 and report[name]["sqnr_db_mean"] > 15
+    ran = yaml.safe_load((run / "recipe.yaml").read_text())  # the same run folder as `qtoolkit run` writes
+    assert ran["calibration"]["strategy"] == "uniform" and ran["calibration"]["inputs_per_chain"] == 4
+    assert ran["backend"] == "none" and ran["report"]["num"] == 2
+
+    model = load_diffusion_model(run)  # the run folder itself is a model
+    assert len(quant_units(model.unet)) > 0
+    assert main(["sample", "--model", str(run), "--steps", "3", "--num", "6", "--out", str(tmp_path / "s")]) == 0
+    assert main(["eval", str(tmp_path / "s"), "--num-reference", "50", "--bootstrap", "10"]) == 0
+    assert "FID" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no strategy given: set calibration.strategy to one of: "),  # the core names no default strategy
+    (["--calib", "uniform", "--wbits", "0"], "weight_bits = 0"),
+    (["--calib", "uniform", "--abits", "33"], "activation_bits = 33"),
+    (["--calib", "nope"], "unknown calibration strategy 'nope': choose one of: "),
+    (["--calib", "uniform", "--exclude", "no_such_layer"], "matches no quantizable layer"),
+    (["--calib", "ndtc", "--calib-param", "preset=nope"], "preset"),
+    (["--calib", "uniform", "--bias-samples", "0"], "bias correction samples = 0"),
+    (["--calib", "uniform", "--rounding", "nope"], "unknown rounding method 'nope'"),
+    (["--calib", "uniform", "--rounding-param", "iterations=3"], "name the method too"),
+    (["--calib", "uniform", "--rounding", "brecq", "--wbits", "off"], "quantizes none"),
+    (["--calib", "uniform", "--backend", "nope"], "unknown backend 'nope'"),
+])
+def test_bad_quantize_flags_fail_before_any_work(tiny_model_dir32, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    assert main(["quantize", "--model", str(tiny_model_dir32), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_plugins_json_lists_the_built_ins(capsys):
+    assert main(["plugins", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert all({"name", "version", "calibration_strategies", "rounding_methods", "backends"} <= set(p) for p in listed)
+    registered = {key: {name for p in listed for name in p[key]}
+                  for key in ("calibration_strategies", "rounding_methods", "backends")}
+    assert {"ndtc", "uniform", "first-n", "random", "real-data"} <= registered["calibration_strategies"]
+    assert {"nearest", "adaround", "brecq"} <= registered["rounding_methods"]
+    assert {"openvino", "onnxruntime"} <= registered["backends"]
+    assert main(["plugins"]) == 0
+    table = capsys.readouterr().out
+    assert all(p["name"] in table for p in listed)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["quantize", "--calib", "uniform"], "Missing option '--out'"),
+    (["no-such-command"], "No such command"),
+    (["sample", "--num", "many", "--out", "x"], "Invalid value for '--num'"),
+    (["run"], "Missing argument 'recipe'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qtoolkit: error: ") and message in lines[0], lines
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    for command in ("run", "plugins", "recipe", "train", "train-classifier", "sample", "eval", "quantize", "export",
+                    "bench"):
+        assert command in shown

@@ -446,8 +446,8 @@ def test_bench_smoke(quantized, tmp_path, capsys):
     out = tmp_path / "bench.json"
     save_diffusion_model(quantized[0].unet, quantized[0].scheduler_config, tmp_path / "fp")
     assert main(["bench", "--model", str(quantized[2]), "--fp-model", str(tmp_path / "fp"),
-                 "--calibration", str(calibration), "--batch-sizes", "1",
-                 "2", "--iterations", "2", "--warmup", "1", "--threads", "1", "--quality-steps", "3",
+                 "--calibration", str(calibration), "--batch-sizes", "1,2",
+                 "--iterations", "2", "--warmup", "1", "--threads", "1", "--quality-steps", "3",
                  "--quality-num", "2", "--sample-steps", "2", "--sample-num", "2", "--sample-iterations", "1",
                  "--no-memory", "--json", str(out)]) == 0
     table = capsys.readouterr().out
@@ -505,7 +505,7 @@ def test_benchmark_compares_with_the_model_it_was_quantized_from(quantized, tmp_
         BackendSources.prepare(corrected, qmodel.scheduler_config, qmodel.sample_shape, tmp_path / "b", threads=1,
                                fp_unet=UNet2DModel(**{**TINY_UNET, "block_out_channels": (16, 32)}))
     # The test pipeline has no ptq.json (a `qtoolkit quantize` run folder has one, naming its base model).
-    assert main(["bench", "--model", str(folder), "--peers"]) == 2
+    assert main(["bench", "--model", str(folder), "--peers", ""]) == 2
     assert "pass --fp-model" in capsys.readouterr().err
 
 

@@ -24,15 +24,17 @@ timed minutes after another would be compared with a different machine state.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import inspect
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+import typer
 from torch import nn
 
 from ..agreement import per_timestep_error, sqnr_db
@@ -79,39 +81,63 @@ class BenchSettings:
             raise QtoolkitError(f"unknown peer {unknown[0]!r}: choose among {', '.join(PEERS)}")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options, shared by `qtoolkit bench` and benchmarks/int8_speed.py."""
-    d = BenchSettings()
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(d.batch_sizes))
-    parser.add_argument("--iterations", type=int, default=d.iterations, help="timed forwards per backend and batch size")
-    parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed forwards before each timed one "
-                        "(warm caches, as in a sampler's back-to-back calls)")
-    parser.add_argument("--threads", type=int, default=d.threads, help="threads of every backend")
-    parser.add_argument("--sample-steps", type=int, default=d.sample_steps, help="DDIM steps of the sampling "
-                        "measurement (0 skips it)")
-    parser.add_argument("--sample-num", type=int, default=d.sample_num, help="samples drawn, as one batch")
-    parser.add_argument("--sample-iterations", type=int, default=d.sample_iterations)
-    parser.add_argument("--quality-steps", type=int, default=d.quality_steps, help="DDIM steps of the held-out "
-                        "chains of the per-step SQNR")
-    parser.add_argument("--quality-num", type=int, default=d.quality_num, help="held-out chains of the per-step "
-                        "SQNR (0 skips it)")
-    parser.add_argument("--peers", nargs="*", default=list(d.peers), metavar="PEER",
-                        help=f"the peers' recipes to compare with (default: all of {', '.join(PEERS)}; none: "
-                        "give the option alone)")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory "
-                        "measurement (one fresh process per backend, which rebuilds it)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--work", type=Path, default=None, help="keep the exported graphs here (default: a temporary "
-                        "folder)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    return BenchSettings(batch_sizes=tuple(args.batch_sizes), iterations=args.iterations, warmup=args.warmup,
-                         threads=args.threads, sample_steps=args.sample_steps, sample_num=args.sample_num,
-                         sample_iterations=args.sample_iterations, quality_steps=args.quality_steps,
-                         quality_num=args.quality_num, peers=tuple(args.peers), memory=args.memory,
-                         seed=args.seed)
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _name_list(text)]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 1,16,64") from None
+
+
+def _options(defaults: BenchSettings) -> dict[str, tuple[type, Any, Any]]:
+    """The benchmark's options: parameter name -> (type, default, typer option)."""
+    d = defaults
+    return {
+        "batch_sizes": (str, ",".join(map(str, d.batch_sizes)),
+                        typer.Option(help="batch sizes of the UNet forward, comma-separated")),
+        "iterations": (int, d.iterations, typer.Option(help="timed forwards per backend and batch size")),
+        "warmup": (int, d.warmup, typer.Option(help="untimed forwards before each timed one (warm caches, as in a "
+                                               "sampler's back-to-back calls)")),
+        "threads": (int, d.threads, typer.Option(help="threads of every backend")),
+        "sample_steps": (int, d.sample_steps, typer.Option(help="DDIM steps of the sampling measurement (0 skips "
+                                                           "it)")),
+        "sample_num": (int, d.sample_num, typer.Option(help="samples drawn, as one batch")),
+        "sample_iterations": (int, d.sample_iterations, typer.Option(help="timed sampling runs per backend")),
+        "quality_steps": (int, d.quality_steps, typer.Option(help="DDIM steps of the held-out chains of the "
+                                                             "per-step SQNR")),
+        "quality_num": (int, d.quality_num, typer.Option(help="held-out chains of the per-step SQNR (0 skips it)")),
+        "peers": (str, ",".join(d.peers), typer.Option(help="the peers' recipes to compare with, comma-separated "
+                                                       f"(default: all of {', '.join(PEERS)}; none: --peers '')")),
+        "memory": (bool, d.memory, typer.Option("--memory/--no-memory", help="measure each backend's peak memory "
+                                                "(one fresh process per backend, which rebuilds it)")),
+        "seed": (int, d.seed, typer.Option(help="seed of the inputs and held-out chains")),
+    }
+
+
+def bench_options(**defaults):
+    """Decorator of a typer command: adds the benchmark's options (`qtoolkit bench`, benchmarks/int8_speed.py),
+    which the command receives as one BenchSettings `settings`. `defaults` changes the options' defaults."""
+    options = _options(BenchSettings(**defaults))
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                   annotation=Annotated[kind, option])
+                 for name, (kind, default, option) in options.items()]
+
+        def with_settings(**kwargs):
+            values = {name: kwargs.pop(name) for name in options}
+            values["batch_sizes"] = tuple(_int_list(values["batch_sizes"]))
+            values["peers"] = tuple(_name_list(values["peers"]))
+            return command(settings=BenchSettings(**values), **kwargs)
+
+        with_settings.__name__, with_settings.__doc__ = command.__name__, command.__doc__
+        with_settings.__signature__ = inspect.Signature(own + added)
+        return with_settings
+    return decorate
 
 
 def unet_macs(unet: nn.Module, sample_shape: tuple[int, ...]) -> int:

@@ -113,10 +113,10 @@ def _mean_std(mean: float | None, std: float | None) -> str:
     return "n/a" if mean is None else f"{_number(mean)} ± {_number(std)}"
 
 
-def format_table(results: dict) -> str:
-    """Plain-text table of `evaluate`'s results."""
+def table_rows(results: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of `evaluate`'s results, for a table."""
     r = results
-    rows = [
+    return [
         ("feature network", f"{r['feature_network']} ({r['feature_dim']}-d)"),
         ("samples / reference", f"{r['num_samples']} / {r['num_reference']}"),
         ("FID", _number(r["fid"]) + _interval(r["fid_ci_low"], r["fid_ci_high"])),
@@ -126,7 +126,12 @@ def format_table(results: dict) -> str:
         (f"precision (k={r['pr_k']})", _number(r["precision"])),
         (f"recall (k={r['pr_k']})", _number(r["recall"])),
     ]
+
+
+def format_table(results: dict) -> str:
+    """Plain-text table of `evaluate`'s results."""
+    rows = table_rows(results)
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
-    lines += [f"note: {note}" for note in r.get("notes", [])]
+    lines += [f"note: {note}" for note in results.get("notes", [])]
     return "\n".join(lines)
