@@ -33,7 +33,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from . import plugins
-from .engines import AUTO
+from .engines import AUTO, FLOAT_PRECISIONS
 from .errors import QtoolkitError
 from .ptq import CalibrationSettings, RoundingSettings
 from .quant import QuantConfig
@@ -193,7 +193,8 @@ class Recipe(Section):
     bias_correction: BiasCorrection = Field(default_factory=BiasCorrection)
     # Where the quantized model is exported to and the report's samples are drawn: what a user deploys.
     backend: str = AUTO  # the fastest backend that runs here (qtoolkit.engines.resolve_backend)
-    float_precision: str = "fp32"  # what the backend runs the graph's unquantized parts in (fp32, or bf16)
+    # What the backend runs the exported graph's unquantized parts in (GroupNorm, SiLU, adds): fp32, or e.g. bf16.
+    float_precision: str = FLOAT_PRECISIONS[0]
     threads: int | None = Field(default=None, ge=1)  # the backend's threads (null: its own choice)
     report: Report = Field(default_factory=Report)
     output: Output = Field(default_factory=Output)

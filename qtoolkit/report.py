@@ -176,7 +176,9 @@ def fp_samples(model: DiffusionModel, settings: ReportSettings, batch_size: int 
     prefix = f"{wanted['model_digest']}-{settings.scheduler}{settings.steps}-s{settings.seed}-b{batch_size}"
     for path in CACHE_DIR.glob(f"{prefix}-n*.npz"):
         if _serves({**wanted, "num": int(path.stem.rsplit("-n", 1)[1])}, wanted, deterministic):
-            return load_samples(path)[0][:settings.num]
+            cached = load_samples(path)[0]
+            if tuple(cached.shape[1:]) == tuple(model.sample_shape):  # the digest holds the weights, not the resolution
+                return cached[:settings.num]
     x = sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, batch_size)
     save_samples(CACHE_DIR / f"{prefix}-n{settings.num}.npz", x, {"model": str(model.path), **asdict(settings)})
     return x

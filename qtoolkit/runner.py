@@ -26,7 +26,7 @@ import diffusers
 import torch
 
 from . import __version__, plugins
-from .engines import load_engine, resolve_backend
+from .engines import FLOAT_PRECISIONS, load_engine, resolve_backend
 from .errors import QtoolkitError
 from .export import export_model
 from .io import atomic_dir, check_new_output
@@ -64,6 +64,10 @@ def prepare(recipe: Recipe) -> Job:
     bias_correction = recipe.bias_correction.samples if recipe.bias_correction.enabled else None
     check_ptq(model, config, calibration, rounding, bias_correction)
     backend = None if recipe.backend == NO_BACKEND else resolve_backend(recipe.backend)
+    if backend is None and recipe.float_precision != FLOAT_PRECISIONS[0]:
+        raise QtoolkitError(f"float_precision {recipe.float_precision} is what a backend runs the exported graph's "
+                            f"float parts in, and backend is {NO_BACKEND}: choose a backend, or float_precision "
+                            f"{FLOAT_PRECISIONS[0]}")
     if backend is not None:
         precisions = backend.float_precisions()
         if recipe.float_precision not in precisions:

@@ -90,7 +90,7 @@ def test_quantize_cli_corrects_biases_and_records_it(tiny_model_dir, tmp_path):
     for flag in ("--no-bias-correction", "--bias-correction"):
         runs[flag] = tmp_path / flag.strip("-")
         assert main(["quantize", "--model", str(tiny_model_dir), "--wbits", "4", "--abits", "4", "--calib", "uniform",
-                     "--calib-size", "16", "--calib-steps", "4", "--bias-samples", "8", "--no-report", flag,
+                     "--calib-size", "16", "--calib-steps", "4", "--bias-samples", "8", "--no-report", "--backend", "none", flag,
                      "--out", str(runs[flag])]) == 0
     ptq = json.loads((runs["--bias-correction"] / "ptq.json").read_text())
     assert ptq["bias_correction"]["samples"] == 8 and len(ptq["bias_correction"]["layers"]) > 0
