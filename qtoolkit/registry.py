@@ -59,7 +59,9 @@ class Backend:
     ("fp32", "bf16"); empty when the backend cannot run here (its runtime is not installed: import it
     lazily, so that listing the plugins does not need it). export_format: what `qtoolkit export` writes
     for it. auto_priority: "backend: auto" picks the runnable backend with the highest one.
-    runtime_version() -> the version of the runtime it runs on, for benchmark records.
+    runtime_version() -> the version of the runtime it runs on, for benchmark records. runtime: the Python
+    package of that runtime (e.g. "openvino"), so that another tool's output for that runtime (the bench's
+    peers) finds a backend to run on.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Backend:
     export_format: str = "onnx"
     auto_priority: int = 0
     runtime_version: Callable[[], str] = lambda: "unknown"
+    runtime: str = ""
 
 
 @dataclass(frozen=True)

@@ -336,7 +336,7 @@ def _core_files() -> list[Path]:
 
 # Calls whose first argument is a Python module's name: some built-in plugins are named after the library they
 # wrap (openvino, onnxruntime, diffusers), and the core may import or version a library by its name.
-MODULE_NAME_CALLS = {"import_module", "import_optional", "find_spec", "version"}
+MODULE_NAME_CALLS = {"import_module", "import_optional", "find_spec", "version", "backend_for_runtime"}
 
 
 def _module_names(tree: ast.AST) -> set[int]:

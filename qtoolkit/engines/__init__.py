@@ -61,6 +61,15 @@ def graph_file(exported: str | Path) -> Path:
     return load_exported(exported).onnx_file if is_exported_folder(exported) else exported
 
 
+def backend_for_runtime(runtime: str) -> Backend:
+    """The installed backend that drives the runtime package `runtime` (e.g. "onnxruntime"): what runs another
+    tool's output made for that runtime."""
+    found = [plugins.backend(n) for n in engine_names() if plugins.backend(n).runtime == runtime]
+    if not found:
+        raise QtoolkitError(f"no installed backend runs {runtime} models: install a backend plugin for {runtime}")
+    return max(found, key=lambda b: b.auto_priority)
+
+
 def load_engine(engine: str, exported: str | Path, threads: int | None = None,
                 float_precision: str = "fp32") -> NoisePredictor:
     """A noise predictor running `exported` (a folder of `qtoolkit export`, or its graph file) on the backend

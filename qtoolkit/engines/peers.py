@@ -38,10 +38,6 @@ if TYPE_CHECKING:  # backends.py builds the peers from this module's PEERS
     from .backends import BackendSources
 
 NNCF_FILE = "model.xml"
-# The peers are comparisons with named tools, not plugins: each runs its tool's output on the backend of that
-# tool's own runtime (the registered backend of that name), as the tool's documentation does.
-NNCF_RUNTIME = "openvino"
-ORT_RUNTIME = "onnxruntime"
 
 
 def _batches(calibration: CalibrationSet, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,7 +82,7 @@ def bf16_compile(sources: BackendSources) -> tuple[NoisePredictor, int]:
 def nncf_openvino(sources: BackendSources) -> tuple[NoisePredictor, int]:
     ov = import_optional("openvino", "the openvino-int8-nncf peer")
     nncf = import_optional("nncf", "the openvino-int8-nncf peer")
-    from . import load_engine, resolve_backend
+    from . import backend_for_runtime, load_engine
 
     quantized = nncf.quantize(ov.Core().read_model(str(sources.graph("fp32"))),
                               nncf.Dataset(list(_feeds(sources.calibration, 1))))
@@ -95,13 +91,15 @@ def nncf_openvino(sources: BackendSources) -> tuple[NoisePredictor, int]:
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     # The peer runs as NNCF's documentation shows it: OpenVINO left to pick its float precision, which is the
     # most reduced one the CPU has (the backend lists FP32 first).
-    eps = load_engine(NNCF_RUNTIME, path, sources.threads, resolve_backend(NNCF_RUNTIME).float_precisions()[-1])
+    # The peers are comparisons with named tools, not plugins: each runs on the backend of its tool's runtime.
+    runtime = backend_for_runtime("openvino")
+    eps = load_engine(runtime.name, path, sources.threads, runtime.float_precisions()[-1])
     return eps, _bytes([path, path.with_suffix(".bin")])
 
 
 def onnxruntime_static(sources: BackendSources) -> tuple[NoisePredictor, int]:
     quantization = import_optional("onnxruntime.quantization", "the onnxruntime-int8-static peer")
-    from . import load_engine
+    from . import backend_for_runtime, load_engine
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self):
@@ -116,7 +114,7 @@ def onnxruntime_static(sources: BackendSources) -> tuple[NoisePredictor, int]:
                                  activation_type=quantization.QuantType.QUInt8,
                                  weight_type=quantization.QuantType.QInt8, per_channel=True,
                                  op_types_to_quantize=["Conv", "MatMul", "Gemm"])
-    return load_engine(ORT_RUNTIME, path, sources.threads), _bytes([path])
+    return load_engine(backend_for_runtime("onnxruntime").name, path, sources.threads), _bytes([path])
 
 
 def _constant_bytes(graph_module: torch.fx.GraphModule) -> int:
