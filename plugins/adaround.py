@@ -4,16 +4,11 @@ on its own output (layer-wise reconstruction, see `reconstruction`)."""
 from __future__ import annotations
 
 from qtoolkit import hookimpl
-from qtoolkit.registry import RoundingMethod
 
-from .reconstruction import ReconstructionSettings, reconstruct
-
-
-def settings(params: dict) -> ReconstructionSettings:
-    return ReconstructionSettings.from_dict(params, granularity="layer")
+from .reconstruction import rounding_method
 
 
 @hookimpl
 def register_rounding_methods(register):
-    register(RoundingMethod(name="adaround", settings=settings, apply=reconstruct,
-                            description="AdaRound: learned rounding, layer by layer, on each layer's output error"))
+    register(rounding_method("adaround", "layer",
+                             "AdaRound: learned rounding, layer by layer, on each layer's output error"))

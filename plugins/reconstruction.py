@@ -33,6 +33,7 @@ from qtoolkit.models.blocks import RECONSTRUCTION_BLOCKS
 from qtoolkit.progress import track
 from qtoolkit.quant.capture import CAPTURE_BATCH, concat_batches, execution_order, fp_twins, random_subset, run_until
 from qtoolkit.quant.layers import QuantLayer
+from qtoolkit.registry import RoundingMethod
 from qtoolkit.quant.quantizer import QuantParams
 
 GRANULARITIES = ("block", "layer")
@@ -254,3 +255,10 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, inputs: tuple[torch.Tens
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
     return summaries
+
+
+def rounding_method(name: str, granularity: str, description: str) -> RoundingMethod:
+    """The record of a reconstruction at `granularity` ("layer": AdaRound, "block": BRECQ), which the adaround and
+    brecq plugins register: the method fixes the granularity, the recipe's params set the rest."""
+    return RoundingMethod(name=name, apply=reconstruct, description=description,
+                          settings=lambda params: ReconstructionSettings.from_dict(params, granularity=granularity))
