@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.loading import DiffusionModel
+from .progress import progress_bar
 from .sampling import NoisePredictor, denoise, initial_noise, make_scheduler
 
 
@@ -44,7 +45,9 @@ def per_timestep_error(model: DiffusionModel, fp: NoisePredictor, candidates: di
             result[name]["mse"].append(F.mse_loss(out.double(), reference.double()).item())
             result[name]["mean_error"].append((out.double() - reference.double()).mean().item())
 
-    denoise(fp, sched, initial_noise(num, model.sample_shape, seed), on_step=compare)
+    with progress_bar(len(sched.timesteps), f"per-step error ({num} chains)", unit="step") as bar:
+        denoise(fp, sched, initial_noise(num, model.sample_shape, seed),
+                on_step=lambda i, t, x: (compare(i, t, x), bar.advance()))
     return result
 
 
