@@ -152,3 +152,11 @@ def test_missing_or_broken_configs_are_clear_errors(tiny_model_dir):
     (tiny_model_dir / "unet" / "config.json").unlink()
     with pytest.raises(QtoolkitError, match=r"unet/config.json is missing"):
         load_diffusion_model(tiny_model_dir)
+
+
+def test_a_hub_download_is_recorded_by_its_hub_id_not_its_cache_path(tmp_path):
+    snapshot = tmp_path / "hub" / "models--google--ddpm-cifar10-32" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert model_reference(snapshot) == "google/ddpm-cifar10-32"
+    assert model_reference(tmp_path / "hub") == str(tmp_path / "hub")
+    assert model_reference(BUNDLED["fmnist-ddpm"]) == "fmnist-ddpm"

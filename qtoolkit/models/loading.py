@@ -159,10 +159,23 @@ def load_from_hub(repo_id: str) -> DiffusionModel:
     return load_folder(Path(folder))
 
 
+# huggingface_hub keeps repository owner/name under <cache>/models--owner--name/snapshots/<revision>.
+HUB_CACHE_PREFIX = "models--"
+
+
 def model_reference(path: Path) -> str:
     """How to name the model at `path` in a record another machine reads: its bundled name if it is a bundled
-    model (the package's install path differs between machines), else the path."""
-    return next((name for name, bundled in BUNDLED.items() if Path(path).resolve() == bundled.resolve()), str(path))
+    model (the package's install path differs between machines), its hub id if it is a hub download in the
+    local hub cache (which `load_diffusion_model` reads again from that cache or the hub), else the path."""
+    resolved = Path(path).resolve()
+    bundled = next((name for name, folder in BUNDLED.items() if resolved == folder.resolve()), None)
+    if bundled is not None:
+        return bundled
+    parts = resolved.parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith(HUB_CACHE_PREFIX) and parts[i + 1] == "snapshots":
+            return part[len(HUB_CACHE_PREFIX):].replace("--", "/", 1)
+    return str(path)
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
