@@ -191,7 +191,7 @@ def quantize(
     overwrite: Overwrite = False,
 ) -> None:
     """Post-training quantization from flags: the flag-only form of a recipe (`qtoolkit run` does the work)."""
-    from .recipe import load_recipe, parse_yaml, recipe_from_dict
+    from .recipe import parse_yaml, recipe_from_dict
 
     quantization = {"weight_bits": _bits(wbits), "activation_bits": _bits(abits)}
     if config is not None:

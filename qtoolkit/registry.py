@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .errors import QtoolkitError
 
 if TYPE_CHECKING:
-    from .calibration import CalibrationRequest, StrategyOutput
+    from .calibration import StrategyOutput
     from .models.loading import DiffusionModel
     from .sampling import NoisePredictor
 

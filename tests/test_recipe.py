@@ -12,7 +12,6 @@ import torch
 import yaml
 from diffusers import UNet2DModel
 
-from conftest import TINY_UNET
 from qtoolkit import plugins
 from qtoolkit.cli import main
 from qtoolkit.engines import engine_names
