@@ -117,8 +117,10 @@ def plan_report(model: DiffusionModel, settings: ReportSettings) -> ReportPlan:
 
 
 def _model_digest(model: DiffusionModel) -> str:
-    """Weights and schedule (the scheduler config decides e.g. x_0 clipping): what the FP samples depend on."""
-    h = hashlib.sha256(json.dumps(model.scheduler_config, sort_keys=True, default=str).encode())
+    """Weights, sample shape and schedule (the scheduler config decides e.g. x_0 clipping): what the FP samples
+    depend on. The shape counts: two UNets with the same weights can differ in sample_size."""
+    h = hashlib.sha256(json.dumps([model.scheduler_config, list(model.sample_shape)], sort_keys=True,
+                                  default=str).encode())
     for name, tensor in sorted(model.unet.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -158,7 +160,7 @@ def ship_fp_samples(model: DiffusionModel, settings: ReportSettings, batch_size:
     described = {**_draw_settings(model, settings, batch_size), "file": SHIPPED_SAMPLES.replace(".json", ".npz"),
                  "drawn_by": "qtoolkit.sampling.sample(model, scheduler, steps, num, seed, batch_size) in float32 "
                              f"with torch {torch.__version__} on {torch.get_num_threads()} CPU threads",
-                 "model_digest_of": "the UNet's state dict and the scheduler config (qtoolkit.report._model_digest)"}
+                 "model_digest_of": "the UNet's state dict, its sample shape and the scheduler config (qtoolkit.report._model_digest)"}
     save_samples(folder / described["file"], x, described, compress=True)
     atomic_write_text(folder / SHIPPED_SAMPLES, json.dumps(described, indent=2) + "\n")
     return folder / SHIPPED_SAMPLES
@@ -176,9 +178,7 @@ def fp_samples(model: DiffusionModel, settings: ReportSettings, batch_size: int 
     prefix = f"{wanted['model_digest']}-{settings.scheduler}{settings.steps}-s{settings.seed}-b{batch_size}"
     for path in CACHE_DIR.glob(f"{prefix}-n*.npz"):
         if _serves({**wanted, "num": int(path.stem.rsplit("-n", 1)[1])}, wanted, deterministic):
-            cached = load_samples(path)[0]
-            if tuple(cached.shape[1:]) == tuple(model.sample_shape):  # the digest holds the weights, not the resolution
-                return cached[:settings.num]
+            return load_samples(path)[0][:settings.num]
     x = sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, batch_size)
     save_samples(CACHE_DIR / f"{prefix}-n{settings.num}.npz", x, {"model": str(model.path), **asdict(settings)})
     return x
