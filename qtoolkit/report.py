@@ -225,7 +225,7 @@ def compare_to_fp(model: DiffusionModel, candidates: dict[str, NoisePredictor], 
     """
     plan = plan or plan_report(model, settings)
     out.mkdir(parents=True, exist_ok=True)
-    fp = unet_predictor(model.unet)
+    fp = unet_predictor(model.denoiser())
     errors = per_timestep_error(model, fp, candidates, scheduler=settings.scheduler, steps=settings.steps,
                                 num=settings.error_num, seed=settings.seed + 1)
     plot_per_timestep(errors, out / "per_timestep_sqnr.png",

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from .distributed import gather_batches, my_batches
 from .errors import QtoolkitError
-from .models.loading import DiffusionModel
+from .models.loading import DiffusionModel, noise_of
 from .progress import progress_bar
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,9 +45,10 @@ def make_scheduler(kind: str, scheduler_config: dict, steps: int):
     return scheduler
 
 
-def unet_predictor(unet: torch.nn.Module) -> NoisePredictor:
+def unet_predictor(network: torch.nn.Module) -> NoisePredictor:
+    """A network called as `network(x, t)` (a Denoiser, a diffusers UNet, a quantized graph) as a noise predictor."""
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(x, t).sample
+        return noise_of(network(x, t))
     return eps
 
 
@@ -77,7 +78,7 @@ def sample(model: DiffusionModel, scheduler_kind: str = "ddim", steps: int = 100
 
     `eps` replaces the model's own network (a quantized copy or an engine) while keeping its schedule.
     """
-    eps = eps or unet_predictor(model.unet)
+    eps = eps or unet_predictor(model.denoiser())
     x_T = initial_noise(num, model.sample_shape, seed)
     num_batches = -(-num // batch_size)
     mine = {}

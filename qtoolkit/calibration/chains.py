@@ -82,7 +82,7 @@ def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, schedu
     kept_x = torch.empty_like(noise)
     kept_t = torch.empty(num, dtype=torch.long)
     cost = NetworkCost()
-    unet_eps = unet_predictor(model.unet)
+    unet_eps = unet_predictor(model.denoiser())
 
     def counted_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cost.sample_evaluations += x.shape[0]

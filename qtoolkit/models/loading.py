@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers
@@ -53,17 +53,55 @@ HUB_FILES = ["*.json", "*.safetensors"]
 
 @dataclass
 class DiffusionModel:
-    """A noise-prediction network with the training noise schedule it belongs to."""
+    """A noise-prediction network with the training noise schedule it belongs to.
+
+    unet: the network (a diffusers UNet or DiT, a plain PyTorch module, or a quantized graph), called as
+        `unet(sample, timestep, **conditioning)`; `denoiser()` gives it as `(sample, timestep) -> noise`.
+    shape: the (C, H, W) of its samples, for a network without a diffusers config (read from it otherwise).
+    conditioning: extra inputs of every call (e.g. encoder_hidden_states, class_labels), batch 1, broadcast to
+        the batch: how an unconditional sampler and the calibration chains drive a conditional network.
+    """
 
     unet: torch.nn.Module
     scheduler_config: dict
     path: Path
+    shape: tuple[int, int, int] | None = None
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
+        if self.shape is not None:
+            return tuple(self.shape)
         cfg = self.unet.config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
+
+    def denoiser(self) -> "Denoiser":
+        return Denoiser(self.unet, self.conditioning)
+
+
+def noise_of(output) -> torch.Tensor:
+    """The predicted noise in whatever a network returns: a tensor, a tuple (first item) or a diffusers output
+    (`.sample`)."""
+    if torch.is_tensor(output):
+        return output
+    if hasattr(output, "sample"):
+        return output.sample
+    return output[0]
+
+
+class Denoiser(torch.nn.Module):
+    """Any noise-prediction network as `(sample, timestep) -> noise`: what sampling calls, calibration feeds
+    and graph capture traces. The conditioning tensors (batch 1) are broadcast to the batch on every call."""
+
+    def __init__(self, network: torch.nn.Module, conditioning: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.network = network
+        self.conditioning = dict(conditioning or {})
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        extra = {name: value.expand(sample.shape[0], *value.shape[1:]) for name, value in self.conditioning.items()}
+        return noise_of(self.network(sample, timestep, **extra))
 
 
 def load_diffusion_model(source: str | os.PathLike = DEFAULT_MODEL) -> DiffusionModel:
