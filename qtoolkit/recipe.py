@@ -3,6 +3,7 @@
     schema_version: 1
     description: W8A8 of the bundled model, NDTC calibration, bias correction
     model: fmnist-ddpm                 # bundled name, model folder, or hub id
+    conditioning: {}                   # a conditional network's inputs, e.g. {encoder_hidden_states: {source: random}}
     quantization: {weight_bits: 8, activation_bits: 8}
     calibration: {strategy: ndtc, size: 1024, params: {preset: paper}}
     rounding: null                     # or {method: brecq, params: {iterations: 1000}}
@@ -175,6 +176,48 @@ class BiasCorrection(Section):
         return samples
 
 
+# What a random or all-zero encoder_hidden_states is long, in tokens, unless the recipe says: CLIP's context
+# length, the sequence Stable Diffusion's UNets attend to.
+DEFAULT_SEQUENCE_LENGTH = 77
+ENCODER_HIDDEN_STATES_FIELDS = {"random": ("seed", "sequence_length"), "zeros": ("sequence_length",),
+                                "file": ("path", "key")}
+
+
+class EncoderHiddenStates(Section):
+    """The sequence a cross-attention network attends to (a text encoder's output), the same for every call:
+    `random` (standard normal, seeded), `zeros`, or `file` (a tensor of a safetensors file). Its width is the
+    network's (cross_attention_dim); `qtoolkit.models.conditioning` makes the tensor."""
+
+    source: Literal["random", "zeros", "file"]
+    seed: int | None = Field(default=None, ge=0)  # random; default 0
+    sequence_length: int | None = Field(default=None, ge=1)  # random, zeros; default DEFAULT_SEQUENCE_LENGTH
+    path: str | None = None  # file: a .safetensors file, relative to the current folder (as `model` is)
+    key: str | None = None  # file: the tensor's name in it; default: the file's only tensor
+
+    @model_validator(mode="after")
+    def _fields_of_the_source(self):
+        taken = ENCODER_HIDDEN_STATES_FIELDS[self.source]
+        for name in ("seed", "sequence_length", "path", "key"):
+            if name not in taken and getattr(self, name) is not None:
+                raise ValueError(f"{name} does not go with source {self.source}, which takes "
+                                 f"{' and '.join(taken)}")
+        if self.source == "file" and self.path is None:
+            raise ValueError("source file needs path: the .safetensors file holding the (1, L, width) tensor")
+        if self.source == "random" and self.seed is None:
+            self.seed = 0
+        if self.source in ("random", "zeros") and self.sequence_length is None:
+            self.sequence_length = DEFAULT_SEQUENCE_LENGTH
+        return self
+
+
+class Conditioning(Section):
+    """What a conditional network gets on every call, besides the sample and the timestep: the keys are its
+    arguments. Empty (the default) for an unconditional network; a conditional one says which keys it needs."""
+
+    encoder_hidden_states: EncoderHiddenStates | None = None  # UNet2DConditionModel
+    class_labels: int | None = Field(default=None, ge=0)  # a class index: DiT, UNets with num_class_embeds
+
+
 class Output(Section):
     """Where the run folder goes; null: runs/<recipe name>-<date>-<time>."""
 
@@ -187,6 +230,7 @@ class Recipe(Section):
     schema_version: Literal[1]
     description: str
     model: str  # a bundled name, a model folder, or a hub id (asked of the model-loader plugins)
+    conditioning: Conditioning = Field(default_factory=Conditioning)
     quantization: Quantization = Field(default_factory=Quantization)
     calibration: Calibration
     rounding: Rounding | None = None  # null: round to nearest

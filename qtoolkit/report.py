@@ -121,7 +121,8 @@ def _model_digest(model: DiffusionModel) -> str:
     depend on. The shape counts: two UNets with the same weights can differ in sample_size."""
     h = hashlib.sha256(json.dumps([model.scheduler_config, list(model.sample_shape)], sort_keys=True,
                                   default=str).encode())
-    for name, tensor in sorted(model.unet.state_dict().items()):
+    # The conditioning too (a conditional model's samples depend on it); none for an unconditional one.
+    for name, tensor in [*sorted(model.unet.state_dict().items()), *sorted(model.conditioning.items())]:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

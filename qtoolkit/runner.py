@@ -31,6 +31,7 @@ from .errors import QtoolkitError
 from .export import export_model
 from .io import atomic_dir, check_new_output
 from .models import DiffusionModel, load_diffusion_model
+from .models.conditioning import apply_conditioning
 from .progress import progress_bar
 from .ptq import CalibrationSettings, RoundingSettings, check_ptq, run_ptq, strategy_of
 from .quant import QuantConfig
@@ -57,7 +58,7 @@ class Job:
 
 def prepare(recipe: Recipe) -> Job:
     """Load the recipe's model and check the whole job against it, before any work."""
-    model = load_diffusion_model(recipe.model)
+    model = apply_conditioning(load_diffusion_model(recipe.model), recipe.conditioning)
     config = recipe.quantization.settings()
     calibration = recipe.calibration.settings()
     rounding = recipe.rounding.settings() if recipe.rounding is not None else None

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
 from qtoolkit.quant import calibrate, freeze, quantize
@@ -59,3 +59,44 @@ def tiny_model_dir32(tmp_path):
     out = tmp_path / "tiny-ddpm-32"
     save_diffusion_model(UNet2DModel(**{**TINY_UNET, "sample_size": 32}), dict(DEFAULT_SCHEDULER_CONFIG), out)
     return out
+
+
+# Tiny conditional networks (13k and 4k weights, 8x8 samples) of the two conditional classes qtoolkit reads.
+# A cross-attention UNet (Stable Diffusion's kind) attending to 4-wide token embeddings:
+TINY_UNET_CONDITION = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), layers_per_block=1,
+                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=2,
+                           cross_attention_dim=4, attention_head_dim=2)
+# A class-conditional DiT with learned sigma (out_channels twice in_channels, as facebook/DiT-XL-2-256), 4 classes:
+TINY_DIT = dict(num_attention_heads=2, attention_head_dim=4, in_channels=1, out_channels=2, num_layers=1,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=4)
+
+
+def save_network_pipeline(network, network_folder, out):
+    """A pipeline folder as save_pretrained on its parts writes it: <network_folder>/ (unet or transformer) and
+    scheduler/ (the DDPM schedule)."""
+    network.save_pretrained(out / network_folder, safe_serialization=True)
+    DDPMScheduler(**DEFAULT_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    return out
+
+
+@pytest.fixture
+def tiny_condition_unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**TINY_UNET_CONDITION).eval()
+
+
+@pytest.fixture
+def tiny_dit():
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(**TINY_DIT).eval()
+
+
+@pytest.fixture
+def tiny_condition_unet_dir(tiny_condition_unet, tmp_path):
+    return save_network_pipeline(tiny_condition_unet, "unet", tmp_path / "tiny-sd")
+
+
+@pytest.fixture
+def tiny_dit_dir(tiny_dit, tmp_path):
+    return save_network_pipeline(tiny_dit, "transformer", tmp_path / "tiny-dit")

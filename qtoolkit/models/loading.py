@@ -5,10 +5,12 @@ register (hook `register_model_loaders`) which one claims the source, and checks
 returns are finite. The readers are model plumbing and live here, for plugins to register: bundled names
 (`load_bundled`), local folders (`load_folder`) and hub ids (`load_from_hub`, safetensors only).
 
-Folder layouts `load_folder` reads:
-- a diffusers pipeline folder: unet/ and scheduler/, with or without model_index.json (save_pretrained
-  on the two parts writes no model_index.json);
-- a bare UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors), with its scheduler config
+The networks it reads (FLOAT_NETWORKS): diffusers' UNet2DModel, UNet2DConditionModel (cross-attention on
+encoder_hidden_states) and DiTTransformer2DModel (class_labels); what a conditional one is called with is the
+model's `conditioning` (qtoolkit.models.conditioning). Folder layouts `load_folder` reads:
+- a diffusers pipeline folder: unet/ (or transformer/, a DiT pipeline's) and scheduler/, with or without
+  model_index.json (save_pretrained on the two parts writes no model_index.json);
+- a bare network folder (config.json + diffusion_pytorch_model.safetensors), with its scheduler config
   beside it (scheduler_config.json, as the hub's google/ddpm-cifar10-32 has it) or without one, in which
   case it is paired with the DDPM schedule it was most likely trained with (1000 linear steps) and says so;
 - a qtoolkit-quantized network (quantization.json) in either place of the UNet;
@@ -17,6 +19,7 @@ Folder layouts `load_folder` reads:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -49,6 +52,10 @@ MODEL_LOADERS_HOOK = "register_model_loaders"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What a hub download takes: configs and safetensors weights, never pickles (.bin, .ckpt) nor sample images.
 HUB_FILES = ["*.json", "*.safetensors"]
+# The diffusers network classes a model folder may hold, by the `_class_name` of its config.json.
+FLOAT_NETWORKS = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)}
+# Where a pipeline folder keeps its network: UNet pipelines in unet/, DiT pipelines in transformer/.
+NETWORK_FOLDERS = ("unet", "transformer")
 
 
 @dataclass
@@ -73,10 +80,15 @@ class DiffusionModel:
         if self.shape is not None:
             return tuple(self.shape)
         cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
+        height, width = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else cfg.sample_size
+        return (cfg.in_channels, height, width)
 
-    def denoiser(self) -> "Denoiser":
+    def denoiser(self) -> Denoiser:
+        """The network as `(sample, timestep) -> noise`; a conditional network given no conditioning is refused
+        here, in one line naming the recipe key to set, instead of failing inside its first call."""
+        from .conditioning import check_conditioning  # conditioning builds on this module, not the reverse
+
+        check_conditioning(self.unet, self.conditioning, model_reference(self.path))
         return Denoiser(self.unet, self.conditioning)
 
 
@@ -92,16 +104,37 @@ def noise_of(output) -> torch.Tensor:
 
 class Denoiser(torch.nn.Module):
     """Any noise-prediction network as `(sample, timestep) -> noise`: what sampling calls, calibration feeds
-    and graph capture traces. The conditioning tensors (batch 1) are broadcast to the batch on every call."""
+    and graph capture traces. The conditioning tensors (batch 1) are broadcast to the batch on every call.
+
+    The conditioning tensors are buffers of the submodule `conditioning` (state-dict keys
+    `conditioning.<argument name>`): they follow `.to(device)`, and a graph captured from this module holds
+    them, so it keeps them through deepcopy, save and load.
+    """
 
     def __init__(self, network: torch.nn.Module, conditioning: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.network = network
-        self.conditioning = dict(conditioning or {})
+        self.conditioning = torch.nn.Module()
+        device = _device_of(network)
+        for name, value in (conditioning or {}).items():
+            self.conditioning.register_buffer(name, value.to(device))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        extra = {name: value.expand(sample.shape[0], *value.shape[1:]) for name, value in self.conditioning.items()}
-        return noise_of(self.network(sample, timestep, **extra))
+        extra = {name: value.expand(sample.shape[0], *value.shape[1:])
+                 for name, value in self.conditioning.named_buffers()}
+        noise = noise_of(self.network(sample, timestep, **extra))
+        # A network trained with learned sigma (DiT) predicts the noise and its variance in one output of twice
+        # the sample's channels: the noise is the first half, as diffusers' DiTPipeline splits it; the samplers
+        # here take the noise alone (their variance comes from the schedule).
+        if noise.shape[1] == 2 * sample.shape[1]:
+            noise = noise[:, :sample.shape[1]]
+        return noise
+
+
+def _device_of(network: torch.nn.Module) -> torch.device:
+    """Where the network's weights are (CPU for a network without any)."""
+    first = next(itertools.chain(network.parameters(), network.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def load_diffusion_model(source: str | os.PathLike = DEFAULT_MODEL) -> DiffusionModel:
@@ -230,15 +263,17 @@ QUANTIZED_MARKER = "quantization.json"
 
 def _locate(root: Path) -> tuple[Path, Path]:
     """(folder that holds the scheduler config, folder of the network) for the layouts qtoolkit reads."""
-    if (root / "unet").is_dir():
-        return root, root / "unet"
+    for network_folder in NETWORK_FOLDERS:
+        if (root / network_folder).is_dir():
+            return root, root / network_folder
     if (root / "config.json").is_file() or (root / QUANTIZED_MARKER).is_file():
         return root, root
     if (root / "model").is_dir():  # a qtoolkit run folder
         return _locate(root / "model")
     raise QtoolkitError(
-        f"{root} is not a diffusers model folder: expected unet/ and scheduler/ (a pipeline folder), a UNet2DModel "
-        "folder with config.json and diffusion_pytorch_model.safetensors, or a qtoolkit run folder"
+        f"{root} is not a diffusers model folder: expected unet/ or transformer/ and scheduler/ (a pipeline folder), "
+        f"a network folder ({', '.join(FLOAT_NETWORKS)}) with config.json and diffusion_pytorch_model.safetensors, "
+        "or a qtoolkit run folder"
     )
 
 
@@ -266,7 +301,7 @@ def _scheduler_config(root: Path) -> dict:
 def load_folder(folder: str | os.PathLike) -> DiffusionModel:
     """A model from a local folder in any layout of the module docstring."""
     root, unet_dir = _locate(Path(folder).expanduser())
-    unet = _load_quantized_unet(unet_dir) if (unet_dir / QUANTIZED_MARKER).is_file() else _load_float_unet(unet_dir)
+    unet = _load_quantized_unet(unet_dir) if (unet_dir / QUANTIZED_MARKER).is_file() else _load_float_network(unet_dir)
     return DiffusionModel(unet=unet, scheduler_config=_scheduler_config(root), path=root)
 
 
@@ -276,21 +311,43 @@ def _load_quantized_unet(unet_dir: Path) -> torch.nn.Module:
     return load_quantized(unet_dir).eval()
 
 
-def _load_float_unet(unet_dir: Path) -> UNet2DModel:
-    config = _read_config(unet_dir / "config.json")
-    if config.get("_class_name") != "UNet2DModel":
+def _load_float_network(network_dir: Path) -> torch.nn.Module:
+    """The diffusers network (one of FLOAT_NETWORKS) in `network_dir`, from safetensors."""
+    config = _read_config(network_dir / "config.json")
+    network_class = FLOAT_NETWORKS.get(config.get("_class_name"))
+    if network_class is None:
         raise QtoolkitError(
-            f"{unet_dir / 'config.json'} describes a {config.get('_class_name')!r}, "
-            "but this command needs a diffusers UNet2DModel"
+            f"{network_dir / 'config.json'} describes a {config.get('_class_name')!r}, "
+            f"but qtoolkit reads these diffusers networks: {', '.join(FLOAT_NETWORKS)}"
         )
-    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    if config.get("sample_size") is None:
+        raise QtoolkitError(f"{network_dir / 'config.json'} sets no sample_size: qtoolkit draws samples of the "
+                            "network's resolution; set sample_size (latent pixels) in the config")
+    weights = network_dir / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise QtoolkitError(
-            f"{unet_dir} has no diffusion_pytorch_model.safetensors: qtoolkit loads safetensors only "
-            "(never pickles); convert with `UNet2DModel.from_pretrained(...).save_pretrained(dir)`"
+            f"{network_dir} has no diffusion_pytorch_model.safetensors: qtoolkit loads safetensors only "
+            f"(never pickles); convert with `{network_class.__name__}.from_pretrained(...).save_pretrained(dir)`"
         )
     load_safetensors(weights)  # diffusers would fail on a truncated file with a less helpful message
-    return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False).eval()
+    try:
+        network, loading = network_class.from_pretrained(network_dir, use_safetensors=True, low_cpu_mem_usage=False,
+                                                         output_loading_info=True)
+    except RuntimeError as e:  # diffusers: "Error(s) in loading state_dict", a line per tensor of another shape
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
+        raise QtoolkitError(f"{weights} does not fit the {network_class.__name__} of its config.json ({first}): "
+                            "the config and the weights belong to different networks; re-save the model") from None
+    # diffusers only warns when the weights lack tensors of the network (it leaves them randomly initialized) or
+    # hold others: a config saved beside another network's weights would sample noise without a word.
+    missing, unexpected = loading["missing_keys"], loading["unexpected_keys"]
+    if missing or unexpected:
+        example = min(missing) if missing else min(unexpected)
+        raise QtoolkitError(f"{weights} does not hold the weights of the {network_class.__name__} its config.json "
+                            f"describes: {len(missing)} of its tensors missing, {len(unexpected)} unknown ones "
+                            f"(e.g. {example!r}): the config and the weights belong to different networks; "
+                            "re-save the model")
+    return network.eval()
 
 
 def save_diffusion_model(unet: UNet2DModel, scheduler_config: dict, out: Path, overwrite: bool = False) -> None:
