@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from fnmatch import fnmatchcase
 
 from ..errors import QtoolkitError
 from .observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
@@ -12,26 +11,15 @@ from .quantizer import check_bits
 
 GRANULARITIES = ("per_channel", "per_tensor")
 
-# Layers kept in full precision by default (REFERENCE.md): NVIDIA ModelOpt's diffusion defaults exclude
-# the timestep-embedding path (time_embedding, time_emb_proj) and the first and last convolutions. The
-# timestep path is tiny (one vector per sample, not per pixel: no speed to gain) but its error shifts
-# every feature map at every step, and the sinusoidal embedding is known to lose accuracy at large t in
-# low precision. conv_in sees 1-3 input channels (negligible compute) and conv_out writes the predicted
-# noise that the sampler consumes directly. ModelOpt also keeps conv_shortcut, and so does qtoolkit: the 1x1
-# shortcut convolutions of the resnets that change width (in the decoder they read the raw skip
-# concatenation, two parts with different ranges) are a small share of the compute, and quantizing their
-# input puts a quantize node where the same tensor also feeds a GroupNorm, which an engine cannot fuse
-# into anything. Measured on the bundled model (W8A8 NDTC + bias correction, OpenVINO): keeping them raises
-# the mean per-step SQNR from 41.3 to 43.0 dB and runs 3% faster with bf16 float parts, 8-10% slower with
-# FP32 float parts, where they run as FP32 convolutions (README).
-# Set `exclude=[]` to quantize everything, as PTQ4DM's code did.
-SHORTCUT_PATTERN = "*conv_shortcut"
-DEFAULT_EXCLUDE = ("time_embedding.*", "*time_emb_proj", "conv_in", "conv_out", SHORTCUT_PATTERN)
+# The graph rules that keep ops in full precision (qtoolkit.graph.patterns says what each matches and why):
+# NVIDIA ModelOpt's diffusion defaults, found on the captured graph instead of by module name.
+FLOAT_RULES = ("timestep-path", "first-layer", "last-layer", "shortcut")
+SHORTCUT_RULE = "shortcut"
 
 
-def default_exclude(split_shortcuts: bool) -> list[str]:
-    """DEFAULT_EXCLUDE, less the shortcut convolutions when split_shortcuts asks to quantize them (per part)."""
-    return [p for p in DEFAULT_EXCLUDE if not (split_shortcuts and p == SHORTCUT_PATTERN)]
+def default_keep_float(split_shortcuts: bool) -> list[str]:
+    """FLOAT_RULES, less the shortcut convolutions when split_shortcuts asks to quantize them (per part)."""
+    return [rule for rule in FLOAT_RULES if not (split_shortcuts and rule == SHORTCUT_RULE)]
 
 
 @dataclass
@@ -60,16 +48,17 @@ class QuantConfig:
         QuantizeLinear into QLinearConv only in that form, and leaves convolutions in FP32 otherwise. It adds
         one rounding per convolution. PTQ4DM's reference code quantizes layer outputs as well. Off by
         default; needs weight_bits and activation_bits.
-    split_shortcuts: Q-Diffusion's shortcut splitting. The 1x1 shortcut convolutions of a UNet's decoder read
-        the raw concatenation of the decoder's features and the encoder's skip, two parts with different
-        ranges; each part gets its own input scale and zero point (which layers and where they split:
-        qtoolkit.models.blocks.skip_concat_splits). The int8 export runs such a layer as two integer
-        convolutions, one per part, summed. Off by default; not with quantize_conv_outputs (an int32 bias
-        grid needs one input scale).
-    include / exclude: fnmatch patterns on module names (e.g. "down_blocks.*.resnets.*.conv1"). A Conv2d or
-        Linear layer (or an attention module, for the matmuls) is quantized when it matches an include
-        pattern and no exclude pattern. Every pattern must match something in the model. The default
-        exclude is DEFAULT_EXCLUDE (less conv_shortcut with split_shortcuts, which quantizes those layers).
+    split_shortcuts: Q-Diffusion's shortcut splitting. A convolution that reads the raw channel concatenation of
+        two feature maps (a UNet decoder's features and the encoder's skip: a graph pattern, see
+        qtoolkit.graph.patterns.concat_split) gets one input scale and zero point per part. The int8 export runs
+        such a layer as two integer convolutions, one per part, summed. Off by default; not with
+        quantize_conv_outputs (an int32 bias grid needs one input scale).
+    keep_float: the graph rules whose ops stay in full precision (FLOAT_RULES; default all of them, less
+        "shortcut" with split_shortcuts, which quantizes those convolutions per part); [] to quantize every op
+        the patterns select, as PTQ4DM's code did.
+    include / exclude: fnmatch patterns on the module path of each op (e.g. "down_blocks.*.resnets.*.conv1";
+        an attention's path is its attention module's). An op is quantized when its path matches an include
+        pattern, no exclude pattern, and no keep_float rule matches it. Every pattern must match an op.
     """
 
     weight_bits: int | None = 8
@@ -84,8 +73,9 @@ class QuantConfig:
     quantize_attention_matmuls: bool = False
     quantize_conv_outputs: bool = False
     split_shortcuts: bool = False
+    keep_float: list[str] | None = None  # None: default_keep_float(split_shortcuts)
     include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] | None = None  # None: default_exclude(split_shortcuts)
+    exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
@@ -112,27 +102,16 @@ class QuantConfig:
             raise QtoolkitError("split_shortcuts splits the input quantizer of the skip-concatenation layers: it needs "
                               "activation_bits and cannot be combined with quantize_conv_outputs (one int32 bias grid "
                               "needs one input scale); turn one of them off")
-        if self.exclude is None:
-            self.exclude = default_exclude(self.split_shortcuts)
+        if self.keep_float is None:
+            self.keep_float = default_keep_float(self.split_shortcuts)
+        if isinstance(self.keep_float, str) or any(rule not in FLOAT_RULES for rule in self.keep_float):
+            raise QtoolkitError(f"keep_float = {self.keep_float!r} must be a list of rules among {', '.join(FLOAT_RULES)}")
+        self.keep_float = list(self.keep_float)
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
                 raise QtoolkitError(f"{name} = {patterns!r} must be a list of non-empty name patterns, e.g. ['conv_in']")
             setattr(self, name, list(patterns))
-
-    def select(self, names: list[str]) -> list[str]:
-        """The names to quantize among `names`; a pattern that matches none of them is an error."""
-        for kind, patterns in (("include", self.include), ("exclude", self.exclude)):
-            for pattern in patterns:
-                if not any(fnmatchcase(name, pattern) for name in names):
-                    examples = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-                    raise QtoolkitError(
-                        f"{kind} pattern {pattern!r} matches no quantizable layer of this model "
-                        f"(layers are named like: {examples or 'none found'}): fix or remove the pattern"
-                    )
-        return [name for name in names
-                if any(fnmatchcase(name, p) for p in self.include)
-                and not any(fnmatchcase(name, p) for p in self.exclude)]
 
     def to_dict(self) -> dict:
         return asdict(self)

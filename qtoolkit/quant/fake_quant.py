@@ -1,10 +1,10 @@
-"""The quantization life cycle of a module: observe during calibration, freeze, then fake-quantize.
+"""One quantizer and its life cycle: observe during calibration, freeze, then fake-quantize.
 
-`FakeQuantize` is one quantizer (an observer until frozen; then fixed scale / zero point held in
-buffers, so they travel with the model's state_dict). `QuantUnit` is the life cycle shared by the
-quantized layers and the attention processor: inside `calibrate(model)` they run in full precision
-and feed their observers; after `freeze(model)` they fake-quantize; in between they refuse to run,
-because silently running unquantized would make every later measurement a lie.
+`FakeQuantize` is an observer until frozen; then it holds a fixed scale and zero point in buffers, so they travel
+with the model's state_dict. Its `mode` is switched by qtoolkit.graph.calibrate: "observe" (activations: feed the
+observer, pass the input through unchanged), "pass" (weights while the activations are calibrated: unchanged,
+observed once at freeze), or None: fake-quantize, which a quantizer refuses until it is frozen, because silently
+running unquantized would make every later measurement a lie.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from .quantizer import QuantParams
 
 class FakeQuantize(nn.Module):
     """One quantizer; `channels` None = per tensor, else per channel along axis 0 (weights)."""
+
+    mode: str | None = None  # "observe", "pass" or None (fake-quantize): see the module docstring
 
     def __init__(self, observer: Observer, bits: int, symmetric: bool, channels: int | None = None):
         super().__init__()
@@ -59,6 +61,14 @@ class FakeQuantize(nn.Module):
         return QuantParams(self.scale, self.zero_point, self.bits, self.symmetric, self.axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observe(x)
+            return x
+        if self.mode == "pass":
+            return x
+        if not self.is_frozen:
+            raise QtoolkitError("a quantizer of this model has no fixed parameters yet: run calibration batches inside "
+                                "`with calibrate(model):`, then call freeze(model)")
         return self.params.fake_quantize(x)
 
     def extra_repr(self) -> str:
@@ -125,50 +135,3 @@ def weight_quantizer(config: QuantConfig, out_channels: int) -> FakeQuantize | N
     per_channel = config.weight_granularity == "per_channel"
     observer = make_weight_observer(config.weight_observer, 0 if per_channel else None, config.mse_p)
     return FakeQuantize(observer, config.weight_bits, config.weight_symmetric, out_channels if per_channel else None)
-
-
-class QuantUnit:
-    """Mixin for an nn.Module with FakeQuantize children: the calibrate -> freeze -> quantized life cycle.
-
-    `calibrating` is switched by `calibrate(model)`; `quant_name` (the module's name in the model) makes
-    error messages point at the right layer.
-    """
-
-    calibrating: bool = False
-    quant_name: str = ""
-
-    def activation_quantizers(self) -> list[FakeQuantize]:
-        """The quantizers that learn their ranges from calibration data."""
-        raise NotImplementedError
-
-    def quantizers(self) -> list[FakeQuantize]:
-        return [m for m in self.children() if isinstance(m, FakeQuantize)]
-
-    @property
-    def is_frozen(self) -> bool:
-        return all(q.is_frozen for q in self.quantizers())
-
-    @property
-    def lacks_calibration_data(self) -> bool:
-        return any(not q.is_frozen and not q.has_data for q in self.activation_quantizers())
-
-    def freeze(self) -> None:
-        for quantizer in self.activation_quantizers():
-            if not quantizer.is_frozen:
-                quantizer.freeze()
-
-    def check_runnable(self) -> None:
-        if not self.calibrating and not self.is_frozen:
-            raise QtoolkitError(
-                f"quantized module {self.quant_name or type(self).__name__!r} has no fixed quantization "
-                "parameters yet: run calibration batches inside `with calibrate(model):`, then call freeze(model)"
-            )
-
-    def observe_or_quantize(self, quantizer: FakeQuantize | None, x: torch.Tensor) -> torch.Tensor:
-        """While calibrating: feed the observer and pass x through unchanged; once frozen: fake-quantize x."""
-        if quantizer is None:
-            return x
-        if self.calibrating:
-            quantizer.observe(x)
-            return x
-        return quantizer(x)

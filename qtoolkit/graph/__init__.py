@@ -1,0 +1,17 @@
+"""Quantization on a captured graph: capture a network with torch.export, insert quantizer nodes for the ops
+a QuantConfig selects (graph patterns, not module types), calibrate, freeze.
+
+    graph = capture(model.denoiser(), model.sample_shape)
+    qgraph = quantize(graph, QuantConfig())
+    with calibrate(qgraph):
+        for x, t in calibration_batches:
+            qgraph(x, t)
+    freeze(qgraph)
+"""
+
+from .capture import capture, module_path, module_paths
+from .quantize import PlannedOp, calibrate, freeze, is_frozen, plan, quant_config_of, quant_ops, quantize
+from .quantized_ops import OpQuantizers, QuantizedAttention
+
+__all__ = ["capture", "module_path", "module_paths", "plan", "quantize", "calibrate", "freeze", "is_frozen",
+           "quant_ops", "quant_config_of", "PlannedOp", "OpQuantizers", "QuantizedAttention"]

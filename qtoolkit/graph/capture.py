@@ -1,0 +1,137 @@
+"""Capture a noise-prediction network into an FX GraphModule with torch.export.
+
+Why torch.export and not torch.fx.symbolic_trace: symbolic tracing fails on diffusers' UNets ("'len' is not
+supported in symbolic tracing"), and torch.ao's FX quantization workflow built on it is deprecated. torch.export
+traces the real Python code with fake tensors, so any network torch can run without data-dependent control flow
+is captured, and its pre-dispatch graph keeps the high-level ops qtoolkit quantizes (aten.conv2d, aten.linear,
+aten.scaled_dot_product_attention) with each node's source module path in `node.meta["nn_module_stack"]`.
+
+Batch sizes. torch.export proves the graph for a range of batch sizes: an example batch of 2 (batch 0 and 1
+are specialised, so it never proves 1), and below any Python branch on the batch size (diffusers' Upsample2D
+adds `.contiguous()` from batch 64 on, so the proof stops at 63). The branches that exist only for memory
+layout compute the same numbers, so the captured graph is checked against the network itself at batch 1 and
+just above the proven range, and if it agrees there it runs at every batch size; if it does not (a network
+whose computation depends on the batch size), capture refuses with the batch that differs.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+import warnings
+
+import torch
+from torch import fx, nn
+from torch.export import Dim
+
+from ..errors import QtoolkitError
+
+EXAMPLE_BATCH = 2
+# Capture checks the graph at these batch sizes, besides just above the range torch.export proved.
+CHECKED_BATCHES = (1,)
+# The graph must serve at least this batch (the default sampling and calibration batch is 256).
+MIN_SUPPORTED_BATCH = 256
+INPUT_NAMES = ("sample", "timestep")
+# Ops of the captured graph that only assert what torch.export already checked (dtype, device, layout).
+_ASSERT_OPS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def example_inputs(sample_shape: tuple[int, ...], batch: int, seed: int = 0,
+                   num_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, *sample_shape, generator=generator),
+            torch.randint(0, num_timesteps, (batch,), generator=generator))
+
+
+def capture(denoiser: nn.Module, sample_shape: tuple[int, ...]) -> fx.GraphModule:
+    """The FX graph of `denoiser` (called as `denoiser(sample, timestep) -> noise`, e.g. DiffusionModel.denoiser()),
+    valid for every batch size; parameters keep their module paths (`network.conv_in.weight`)."""
+    denoiser = denoiser.eval()
+    example = example_inputs(sample_shape, EXAMPLE_BATCH)
+    batch = {0: Dim.AUTO}
+    with warnings.catch_warnings():
+        # torch's own use of a deprecated pytree API (torch 2.13); nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+        try:
+            program = torch.export.export(denoiser, example, dynamic_shapes={name: batch for name in INPUT_NAMES})
+        except Exception as e:  # torch raises many types; each becomes one line naming what failed and where
+            raise QtoolkitError(_capture_failure(denoiser, e)) from None
+    graph_module = program.module()
+    proven = next(iter(program.range_constraints.values()), None)
+    _drop_batch_guards(graph_module)
+    _check_batches(graph_module, denoiser, sample_shape, upper=None if proven is None else int(proven.upper))
+    graph_module.meta["qtoolkit_sample_shape"] = tuple(sample_shape)
+    return graph_module
+
+
+def _capture_failure(denoiser: nn.Module, error: Exception) -> str:
+    """One line: which network, what torch.export said, and the user's source line it stopped at."""
+    network = getattr(denoiser, "network", denoiser)
+    message = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    where = ""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/torch/" not in f.filename]
+    user_frames = [f for f in frames if "/qtoolkit/" not in f.filename]
+    if user_frames:
+        frame = user_frames[-1]
+        where = f" at {frame.filename}:{frame.lineno} ({frame.line})"
+    else:
+        located = re.search(r'File "([^"]+)", line (\d+)', str(error))
+        if located:
+            where = f" at {located.group(1)}:{located.group(2)}"
+    return (f"torch.export cannot capture {type(network).__name__}{where}: {type(error).__name__}: {message[:300]}; "
+            "qtoolkit quantizes the captured graph, so the network's forward must be traceable (no Python control "
+            "flow on tensor values, no unsupported ops): rewrite that line (e.g. torch.where / torch.cond instead "
+            "of an `if` on a tensor) or quantize a network torch.export can capture")
+
+
+def _drop_batch_guards(graph_module: fx.GraphModule) -> None:
+    """Remove the checks torch.export adds on the batch range it proved; _check_batches stands in for them."""
+    for node in list(graph_module.graph.nodes):
+        if (node.op == "call_module" and node.target == "_guards_fn") or \
+                (node.op == "call_function" and node.target in _ASSERT_OPS):
+            graph_module.graph.erase_node(node)
+    for key, hook in list(graph_module._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del graph_module._forward_pre_hooks[key]
+    if hasattr(graph_module, "_guards_fn"):
+        delattr(graph_module, "_guards_fn")
+    graph_module.graph.lint()
+    graph_module.recompile()
+
+
+@torch.no_grad()
+def _check_batches(graph_module: fx.GraphModule, denoiser: nn.Module, sample_shape: tuple[int, ...],
+                   upper: int | None) -> None:
+    """The graph computes what the network computes at batch 1 and just above the proven batch range."""
+    batches = list(CHECKED_BATCHES)
+    if upper is not None and upper < MIN_SUPPORTED_BATCH:
+        batches.append(upper + 1)
+    for batch in batches:
+        inputs = example_inputs(sample_shape, batch, seed=batch)
+        expected, got = denoiser(*inputs), graph_module(*inputs)
+        tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=tolerance):
+            raise QtoolkitError(
+                f"the captured graph of {type(getattr(denoiser, 'network', denoiser)).__name__} differs from the "
+                f"network at batch {batch} (torch.export proved it for batches 2..{upper}: the network computes "
+                "differently from that batch on): remove the branch on the batch size from the network's forward")
+
+
+def module_path(node: fx.Node) -> str:
+    """The path of the module whose code produced `node`, relative to the captured network (e.g.
+    `down_blocks.1.resnets.0.conv1`); "" for code of the network's own forward."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _relative(path)
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """Every module around `node`, outermost first, as paths relative to the network."""
+    return [p for p in (_relative(path) for path, _type in (node.meta.get("nn_module_stack") or {}).values()) if p]
+
+
+def _relative(path: str) -> str:
+    # Paths are those of the Denoiser wrapper: its network is the child `network`.
+    return path[len("network."):] if path.startswith("network.") else ("" if path == "network" else path)
