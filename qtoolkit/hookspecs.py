@@ -65,3 +65,15 @@ def register_model_loaders(register):
     `qtoolkit.models.DiffusionModel`. Exactly one loader may claim a source: two that claim the same one are an
     error naming both.
     """
+
+
+@hookspec
+def register_observers(register):
+    """Register observers: how a quantizer turns the tensors it saw during calibration into a scale and zero point.
+
+    Call `register(Observer(name, kind, factory, ...))` once per observer. `kind` is "activation", "weight" or
+    "both"; `factory(role, axis, config)` returns a fresh `qtoolkit.quant.observers.Observer` (observe, merge,
+    has_data, compute_params(bits, symmetric)) for one quantizer of that role ("activation": per tensor, axis
+    None; "weight": per channel along `axis`, or per tensor). `default_for` names the roles it serves when a
+    QuantConfig names no observer. A recipe names it in `quantization.weight_observer` / `activation_observer`.
+    """

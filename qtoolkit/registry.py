@@ -84,11 +84,47 @@ class ModelLoader:
     description: str = ""
 
 
+OBSERVER_ROLES = ("activation", "weight")  # what a quantizer observes: a stream of activations, or a weight
+
+
+@dataclass(frozen=True)
+class Observer:
+    """How a quantizer chooses its range from what it observed. factory(role, axis, config) -> a
+    `qtoolkit.quant.observers.Observer` (streaming, mergeable statistics that compute QuantParams).
+
+    kind: the tensors it observes, "activation" (a per-tensor stream over all calibration batches), "weight"
+    (a layer's weight, per channel along `axis` or per tensor) or "both"; `factory` gets the role it is made
+    for ("activation" or "weight"), the channel axis (None: per tensor; activations always are) and the
+    QuantConfig (its `mse_p` and `percentile` parameterise the built-ins). default_for: the roles for which
+    this observer is used when a QuantConfig names none (at most one installed observer per role).
+    A QuantConfig names it in `weight_observer` / `activation_observer`.
+    """
+
+    name: str
+    kind: str
+    factory: Callable[..., Any]
+    description: str = ""
+    default_for: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in (*OBSERVER_ROLES, "both"):
+            raise ValueError(f"observer {self.name!r}: kind {self.kind!r} must be one of {', '.join(OBSERVER_ROLES)}"
+                             " or both")
+        if isinstance(self.default_for, str) or not set(self.default_for) <= set(self.roles):
+            raise ValueError(f"observer {self.name!r}: default_for {self.default_for!r} must be a tuple of the roles "
+                             f"it observes ({', '.join(self.roles)})")
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return OBSERVER_ROLES if self.kind == "both" else (self.kind,)
+
+
 KINDS = {  # hook name -> (record type, what the records are called, their key in `qtoolkit plugins --json`)
     "register_calibration_strategies": (CalibrationStrategy, "calibration strategy", "calibration_strategies"),
     "register_rounding_methods": (RoundingMethod, "rounding method", "rounding_methods"),
     "register_backends": (Backend, "backend", "backends"),
     "register_model_loaders": (ModelLoader, "model loader", "model_loaders"),
+    "register_observers": (Observer, "observer", "observers"),
 }
 
 

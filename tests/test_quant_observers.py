@@ -1,8 +1,13 @@
 import pytest
 import torch
 
+from qtoolkit import hookimpl, plugins
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.quant import HistogramLpObserver, MinMaxObserver, PercentileObserver, WeightLpObserver
+from qtoolkit.graph import calibrate, capture, freeze, quant_ops, quantize
+from qtoolkit.plugins import PluginInfo
+from qtoolkit.quant import (HistogramLpObserver, MinMaxObserver, PercentileObserver, QuantConfig, WeightLpObserver,
+                            make_activation_observer, make_weight_observer)
+from qtoolkit.registry import Observer
 
 
 def _batches():
@@ -111,3 +116,89 @@ def test_observer_errors_are_clear():
         MinMaxObserver(axis=None).merge(MinMaxObserver(axis=0))
     with pytest.raises(QtoolkitError, match="cannot merge"):
         PercentileObserver().merge(HistogramLpObserver())
+
+
+# The names a QuantConfig chooses observers by: plugin records (hook register_observers).
+
+@pytest.fixture
+def plugin_state():
+    """The installed plugins, to which a test may add its own; forgotten afterwards."""
+    plugins.reload()
+    yield
+    plugins.reload()
+
+
+def _add(plugin_name, *records):
+    class Plugin:
+        @hookimpl
+        def register_observers(self, register):
+            for record in records:
+                register(record)
+
+    plugins.add_plugin(Plugin(), PluginInfo(plugin_name, "1.0", f"dist-{plugin_name}", f"tests.{plugin_name}"))
+
+
+def test_the_builtin_names_make_the_observers_they_describe(plugin_state):
+    config = QuantConfig(mse_p=2.0, percentile=99.5)
+    assert (config.weight_observer, config.activation_observer) == ("mse", "mse")  # the defaults, filled in
+    weight = make_weight_observer(config, 0)
+    activation = make_activation_observer(config)
+    assert type(weight) is WeightLpObserver and (weight.axis, weight.p) == (0, 2.0)
+    assert type(activation) is HistogramLpObserver and activation.p == 2.0
+    percentile = make_activation_observer(QuantConfig(activation_observer="percentile", percentile=99.5))
+    assert type(percentile) is PercentileObserver and percentile.percentile == 99.5
+    minmax = QuantConfig(weight_observer="minmax", activation_observer="minmax")
+    assert type(make_weight_observer(minmax, None)) is MinMaxObserver and make_weight_observer(minmax, 0).axis == 0
+    assert type(make_activation_observer(minmax)) is MinMaxObserver
+    with pytest.raises(QtoolkitError, match="^weight_observer = 'percentile' observes activation tensors only"):
+        QuantConfig(weight_observer="percentile")
+
+
+class AbsMaxObserver(MinMaxObserver):
+    """A third party's observer: the symmetric range of the largest magnitude seen."""
+
+    def compute_params(self, bits, symmetric):
+        magnitude = torch.maximum(self.min_val.abs(), self.max_val.abs())
+        self.min_val, self.max_val = -magnitude, magnitude
+        return super().compute_params(bits, symmetric)
+
+
+def test_a_plugins_observer_is_what_the_quantized_graph_observes_with(plugin_state, tiny_model):
+    _add("absmax", Observer(name="absmax", kind="activation", factory=lambda role, axis, config: AbsMaxObserver(axis)))
+    config = QuantConfig(activation_observer="absmax")
+    qgraph = quantize(capture(tiny_model.denoiser(), tiny_model.sample_shape), config)
+    ops = list(quant_ops(qgraph).values())
+    assert ops and all(type(op.input.observer) is AbsMaxObserver for op in ops)
+    assert all(type(op.weight.observer) is WeightLpObserver for op in ops)  # weights keep the default
+    with calibrate(qgraph):
+        qgraph(torch.randn(2, 1, 8, 8), torch.tensor([10, 900]))
+    freeze(qgraph)
+    # absmax's range is symmetric about 0: an asymmetric 8-bit grid puts zero in its middle
+    assert all(op.input.zero_point.item() in (127, 128) for op in ops)
+
+
+def test_default_observers_are_one_per_role(plugin_state, monkeypatch):
+    minmax = lambda role, axis, config: MinMaxObserver(axis)  # noqa: E731
+    _add("rival", Observer(name="rival", kind="both", factory=minmax, default_for=("weight",)))
+    assert QuantConfig(weight_observer="mse").weight_observer == "mse"  # named: no default needed
+    with pytest.raises(QtoolkitError, match=r"^weight_observer is not set and several observers are registered as "
+                                            r"the default weight observer: 'mse' \(plugin 'range-observers'\), "
+                                            r"'rival' \(plugin 'rival'\)"):
+        QuantConfig()
+    monkeypatch.setenv(plugins.LOAD_ENV, "")
+    plugins.reload()
+    _add("plain", Observer(name="plain", kind="activation", factory=minmax))
+    with pytest.raises(QtoolkitError, match="^weight_observer is not set and no installed plugin registers a default "
+                                            "weight observer: set weight_observer to one of: none installed$"):
+        QuantConfig()
+
+
+def test_bad_observer_records_and_factories_are_refused(plugin_state):
+    minmax = lambda role, axis, config: MinMaxObserver(axis)  # noqa: E731
+    with pytest.raises(ValueError, match="kind 'bias'"):
+        Observer(name="x", kind="bias", factory=minmax)
+    with pytest.raises(ValueError, match="default_for"):
+        Observer(name="x", kind="activation", factory=minmax, default_for=("weight",))
+    _add("odd", Observer(name="odd", kind="both", factory=lambda role, axis, config: "not an observer"))
+    with pytest.raises(QtoolkitError, match="observer 'odd' made a str, not a qtoolkit.quant.observers.Observer"):
+        make_weight_observer(QuantConfig(weight_observer="odd"), 0)

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import QtoolkitError
-from .observers import ACTIVATION_OBSERVERS, WEIGHT_OBSERVERS
+from .observers import observer_for
 from .quantizer import check_bits
 
 GRANULARITIES = ("per_channel", "per_tensor")
@@ -33,9 +33,11 @@ class QuantConfig:
     weight_symmetric: True (default): signed, zero point 0, so the int8 GEMM needs no weight zero-point term.
     activation_symmetric: False (default): unsigned with a zero point, so one-sided activations (after
         SiLU, softmax) use the whole grid and int8 backends get the u8 activations they want.
-    weight_observer: "mse" (default; Lp search per channel on the weight itself) or "minmax".
-    activation_observer: "mse" (default; Lp search on a streaming histogram of all calibration batches),
-        "percentile" or "minmax".
+    weight_observer / activation_observer: a registered observer (plugins, hook register_observers) that can
+        observe weights / activations; None (default): the one a plugin registers as that role's default, which
+        construction fills in. Built in: "mse" (the default for both; PTQ4DM's Lp range search, per channel on
+        the weight itself, on a streaming histogram of all calibration batches for activations), "minmax", and
+        "percentile" for activations.
     mse_p: the p of the Lp error minimised by the "mse" observers; 2.4 as chosen in PTQ4DM (paper
         Table 4, and its reference code); 2.0 gives plain MSE.
     percentile: for the "percentile" activation observer, clip to [100 - percentile, percentile].
@@ -66,8 +68,8 @@ class QuantConfig:
     weight_granularity: str = "per_channel"
     weight_symmetric: bool = True
     activation_symmetric: bool = False
-    weight_observer: str = "mse"
-    activation_observer: str = "mse"
+    weight_observer: str | None = None  # None: the registered default (filled in on construction)
+    activation_observer: str | None = None
     mse_p: float = 2.4
     percentile: float = 99.99
     quantize_attention_matmuls: bool = False
@@ -81,8 +83,8 @@ class QuantConfig:
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.activation_bits, "activation_bits")
         _check_choice(self.weight_granularity, GRANULARITIES, "weight_granularity")
-        _check_choice(self.weight_observer, WEIGHT_OBSERVERS, "weight_observer")
-        _check_choice(self.activation_observer, ACTIVATION_OBSERVERS, "activation_observer")
+        self.weight_observer = observer_for("weight", self.weight_observer).name
+        self.activation_observer = observer_for("activation", self.activation_observer).name
         for name in ("weight_symmetric", "activation_symmetric", "quantize_attention_matmuls", "quantize_conv_outputs",
                      "split_shortcuts"):
             if not isinstance(getattr(self, name), bool):

@@ -122,7 +122,7 @@ def activation_quantizer(config: QuantConfig, split: tuple[int, int] | None = No
     if config.activation_bits is None:
         return None
     def observer() -> Observer:
-        return make_activation_observer(config.activation_observer, config.mse_p, config.percentile)
+        return make_activation_observer(config)
     if split is not None:
         return SplitFakeQuantize((observer(), observer()), config.activation_bits, config.activation_symmetric, *split)
     return FakeQuantize(observer(), config.activation_bits, config.activation_symmetric)
@@ -133,5 +133,5 @@ def weight_quantizer(config: QuantConfig, out_channels: int) -> FakeQuantize | N
     if config.weight_bits is None:
         return None
     per_channel = config.weight_granularity == "per_channel"
-    observer = make_weight_observer(config.weight_observer, 0 if per_channel else None, config.mse_p)
+    observer = make_weight_observer(config, 0 if per_channel else None)
     return FakeQuantize(observer, config.weight_bits, config.weight_symmetric, out_channels if per_channel else None)

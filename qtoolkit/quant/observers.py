@@ -11,6 +11,10 @@ weight that lives in the model anyway.
 - HistogramLpObserver: PTQ4DM's range search (paper Table 4: MSE with p = 2.4) on the streaming histogram.
 - WeightLpObserver: the same search on the exact weight values, per output channel.
 
+The names a QuantConfig chooses them by are plugin records (qtoolkit.registry.Observer, hook
+`register_observers`): the built-in plugin registers these classes, a third-party plugin may add its own, and
+`make_activation_observer` / `make_weight_observer` build whichever the config names.
+
 The streaming histogram (`HistogramObserver`) has a fixed number of bins whose width is a power of two,
 with edges at integer multiples of that width. When data falls outside the window, the width doubles
 (two neighbouring bins merge exactly into one) until the whole range fits. Because a value's bin is
@@ -23,11 +27,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
+from .. import plugins
 from ..errors import QtoolkitError
 from .quantizer import QuantParams
+
+if TYPE_CHECKING:
+    from .. import registry
+    from .config import QuantConfig
 
 HISTOGRAM_BINS = 2048
 # Clipping ranges tried by the Lp search: k/100 of the observed range for k = 1..100 (as in PTQ4DM's code).
@@ -36,8 +46,8 @@ LP_CANDIDATES = 100
 # keeps bin indices small when a tensor is constant.
 _RELATIVE_BIN_FLOOR_EXPONENT = -24
 
-ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
-WEIGHT_OBSERVERS = ("minmax", "mse")
+# The hook whose records name the observers a QuantConfig may choose (qtoolkit.registry.Observer).
+OBSERVERS_HOOK = "register_observers"
 
 
 def _check_finite(x: torch.Tensor) -> None:
@@ -319,21 +329,46 @@ class HistogramLpObserver(HistogramObserver):
                          bits, symmetric, self.p, None)
 
 
-def make_activation_observer(name: str, p: float, percentile: float) -> Observer:
-    """A per-tensor observer for an activation stream; `name` is one of ACTIVATION_OBSERVERS."""
-    if name == "minmax":
-        return MinMaxObserver(axis=None)
-    if name == "percentile":
-        return PercentileObserver(percentile)
-    if name == "mse":
-        return HistogramLpObserver(p)
-    raise QtoolkitError(f"unknown activation observer {name!r}: choose one of {', '.join(ACTIVATION_OBSERVERS)}")
+def observer_for(role: str, name: str | None) -> "registry.Observer":
+    """The installed observer record `name` for quantizers of `role` ("activation" or "weight"); None: the one a
+    plugin registered as that role's default. Anything else is one line naming the installed choices."""
+    field = f"{role}_observer"
+    records = plugins.registry().records[OBSERVERS_HOOK]
+    choices = sorted(found for found, record in records.items() if role in record.roles)
+    if name is None:
+        defaults = [found for found in choices if role in records[found].default_for]
+        if len(defaults) == 1:
+            return records[defaults[0]]
+        if not defaults:
+            raise QtoolkitError(f"{field} is not set and no installed plugin registers a default {role} observer: "
+                                f"set {field} to one of: {', '.join(choices) or 'none installed'}")
+        owners = plugins.registry().owners[OBSERVERS_HOOK]
+        claims = ", ".join(f"{found!r} (plugin {owners[found]!r})" for found in defaults)
+        raise QtoolkitError(f"{field} is not set and several observers are registered as the default {role} observer:"
+                            f" {claims}: set {field} to one of them, or choose the plugins with {plugins.LOAD_ENV}")
+    record = records.get(name) if isinstance(name, str) else None
+    if record is None:
+        raise QtoolkitError(f"{field} = {name!r} is not known: choose one of {', '.join(choices) or 'none installed'}")
+    if role not in record.roles:
+        raise QtoolkitError(f"{field} = {name!r} observes {record.kind} tensors only: choose one of "
+                            f"{', '.join(choices)}")
+    return record
 
 
-def make_weight_observer(name: str, axis: int | None, p: float) -> Observer:
-    """An observer for a weight tensor (per channel along `axis`, or per tensor); `name` in WEIGHT_OBSERVERS."""
-    if name == "minmax":
-        return MinMaxObserver(axis)
-    if name == "mse":
-        return WeightLpObserver(axis, p)
-    raise QtoolkitError(f"unknown weight observer {name!r}: choose one of {', '.join(WEIGHT_OBSERVERS)}")
+def _made(record: "registry.Observer", role: str, axis: int | None, config: "QuantConfig") -> Observer:
+    observer = record.factory(role, axis, config)
+    if not isinstance(observer, Observer):
+        raise QtoolkitError(f"observer {record.name!r} made a {type(observer).__name__}, not a "
+                            "qtoolkit.quant.observers.Observer: fix the plugin that registers it")
+    return observer
+
+
+def make_activation_observer(config: "QuantConfig") -> Observer:
+    """A fresh per-tensor observer for an activation stream: the registered `config.activation_observer`."""
+    return _made(observer_for("activation", config.activation_observer), "activation", None, config)
+
+
+def make_weight_observer(config: "QuantConfig", axis: int | None) -> Observer:
+    """A fresh observer for a weight tensor (per channel along `axis`, or per tensor): the registered
+    `config.weight_observer`."""
+    return _made(observer_for("weight", config.weight_observer), "weight", axis, config)
