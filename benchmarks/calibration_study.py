@@ -28,8 +28,9 @@ from pathlib import Path
 from qtoolkit.calibration import CalibrationSet
 from qtoolkit.io import atomic_write_text
 from qtoolkit.models import load_diffusion_model
-from qtoolkit.ptq import (CalibrationSettings, RoundingSettings, calibrate_and_freeze, check_ptq,
-                          correct_bias_on_calibration, make_calibration_set, quantized_copy, round_on_calibration)
+from qtoolkit.ptq import (CalibrationSettings, RoundingSettings, calibrate_and_freeze, check_ptq, make_calibration_set,
+                          quantized_graph, round_on_calibration)
+from qtoolkit.quant.bias_correction import correct_bias
 from qtoolkit.quant import QuantConfig
 from qtoolkit.report import COMPARISON_HEADER, ReportSettings, candidate_results, compare_to_fp, comparison_row
 from qtoolkit.sampling import unet_predictor
@@ -97,18 +98,19 @@ def main() -> None:
         config = QuantConfig(weight_bits=wbits, activation_bits=abits)
         candidates = {}
         for (strategy, seed), calibration in calibration_sets.items():
-            qunet = calibrate_and_freeze(quantized_copy(model.unet, config), calibration)
-            candidates[f"{bits} {strategy} s{seed}"] = unet_predictor(qunet)
+            fp_graph, qgraph = quantized_graph(model, config)
+            qgraph = calibrate_and_freeze(qgraph, calibration)
+            candidates[f"{bits} {strategy} s{seed}"] = unet_predictor(qgraph)
             name = f"{bits} {strategy}"
             if a.rounding:
-                qunet = copy.deepcopy(qunet)
-                round_on_calibration(qunet, model, calibration, rounding[seed])
+                qgraph = copy.deepcopy(qgraph)
+                round_on_calibration(qgraph, fp_graph, calibration, rounding[seed])
                 name += f"+{a.rounding}"
-                candidates[f"{name} s{seed}"] = unet_predictor(qunet)
+                candidates[f"{name} s{seed}"] = unet_predictor(qgraph)
             if a.bias_correction:
-                qunet = copy.deepcopy(qunet)
-                correct_bias_on_calibration(qunet, model, calibration, a.bias_samples, seed)
-                candidates[f"{name}+bc s{seed}"] = unet_predictor(qunet)
+                qgraph = copy.deepcopy(qgraph)
+                correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), samples=a.bias_samples, seed=seed)
+                candidates[f"{name}+bc s{seed}"] = unet_predictor(qgraph)
         sampled = {name for name in candidates if name.endswith(f" s{a.seeds[0]}")} if bits in sample_bits else set()
         results[bits] = compare_to_fp(model, candidates, settings, a.out / bits, sampled=sampled)
         print(format_study(results), flush=True)

@@ -28,7 +28,7 @@ import typer
 from qtoolkit.calibration import CalibrationSet  # first: qtoolkit quiets torchao's import noise before diffusers
 from qtoolkit.engines.benchmark import BenchSettings, bench_options, format_tables, run_benchmark
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
-from qtoolkit.ptq import calibrate_and_freeze, quantized_copy
+from qtoolkit.ptq import calibrate_and_freeze, quantized_graph
 from qtoolkit.quant import QuantConfig
 
 from diffusers import UNet2DModel  # noqa: E402  (after qtoolkit, see above)
@@ -70,8 +70,9 @@ def main(
     model = DiffusionModel(unet, dict(DEFAULT_SCHEDULER_CONFIG), Path("random-weights-cifar10-ddpm"))
     calibration = calibration_inputs(model.sample_shape, calib_size, settings.seed)
     config = QuantConfig(quantize_conv_outputs=quantize_conv_outputs)
-    qunet = calibrate_and_freeze(quantized_copy(unet, config), calibration, batch_size=16, progress=False)
-    result = run_benchmark(DiffusionModel(qunet, model.scheduler_config, model.path), settings, work, calibration)
+    qgraph = calibrate_and_freeze(quantized_graph(model, config)[1], calibration, batch_size=16, progress=False)
+    result = run_benchmark(DiffusionModel(qgraph, model.scheduler_config, model.path, shape=model.sample_shape),
+                           settings, work, calibration, unet)
     result["model_config"] = "tiny" if tiny else "cifar10-ddpm"
     result["quantize_conv_outputs"] = quantize_conv_outputs
     print(format_tables(result))

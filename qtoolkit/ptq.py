@@ -1,20 +1,20 @@
 """The post-training quantization job behind `qtoolkit run` and `qtoolkit quantize`.
 
 Method (which inputs to calibrate on: a calibration strategy; how to round the weights: a rounding method;
-both plugins, looked up by name) meets model plumbing here, and nowhere else: check the whole job, make the
-calibration set, calibrate a quantized copy of the FP model, freeze it, round and bias-correct it, and save
-it as a pipeline folder that `qtoolkit sample` loads.
+both plugins, looked up by name) meets model plumbing here, and nowhere else: capture the FP network's graph
+and check the whole job against it, make the calibration set, calibrate a quantized copy of the graph, freeze
+it, round and bias-correct it, and save it as a pipeline folder that `qtoolkit sample` loads.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
+from torch import fx
 
 from . import plugins
 from .calibration import CalibrationSet, check_calibration, generate_calibration_set, plot_timestep_histogram
@@ -22,9 +22,12 @@ from .calibration.dataset import META_FILE, TENSORS_FILE
 from .errors import QtoolkitError
 from .io import atomic_dir
 from .models.loading import DiffusionModel, model_reference, write_pipeline_files
+from .graph import calibrate, capture, freeze, plan, quantize
 from .progress import track
-from .quant import QuantConfig, calibrate, correct_bias, freeze, quantize, save_quantized
+from .quant import QuantConfig
 from .quant.bias_correction import check_samples as check_bias_samples
+from .quant.bias_correction import correct_bias
+from .quant.serialization import save_quantized
 
 
 @dataclass
@@ -60,11 +63,12 @@ def _check_source(source: str) -> None:
 
 
 def check_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings,
-              rounding: RoundingSettings | None = None, bias_correction: int | None = None) -> None:
-    """Every check of a PTQ job, without any network call: the config against the model's layers, the
-    calibration strategy, its settings and parameters (or the reused set), the rounding method and its
-    parameters, the bias-correction sample count."""
-    quantized_copy(model.unet, config)  # include/exclude patterns against this model's layer names
+              rounding: RoundingSettings | None = None, bias_correction: int | None = None) -> fx.GraphModule:
+    """Every check of a PTQ job, before any calibration: the model's graph can be captured, the config's
+    patterns against its ops, the calibration strategy, its settings and parameters (or the reused set), the
+    rounding method and its parameters, the bias-correction sample count. Returns the captured FP graph."""
+    graph = capture(model.denoiser(), model.sample_shape)
+    plan(graph, config)  # include/exclude patterns against this graph's ops
     if calib.source is not None:
         _check_source(calib.source)
     else:
@@ -78,6 +82,7 @@ def check_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSett
                                 "quantizes none: set weight bits, or drop the rounding")
     if bias_correction is not None:
         check_bias_samples(bias_correction)
+    return graph
 
 
 def make_calibration_set(model: DiffusionModel, settings: CalibrationSettings, progress: bool = True) -> CalibrationSet:
@@ -98,41 +103,37 @@ def strategy_of(calibration: CalibrationSet) -> str:
     return str(calibration.meta.get("strategy", "unknown"))
 
 
-def quantized_copy(unet: torch.nn.Module, config: QuantConfig) -> torch.nn.Module:
-    """A quantized copy of `unet`, not yet calibrated; the FP original stays untouched (it is the reference)."""
-    return quantize(copy.deepcopy(unet), config)
+def quantized_graph(model: DiffusionModel, config: QuantConfig) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(the captured FP graph of `model`, a quantized copy of it, not yet calibrated): the FP graph stays the
+    reference that rounding and bias correction compare against."""
+    graph = capture(model.denoiser(), model.sample_shape)
+    return graph, quantize(graph, config)
 
 
 @torch.no_grad()
-def calibrate_and_freeze(qunet: torch.nn.Module, calibration: CalibrationSet, batch_size: int = 256,
-                         progress: bool = True) -> torch.nn.Module:
-    with calibrate(qunet):
+def calibrate_and_freeze(qgraph: fx.GraphModule, calibration: CalibrationSet, batch_size: int = 256,
+                         progress: bool = True) -> fx.GraphModule:
+    with calibrate(qgraph):
         for start in track(range(0, len(calibration), batch_size), "calibrate", unit="batch", disable=not progress):
-            qunet(calibration.x[start:start + batch_size], calibration.t[start:start + batch_size])
-    return freeze(qunet)
+            qgraph(calibration.x[start:start + batch_size], calibration.t[start:start + batch_size])
+    return freeze(qgraph)
 
 
-def round_on_calibration(qunet: torch.nn.Module, model: DiffusionModel, calibration: CalibrationSet,
+def round_on_calibration(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, calibration: CalibrationSet,
                          rounding: RoundingSettings, progress: bool = True):
-    """The rounding method's pass over the frozen `qunet` against the FP UNet on the calibration inputs; returns
+    """The rounding method's pass over the frozen `qgraph` against the FP graph on the calibration inputs; returns
     (resolved settings, JSON-ready summary)."""
     method = plugins.rounding_method(rounding.method)
     settings = method.settings(dict(rounding.params))
-    summary = method.apply(qunet, model.unet, (calibration.x, calibration.t), settings, progress=progress)
+    summary = method.apply(qgraph, fp_graph, (calibration.x, calibration.t), settings, progress=progress)
     return settings, summary
 
 
-def correct_bias_on_calibration(qunet: torch.nn.Module, model: DiffusionModel, calibration: CalibrationSet,
-                                samples: int, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Bias correction of the frozen `qunet` against the FP UNet, on (a subset of) the calibration inputs."""
-    return correct_bias(qunet, model.unet, (calibration.x, calibration.t), samples=samples, seed=seed, progress=progress)
-
-
-def save_quantized_pipeline(qunet: torch.nn.Module, model: DiffusionModel, out: Path, provenance: dict,
+def save_quantized_pipeline(qgraph: fx.GraphModule, model: DiffusionModel, out: Path, provenance: dict,
                             overwrite: bool = False) -> None:
     """A pipeline folder (unet/ quantized, scheduler/, model_index.json) that load_diffusion_model reads."""
     with atomic_dir(out, overwrite) as tmp:
-        save_quantized(qunet, tmp / "unet", extra_config=provenance)
+        save_quantized(qgraph, tmp / "unet", model, extra_config=provenance)
         write_pipeline_files(tmp, model.scheduler_config)
 
 
@@ -142,39 +143,43 @@ def _json_ready(settings) -> dict:
 
 def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings, out: Path, *,
             rounding: RoundingSettings | None = None, bias_correction: int | None = None,
-            overwrite: bool = False, progress: bool = True) -> tuple[torch.nn.Module, CalibrationSet]:
+            overwrite: bool = False, progress: bool = True,
+            fp_graph: fx.GraphModule | None = None) -> tuple[fx.GraphModule, CalibrationSet]:
     """Quantize `model` with `config`, calibrated on `calib` (then its weights rounded by `rounding`, if given,
     and bias-corrected on `bias_correction` calibration inputs, if given); write the model, the calibration
     set and ptq.json (what was done, with every setting resolved) to `out`.
 
-    Every check (`check_ptq`, and `out` free unless `overwrite`) runs before the first network evaluation.
-    Returns the frozen quantized UNet and its calibration set.
+    Every check (`check_ptq`, and `out` free unless `overwrite`) runs before calibration; `fp_graph`, the graph
+    check_ptq returned for this model, saves capturing it again. Returns the frozen quantized graph and its
+    calibration set.
     """
     if out.exists() and not overwrite:
         raise QtoolkitError(f"{out} already exists: choose another output folder or allow overwriting")
-    check_ptq(model, config, calib, rounding, bias_correction)
-    qunet = quantized_copy(model.unet, config)
+    if fp_graph is None:
+        fp_graph = check_ptq(model, config, calib, rounding, bias_correction)
+    qgraph = quantize(fp_graph, config)
     t0 = time.perf_counter()
     calibration = make_calibration_set(model, calib, progress)
     calibration_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    calibrate_and_freeze(qunet, calibration, calib.batch_size, progress)
+    calibrate_and_freeze(qgraph, calibration, calib.batch_size, progress)
     seconds = {"calibration_set": round(calibration_seconds, 1), "observe_and_freeze": round(time.perf_counter() - t0, 1)}
     provenance = {"base_model": model_reference(model.path), "calibration": asdict(calib),
                   "calibration_cost": calibration.meta["cost"], "seconds": seconds}
     if rounding is not None:
         t0 = time.perf_counter()
-        settings, summary = round_on_calibration(qunet, model, calibration, rounding, progress)
+        settings, summary = round_on_calibration(qgraph, fp_graph, calibration, rounding, progress)
         seconds["rounding"] = round(time.perf_counter() - t0, 1)
         provenance["rounding"] = {"method": rounding.method, "params": _json_ready(settings), "summary": summary}
     if bias_correction is not None:
         t0 = time.perf_counter()
-        layers = correct_bias_on_calibration(qunet, model, calibration, bias_correction, calib.seed, progress)
+        layers = correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), samples=bias_correction,
+                              seed=calib.seed, progress=progress)
         seconds["bias_correction"] = round(time.perf_counter() - t0, 1)
         provenance["bias_correction"] = {"samples": bias_correction, "seed": calib.seed, "layers": layers}
     with atomic_dir(out, overwrite) as tmp:
-        save_quantized_pipeline(qunet, model, tmp / "model", provenance)
+        save_quantized_pipeline(qgraph, model, tmp / "model", provenance)
         calibration.save(tmp / "calibration")
         plot_timestep_histogram({strategy_of(calibration): calibration}, tmp / "calibration_timesteps.png")
         (tmp / "ptq.json").write_text(json.dumps({"quant_config": config.to_dict(), **provenance}, indent=2) + "\n")
-    return qunet, calibration
+    return qgraph, calibration

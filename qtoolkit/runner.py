@@ -24,6 +24,7 @@ from typing import Any
 
 import diffusers
 import torch
+from torch import fx
 
 from . import __version__, plugins
 from .engines import FLOAT_PRECISIONS, load_engine, resolve_backend
@@ -54,6 +55,7 @@ class Job:
     backend: Backend | None  # None: the report samples the fake-quantized model in PyTorch
     report: ReportSettings | None
     plan: Any  # what the report can compute for this model (qtoolkit.report.plan_report)
+    graph: fx.GraphModule  # the model's captured FP graph, which the job quantizes
 
 
 def prepare(recipe: Recipe) -> Job:
@@ -63,7 +65,7 @@ def prepare(recipe: Recipe) -> Job:
     calibration = recipe.calibration.settings()
     rounding = recipe.rounding.settings() if recipe.rounding is not None else None
     bias_correction = recipe.bias_correction.samples if recipe.bias_correction.enabled else None
-    check_ptq(model, config, calibration, rounding, bias_correction)
+    graph = check_ptq(model, config, calibration, rounding, bias_correction)
     backend = None if recipe.backend == NO_BACKEND else resolve_backend(recipe.backend)
     if backend is None and recipe.float_precision != FLOAT_PRECISIONS[0]:
         raise QtoolkitError(f"float_precision {recipe.float_precision} is what a backend runs the exported graph's "
@@ -76,7 +78,7 @@ def prepare(recipe: Recipe) -> Job:
                                 f"on this machine, not {recipe.float_precision!r}: set float_precision to one of these")
     report = recipe.report.settings() if recipe.report.enabled else None
     plan = plan_report(model, report) if report is not None else None
-    return Job(recipe, model, config, calibration, rounding, bias_correction, backend, report, plan)
+    return Job(recipe, model, config, calibration, rounding, bias_correction, backend, report, plan, graph)
 
 
 def candidate_name(job: Job, strategy: str) -> str:
@@ -96,13 +98,14 @@ def run(job: Job, out: Path, *, overwrite: bool = False, command: str = "") -> s
     text = None
     with atomic_dir(out, overwrite) as tmp:
         t0 = time.perf_counter()
-        qunet, calibration = run_ptq(job.model, job.config, job.calibration, tmp, rounding=job.rounding,
-                                     bias_correction=job.bias_correction, overwrite=True)
+        qgraph, calibration = run_ptq(job.model, job.config, job.calibration, tmp, rounding=job.rounding,
+                                      bias_correction=job.bias_correction, overwrite=True, fp_graph=job.graph)
         print(f"quantized model ({out}/model) in {time.perf_counter() - t0:.0f} s")
-        eps, where = unet_predictor(qunet), "PyTorch (fake-quant simulation)"
+        eps, where = unet_predictor(qgraph), "PyTorch (fake-quant simulation)"
         if job.backend is not None:
             with progress_bar(1, f"export for {job.backend.name}", unit="graph") as bar:
-                export_model(DiffusionModel(qunet, job.model.scheduler_config, out / "model"), tmp / "export")
+                export_model(DiffusionModel(qgraph, job.model.scheduler_config, out / "model",
+                                            shape=job.model.sample_shape), tmp / "export")
                 bar.advance()
             eps = load_engine(job.backend.name, tmp / "export", job.recipe.threads, job.recipe.float_precision)
             where = f"{job.backend.name} ({job.recipe.float_precision} float parts), from {out}/export"

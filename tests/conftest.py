@@ -1,12 +1,12 @@
-import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
-from qtoolkit.quant import calibrate, freeze, quantize
+from qtoolkit.graph import calibrate, capture, freeze, quantize
 
 # Keep the suite light on this 2-core machine and deterministic.
 torch.set_num_threads(1)
@@ -22,9 +22,16 @@ def calibration_inputs(num, seed):
     return torch.randn(num, 1, 8, 8, generator=g), torch.randint(0, 1000, (num,), generator=g)
 
 
-def frozen_copy(fp_unet, config, inputs):
-    """A quantized copy of `fp_unet`, calibrated on `inputs` in one batch and frozen."""
-    q = quantize(copy.deepcopy(fp_unet), config)
+def fp_graph(network, sample_shape=(1, 8, 8)):
+    """The captured FP graph of a float network (a tiny UNet by default)."""
+    return capture(DiffusionModel(network, dict(DEFAULT_SCHEDULER_CONFIG), Path("network"), shape=sample_shape).denoiser(),
+                   sample_shape)
+
+
+def frozen_copy(fp, config, inputs):
+    """A quantized copy of the FP graph `fp` (or of a float network's graph), calibrated on `inputs` in one
+    batch and frozen."""
+    q = quantize(fp if isinstance(fp, torch.fx.GraphModule) else fp_graph(fp, tuple(inputs[0].shape[1:])), config)
     with calibrate(q):
         q(*inputs)
     return freeze(q)

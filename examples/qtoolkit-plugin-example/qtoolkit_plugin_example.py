@@ -21,8 +21,9 @@ import torch
 from qtoolkit import hookimpl
 from qtoolkit.calibration import CalibrationRequest, StrategyOutput, chain_timesteps
 from qtoolkit.errors import QtoolkitError
+from qtoolkit.graph import quant_ops
 from qtoolkit.progress import track
-from qtoolkit.quant import QuantConv2d, QuantLinear, QuantParams
+from qtoolkit.quant import QuantParams
 from qtoolkit.registry import CalibrationStrategy, RoundingMethod
 
 
@@ -86,16 +87,16 @@ def stochastic_round(qmodel: torch.nn.Module, fp_model: torch.nn.Module, inputs,
     Scales and zero points stay frozen, so the frozen quantizer reproduces exactly these codes and saving
     and export need nothing new. fp_model and inputs are unused: the rounding looks at no data.
     """
-    layers = [m for m in qmodel.modules()
-              if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_quantizer is not None]
+    layers = [op for op in quant_ops(qmodel).values() if op.weight is not None]
     if not layers:
         raise QtoolkitError("stochastic rounding rounds quantized weights, and this model has none: "
                             "quantize with weight bits set (e.g. 8 or 4)")
     generator = torch.Generator().manual_seed(settings.seed)
     weights = changed = 0
     for layer in track(layers, "stochastic rounding", unit="layer", disable=not progress):
-        params = layer.weight_params  # raises a clear error when the model is not frozen yet
-        weight = layer.weight.float()
+        params = layer.weight.params  # raises a clear error when the model is not frozen yet
+        parameter = qmodel.get_parameter(layer.weight_target)
+        weight = parameter.float()
         scale = _along_weight(params.scale, params, weight)
         zero_point = _along_weight(params.zero_point, params, weight)
         scaled = weight / scale
@@ -104,7 +105,7 @@ def stochastic_round(qmodel: torch.nn.Module, fp_model: torch.nn.Module, inputs,
         codes = torch.clamp(floor + up + zero_point, params.qmin, params.qmax)
         changed += int((codes != params.quantize(weight)).sum())
         weights += weight.numel()
-        layer.weight.copy_(params.dequantize(codes).to(layer.weight.dtype))
+        parameter.copy_(params.dequantize(codes).to(parameter.dtype))
     return {"seed": settings.seed, "layers": len(layers), "weights": weights,
             "fraction_unlike_nearest": changed / weights}
 

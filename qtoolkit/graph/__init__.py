@@ -7,11 +7,14 @@ a QuantConfig selects (graph patterns, not module types), calibrate, freeze.
         for x, t in calibration_batches:
             qgraph(x, t)
     freeze(qgraph)
+    save_quantized(qgraph, folder, model)                    # load_quantized(folder) gives it back, bit-identical
 """
 
 from .capture import capture, module_path, module_paths
 from .quantize import PlannedOp, calibrate, freeze, is_frozen, plan, quant_config_of, quant_ops, quantize
 from .quantized_ops import OpQuantizers, QuantizedAttention
+from .serialization import frozen_params, load_quantized, read_quantized_metadata, save_quantized
 
 __all__ = ["capture", "module_path", "module_paths", "plan", "quantize", "calibrate", "freeze", "is_frozen",
-           "quant_ops", "quant_config_of", "PlannedOp", "OpQuantizers", "QuantizedAttention"]
+           "quant_ops", "quant_config_of", "PlannedOp", "OpQuantizers", "QuantizedAttention",
+           "save_quantized", "load_quantized", "read_quantized_metadata", "frozen_params"]

@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
 
 from ..errors import QtoolkitError
 
@@ -59,9 +60,18 @@ def capture(denoiser: nn.Module, sample_shape: tuple[int, ...]) -> fx.GraphModul
     graph_module = program.module()
     proven = next(iter(program.range_constraints.values()), None)
     _drop_batch_guards(graph_module)
-    _check_batches(graph_module, denoiser, sample_shape, upper=None if proven is None else int(proven.upper))
+    # No upper bound when torch.export proved every batch size (its upper bound is then int_oo, not a number).
+    upper = int(proven.upper) if proven is not None and proven.upper != int_oo else None
+    _check_batches(graph_module, denoiser, sample_shape, upper=upper)
     graph_module.meta["qtoolkit_sample_shape"] = tuple(sample_shape)
     return graph_module
+
+
+def _proven_batch_limit(program: torch.export.ExportedProgram) -> int | None:
+    """The largest batch torch.export proved the graph for; None when it proved every batch size."""
+    uppers = [r.upper for r in program.range_constraints.values()]
+    finite = [int(u) for u in uppers if u.is_finite and bool(u < 2**62)]
+    return min(finite) if finite else None
 
 
 def _capture_failure(denoiser: nn.Module, error: Exception) -> str:
@@ -129,7 +139,15 @@ def module_path(node: fx.Node) -> str:
 
 def module_paths(node: fx.Node) -> list[str]:
     """Every module around `node`, outermost first, as paths relative to the network."""
-    return [p for p in (_relative(path) for path, _type in (node.meta.get("nn_module_stack") or {}).values()) if p]
+    return [path for path, _class_name in module_stack(node)]
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(path relative to the network, class name, e.g. "ResnetBlock2D") of every module around `node`, outermost
+    first."""
+    stack = ((_relative(path), type_name.rpartition(".")[2])
+             for path, type_name in (node.meta.get("nn_module_stack") or {}).values())
+    return [(path, class_name) for path, class_name in stack if path]
 
 
 def _relative(path: str) -> str:
