@@ -64,11 +64,10 @@ def _check_source(source: str) -> None:
 
 def check_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings,
               rounding: RoundingSettings | None = None, bias_correction: int | None = None) -> fx.GraphModule:
-    """Every check of a PTQ job, before any calibration: the model's graph can be captured, the config's
-    patterns against its ops, the calibration strategy, its settings and parameters (or the reused set), the
-    rounding method and its parameters, the bias-correction sample count. Returns the captured FP graph."""
-    graph = capture(model.denoiser(), model.sample_shape)
-    plan(graph, config)  # include/exclude patterns against this graph's ops
+    """Every check of a PTQ job, before any calibration: the calibration strategy, its settings and parameters
+    (or the reused set), the rounding method and its parameters, the bias-correction sample count (none of them
+    runs the network), then the model's graph can be captured and the config's patterns match its ops. Returns
+    the captured FP graph."""
     if calib.source is not None:
         _check_source(calib.source)
     else:
@@ -82,6 +81,9 @@ def check_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSett
                                 "quantizes none: set weight bits, or drop the rounding")
     if bias_correction is not None:
         check_bias_samples(bias_correction)
+    # Last: capturing traces the network (and checks the graph at two batch sizes), the only check that runs it.
+    graph = capture(model.denoiser(), model.sample_shape)
+    plan(graph, config)  # include/exclude patterns against this graph's ops
     return graph
 
 

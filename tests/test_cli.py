@@ -8,7 +8,7 @@ import yaml
 
 from qtoolkit.cli import main
 from qtoolkit.models import load_diffusion_model
-from qtoolkit.quant import quant_units
+from qtoolkit.graph import quant_ops
 
 
 def run_cli(*args):
@@ -61,7 +61,7 @@ def test_quantize_builds_a_recipe_from_its_flags_and_runs_it(tiny_model_dir32, t
     assert ran["backend"] == "none" and ran["report"]["num"] == 2
 
     model = load_diffusion_model(run)  # the run folder itself is a model
-    assert len(quant_units(model.unet)) > 0
+    assert len(quant_ops(model.unet)) > 0
     assert main(["sample", "--model", str(run), "--steps", "3", "--num", "6", "--out", str(tmp_path / "s")]) == 0
     assert main(["eval", str(tmp_path / "s"), "--num-reference", "50", "--bootstrap", "10"]) == 0
     assert "FID" in capsys.readouterr().out

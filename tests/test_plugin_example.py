@@ -4,7 +4,6 @@ say, and the command line lists and runs it."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -15,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import calibration_inputs, frozen_copy
+from conftest import calibration_inputs, fp_graph, frozen_copy
 from qtoolkit import plugins
 from qtoolkit.calibration import CalibrationSet, chain_timesteps, generate_calibration_set
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.plugins import DISABLE_AUTOLOAD_ENV, LOAD_ENV
-from qtoolkit.quant import QuantConfig, QuantConv2d, QuantLinear, quantize
+from qtoolkit.graph import quant_ops, quantize
+from qtoolkit.quant import QuantConfig
 from qtoolkit.sampling import denoise, initial_noise, make_scheduler, unet_predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,14 +109,16 @@ W4 = QuantConfig(weight_bits=4, activation_bits=8)
 def rounded_copy(tiny_unet, seed: int):
     """A frozen W4A8 copy of the tiny UNet, its weights rounded by `stochastic` with `seed`, and the summary."""
     inputs = calibration_inputs(8, seed=0)
-    qmodel = frozen_copy(tiny_unet, W4, inputs)
+    graph = fp_graph(tiny_unet)
+    qmodel = frozen_copy(graph, W4, inputs)
     method = plugins.rounding_method("stochastic")
-    summary = method.apply(qmodel, tiny_unet, inputs, method.settings({"seed": seed}), progress=False)
+    summary = method.apply(qmodel, graph, inputs, method.settings({"seed": seed}), progress=False)
     return qmodel, summary
 
 
 def quantized_layers(model) -> dict:
-    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    """Module path -> (its quantizers, its weight parameter) of every quantized op of a graph."""
+    return {op.path: (op, model.get_parameter(op.weight_target)) for op in quant_ops(model).values()}
 
 
 def test_stochastic_rounds_every_weight_onto_its_grid_below_or_above_the_float_weight(example, tiny_unet):
@@ -124,11 +126,11 @@ def test_stochastic_rounds_every_weight_onto_its_grid_below_or_above_the_float_w
     fp_weights = dict(tiny_unet.named_parameters())
     unlike_nearest = weights = 0
     fractions, went_up = [], []
-    for name, layer in quantized_layers(qmodel).items():
-        params = layer.weight_params
+    for name, (op, parameter) in quantized_layers(qmodel).items():
+        params = op.weight.params
         with torch.no_grad():
-            weight = layer.weight.detach()
-            torch.testing.assert_close(layer.weight_quantizer(weight), weight, rtol=0, atol=0)  # on the grid
+            weight = parameter.detach()
+            torch.testing.assert_close(op.weight(weight), weight, rtol=0, atol=0)  # on the grid
             fp = fp_weights[f"{name}.weight"].detach()
             scale = params.scale.reshape(-1, *[1] * (fp.ndim - 1))
             codes, scaled = (weight / scale).round(), fp / scale
@@ -158,8 +160,8 @@ def test_stochastic_is_deterministic_for_its_seed(example, tiny_unet):
     first, second, other = (rounded_copy(tiny_unet, seed)[0] for seed in (3, 3, 4))
     layers = [quantized_layers(m) for m in (first, second, other)]
     for name in layers[0]:
-        assert torch.equal(layers[0][name].weight, layers[1][name].weight)
-    assert any(not torch.equal(layers[0][name].weight, layers[2][name].weight) for name in layers[0])
+        assert torch.equal(layers[0][name][1], layers[1][name][1])
+    assert any(not torch.equal(layers[0][name][1], layers[2][name][1]) for name in layers[0])
 
 
 @pytest.mark.parametrize("params, message", [
@@ -179,10 +181,10 @@ def test_stochastic_settings_default_seed_is_zero(example):
 
 
 def test_stochastic_refuses_a_model_that_is_not_frozen(example, tiny_unet):
-    qmodel = quantize(copy.deepcopy(tiny_unet), W4)
+    graph = fp_graph(tiny_unet)
     method = plugins.rounding_method("stochastic")
     with pytest.raises(QtoolkitError, match="not fixed yet"):
-        method.apply(qmodel, tiny_unet, calibration_inputs(2, seed=0), method.settings({}), progress=False)
+        method.apply(quantize(graph, W4), graph, calibration_inputs(2, seed=0), method.settings({}), progress=False)
 
 
 # --- the command line, with the example on PYTHONPATH as an installed package would be on sys.path ----------------

@@ -10,7 +10,8 @@ from qtoolkit.models import load_diffusion_model
 from qtoolkit.models.classifier import FashionClassifier
 from qtoolkit.data import load_fashion_mnist
 from qtoolkit.ptq import CalibrationSettings, RoundingSettings, check_ptq, run_ptq
-from qtoolkit.quant import QuantConfig, quant_units
+from qtoolkit.graph import quant_ops
+from qtoolkit.quant import QuantConfig
 from qtoolkit.training.classifier import accuracy
 
 
@@ -23,7 +24,7 @@ def test_run_ptq_writes_a_loadable_model_its_calibration_set_and_what_was_done(t
     run = tmp_path / "run"
     model = load_diffusion_model(tiny_model_dir)
     calib = CalibrationSettings(strategy="uniform", size=16, steps=4, inputs_per_chain=2)
-    qunet, calibration = run_ptq(model, QuantConfig(), calib, run, rounding=RoundingSettings("nearest"),
+    qgraph, calibration = run_ptq(model, QuantConfig(), calib, run, rounding=RoundingSettings("nearest"),
                                  bias_correction=8, progress=False)
     ptq = json.loads((run / "ptq.json").read_text())
     assert ptq["calibration"] == {**calib.__dict__, "params": {}}
@@ -34,10 +35,10 @@ def test_run_ptq_writes_a_loadable_model_its_calibration_set_and_what_was_done(t
     assert len(calibration) == 16 and (run / "calibration_timesteps.png").is_file()
 
     saved = load_diffusion_model(run)  # the run folder itself is a model
-    assert len(quant_units(saved.unet)) > 0
+    assert len(quant_ops(saved.unet)) > 0
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 700])
     with torch.no_grad():
-        torch.testing.assert_close(saved.unet(x, t).sample, qunet(x, t).sample, rtol=0, atol=0)
+        torch.testing.assert_close(saved.denoiser()(x, t), qgraph(x, t), rtol=0, atol=0)
     with pytest.raises(QtoolkitError, match="already exists"):
         run_ptq(model, QuantConfig(), calib, run, progress=False)
 
@@ -62,7 +63,6 @@ def no_network_model(tiny_model_dir):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(config=QuantConfig(exclude=["no_such_layer"])), "matches no quantizable layer"),
     (dict(calib=CalibrationSettings("nope")), "unknown calibration strategy 'nope': choose one of: .*ndtc"),
     (dict(calib=CalibrationSettings("ndtc", params={"preset": "nope"})), "unknown NDTC preset 'nope'"),
     (dict(calib=CalibrationSettings("ndtc", params={"mu": 0.5})), "takes no parameter 'mu'"),
@@ -88,6 +88,15 @@ def test_bad_jobs_fail_before_any_network_call(tiny_model_dir, tmp_path, change,
     assert not (tmp_path / "never").exists()
 
 
+def test_a_pattern_that_matches_no_op_fails_before_calibration(tiny_model_dir, tmp_path):
+    """Patterns are checked against the captured graph (capturing traces the network, nothing more)."""
+    model = load_diffusion_model(tiny_model_dir)
+    with pytest.raises(QtoolkitError, match="exclude pattern 'no_such_layer' matches no quantizable op"):
+        run_ptq(model, QuantConfig(exclude=["no_such_layer"]), CalibrationSettings("ndtc", size=4, steps=3),
+                tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+
+
 def test_run_ptq_reuses_a_saved_calibration_set(tiny_model_dir32, tiny_model_dir, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     model = load_diffusion_model(tiny_model_dir32)
@@ -98,8 +107,8 @@ def test_run_ptq_reuses_a_saved_calibration_set(tiny_model_dir32, tiny_model_dir
     assert json.loads((second / "calibration" / "meta.json").read_text())["strategy"] == "uniform"
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 900])
     with torch.no_grad():  # same inputs, same config: the same model, bit for bit
-        torch.testing.assert_close(load_diffusion_model(first).unet(x, t).sample,
-                                   load_diffusion_model(second).unet(x, t).sample, rtol=0, atol=0)
+        torch.testing.assert_close(load_diffusion_model(first).denoiser()(x, t),
+                                   load_diffusion_model(second).denoiser()(x, t), rtol=0, atol=0)
     with pytest.raises(QtoolkitError, match=r"holds inputs of shape \(1, 32, 32\)"):
         run_ptq(load_diffusion_model(tiny_model_dir), QuantConfig(), reuse, tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()

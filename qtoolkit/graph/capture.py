@@ -23,7 +23,6 @@ import warnings
 import torch
 from torch import fx, nn
 from torch.export import Dim
-from torch.utils._sympy.numbers import int_oo
 
 from ..errors import QtoolkitError
 
@@ -58,11 +57,8 @@ def capture(denoiser: nn.Module, sample_shape: tuple[int, ...]) -> fx.GraphModul
         except Exception as e:  # torch raises many types; each becomes one line naming what failed and where
             raise QtoolkitError(_capture_failure(denoiser, e)) from None
     graph_module = program.module()
-    proven = next(iter(program.range_constraints.values()), None)
     _drop_batch_guards(graph_module)
-    # No upper bound when torch.export proved every batch size (its upper bound is then int_oo, not a number).
-    upper = int(proven.upper) if proven is not None and proven.upper != int_oo else None
-    _check_batches(graph_module, denoiser, sample_shape, upper=upper)
+    _check_batches(graph_module, denoiser, sample_shape, upper=_proven_batch_limit(program))
     graph_module.meta["qtoolkit_sample_shape"] = tuple(sample_shape)
     return graph_module
 
