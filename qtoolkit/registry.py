@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from .errors import QtoolkitError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .calibration import StrategyOutput
     from .models.loading import DiffusionModel
     from .sampling import NoisePredictor
@@ -76,12 +78,26 @@ class Backend:
 
 @dataclass(frozen=True)
 class ModelLoader:
-    """How a model string becomes a model. claims(source: str) -> bool without loading; load(source) -> model."""
+    """How a model string becomes a model. claims(source: str) -> bool without loading; load(source) -> model.
+
+    describe and build (both or neither) let a quantized model of this loader's networks be saved and loaded
+    without the original source (qtoolkit.graph.save_quantized / load_quantized); a diffusers network needs
+    neither (it is rebuilt from its diffusers config). describe(network) -> a JSON-ready dict of what build needs
+    to rebuild that network's architecture, or None when the network is not one of this loader's;
+    build(config) -> the network, from that dict (its weights need not be loaded: the saved ones replace them).
+    """
 
     name: str
     claims: Callable[[str], bool]
     load: Callable[[str], "DiffusionModel"]
     description: str = ""
+    describe: Callable[["nn.Module"], dict | None] | None = None
+    build: Callable[[dict], "nn.Module"] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.describe is None) != (self.build is None):
+            raise ValueError(f"model loader {self.name!r}: give both describe and build (a saved quantized model is "
+                             "described by one and rebuilt by the other), or neither")
 
 
 OBSERVER_ROLES = ("activation", "weight")  # what a quantizer observes: a stream of activations, or a weight

@@ -1,4 +1,4 @@
-"""quantize / calibrate / freeze / save / load on the tiny diffusers UNet2DModel of conftest.py."""
+"""quantize / calibrate / freeze on the tiny diffusers UNet2DModel of conftest.py."""
 
 import copy
 
@@ -8,8 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.quant import (QuantAttnProcessor, QuantConfig, QuantConv2d, QuantLinear, calibrate, freeze,
-                          load_quantized, quant_units, quantize, read_quantized_metadata, save_quantized)
+from qtoolkit.quant import QuantAttnProcessor, QuantConfig, QuantConv2d, QuantLinear, calibrate, freeze, quantize
 
 
 def _inputs(seed, batch=4):
@@ -138,52 +137,3 @@ def test_conv_outputs_land_on_their_grid_and_biases_on_the_accumulator_grid(tiny
     # One more rounding per convolution: still close to FP, a little further than input-only W8A8.
     w8a8 = _calibrated(copy.deepcopy(tiny_unet), QuantConfig())
     assert 20 < _sqnr_db(reference, _output(model)) < _sqnr_db(reference, _output(w8a8))
-
-
-def test_save_and_load_give_bit_identical_outputs(tiny_unet, tmp_path):
-    model = _calibrated(tiny_unet, QuantConfig(quantize_attention_matmuls=True, activation_observer="percentile",
-                                               quantize_conv_outputs=True))
-    save_quantized(model, tmp_path / "q", extra_config={"calibration": "ndtc", "samples": 16})
-    loaded = load_quantized(tmp_path / "q")
-    assert torch.equal(_output(loaded), _output(model))
-    assert quant_units(loaded).keys() == quant_units(model).keys()
-    metadata = read_quantized_metadata(tmp_path / "q")
-    assert metadata["extra_config"] == {"calibration": "ndtc", "samples": 16}
-    assert metadata["model_class"] == "UNet2DModel" and metadata["model_config"]["block_out_channels"] == [8, 16]
-    params = metadata["quant_params"]["down_blocks.0.resnets.0.conv1"]
-    assert params["weight_quantizer"]["scale"] == model.down_blocks[0].resnets[0].conv1.weight_params.scale.tolist()
-    assert set(params) == {"weight_quantizer", "input_quantizer", "output_quantizer"}
-    assert set(metadata["quant_params"]["down_blocks.1.attentions.0.processor"]) == {
-        "query_quantizer", "key_quantizer", "probs_quantizer", "value_quantizer"}
-
-
-def test_save_refuses_unfrozen_models_and_existing_folders(tiny_unet, tmp_path):
-    quantize(tiny_unet, QuantConfig())
-    with pytest.raises(QtoolkitError, match="not frozen"):
-        save_quantized(tiny_unet, tmp_path / "q")
-    assert not (tmp_path / "q").exists()
-    with calibrate(tiny_unet):
-        _output(tiny_unet)
-    freeze(tiny_unet)
-    save_quantized(tiny_unet, tmp_path / "q")
-    with pytest.raises(QtoolkitError, match="already exists"):
-        save_quantized(tiny_unet, tmp_path / "q")
-    save_quantized(tiny_unet, tmp_path / "q", overwrite=True)
-
-
-def test_load_reports_missing_and_corrupt_files(tiny_unet, tmp_path):
-    with pytest.raises(QtoolkitError, match="no quantization.json"):
-        load_quantized(tmp_path)
-    _calibrated(tiny_unet, QuantConfig(), batches=1)
-    save_quantized(tiny_unet, tmp_path / "q")
-    weights = tmp_path / "q" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(QtoolkitError, match="corrupt or truncated"):
-        load_quantized(tmp_path / "q")
-    weights.unlink()
-    with pytest.raises(QtoolkitError, match="no model.safetensors"):
-        load_quantized(tmp_path / "q")
-    (tmp_path / "q" / "quantization.json").write_text("{not json")
-    weights.write_bytes(b"")
-    with pytest.raises(QtoolkitError, match="quantization.json is corrupt"):
-        load_quantized(tmp_path / "q")

@@ -301,14 +301,20 @@ def _scheduler_config(root: Path) -> dict:
 def load_folder(folder: str | os.PathLike) -> DiffusionModel:
     """A model from a local folder in any layout of the module docstring."""
     root, unet_dir = _locate(Path(folder).expanduser())
-    unet = _load_quantized_unet(unet_dir) if (unet_dir / QUANTIZED_MARKER).is_file() else _load_float_network(unet_dir)
-    return DiffusionModel(unet=unet, scheduler_config=_scheduler_config(root), path=root)
+    if (unet_dir / QUANTIZED_MARKER).is_file():
+        return _load_quantized_model(root, unet_dir)
+    return DiffusionModel(unet=_load_float_network(unet_dir), scheduler_config=_scheduler_config(root), path=root)
 
 
-def _load_quantized_unet(unet_dir: Path) -> torch.nn.Module:
-    from ..quant import load_quantized  # the quantization layer builds on this module, not the reverse
+def _load_quantized_model(root: Path, unet_dir: Path) -> DiffusionModel:
+    """A saved frozen quantized graph (qtoolkit.graph.save_quantized) as the model's network: it is called
+    (sample, timestep) and holds its conditioning itself, so the model has none of its own; its sample shape is
+    the one it was captured at."""
+    from ..graph.serialization import SAMPLE_SHAPE_META, load_quantized  # the graph layer builds on this module
 
-    return load_quantized(unet_dir).eval()
+    qgraph = load_quantized(unet_dir)
+    return DiffusionModel(unet=qgraph, scheduler_config=_scheduler_config(root), path=root,
+                          shape=tuple(qgraph.meta[SAMPLE_SHAPE_META]))
 
 
 def _load_float_network(network_dir: Path) -> torch.nn.Module:
