@@ -63,7 +63,8 @@ def register_model_loaders(register):
     Call `register(ModelLoader(name, claims, load, ...))` once per loader. `claims(source)` says, without
     loading anything, whether this loader reads `source`; `load(source)` returns a
     `qtoolkit.models.DiffusionModel`. Exactly one loader may claim a source: two that claim the same one are an
-    error naming both.
+    error naming both. A loader of networks that are not diffusers models also gives `describe(network)` and
+    `build(config)`, so that a quantized model of them is saved and loaded without its source (docs/plugins.md).
     """
 
 
