@@ -22,12 +22,11 @@ from .calibration.dataset import META_FILE, TENSORS_FILE
 from .errors import QtoolkitError
 from .io import atomic_dir
 from .models.loading import DiffusionModel, model_reference, write_pipeline_files
-from .graph import calibrate, capture, freeze, plan, quantize
+from .graph import calibrate, capture, freeze, plan, quantize, save_quantized
 from .progress import track
 from .quant import QuantConfig
 from .quant.bias_correction import check_samples as check_bias_samples
 from .quant.bias_correction import correct_bias
-from .quant.serialization import save_quantized
 
 
 @dataclass
