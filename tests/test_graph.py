@@ -12,7 +12,8 @@ from diffusers import UNet2DModel
 from torch import fx, nn
 
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.graph import OpQuantizers, QuantizedAttention, calibrate, capture, freeze, plan, quant_ops, quantize
+from qtoolkit.graph import (OpQuantizers, QuantizedAttention, calibrate, capture, freeze, plan, quant_config_of,
+                            quant_ops, quantize)
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
 from qtoolkit.quant import FakeQuantize, QuantConfig
 from qtoolkit.quant.fake_quant import SplitFakeQuantize
@@ -291,4 +292,5 @@ def test_deepcopy_of_a_frozen_graph_is_independent(graph):
     q = _calibrated(graph, QuantConfig())
     twin = copy.deepcopy(q)
     assert isinstance(twin, fx.GraphModule) and quant_ops(twin).keys() == quant_ops(q).keys()
+    assert quant_config_of(twin) == quant_config_of(q)
     torch.testing.assert_close(_output(twin), _output(q), rtol=0, atol=0)

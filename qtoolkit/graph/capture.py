@@ -43,9 +43,15 @@ def example_inputs(sample_shape: tuple[int, ...], batch: int, seed: int = 0,
             torch.randint(0, num_timesteps, (batch,), generator=generator))
 
 
-def capture(denoiser: nn.Module, sample_shape: tuple[int, ...]) -> fx.GraphModule:
+SAMPLE_SHAPE_META = "qtoolkit_sample_shape"  # the graph's meta entry holding its (C, H, W)
+
+
+def capture(denoiser: nn.Module, sample_shape: tuple[int, ...], check_batches: bool = True) -> fx.GraphModule:
     """The FX graph of `denoiser` (called as `denoiser(sample, timestep) -> noise`, e.g. DiffusionModel.denoiser()),
-    valid for every batch size; parameters keep their module paths (`network.conv_in.weight`)."""
+    valid for every batch size; parameters keep their module paths (`network.conv_in.weight`).
+
+    check_batches=False skips the check at batch 1 and above the proven range: for re-capturing a network whose
+    graph was checked when it was first captured (loading a saved quantized model)."""
     denoiser = denoiser.eval()
     example = example_inputs(sample_shape, EXAMPLE_BATCH)
     batch = {0: Dim.AUTO}
@@ -58,8 +64,9 @@ def capture(denoiser: nn.Module, sample_shape: tuple[int, ...]) -> fx.GraphModul
             raise QtoolkitError(_capture_failure(denoiser, e)) from None
     graph_module = program.module()
     _drop_batch_guards(graph_module)
-    _check_batches(graph_module, denoiser, sample_shape, upper=_proven_batch_limit(program))
-    graph_module.meta["qtoolkit_sample_shape"] = tuple(sample_shape)
+    if check_batches:
+        _check_batches(graph_module, denoiser, sample_shape, upper=_proven_batch_limit(program))
+    graph_module.meta[SAMPLE_SHAPE_META] = tuple(sample_shape)
     return graph_module
 
 

@@ -31,7 +31,8 @@ from .quantized_ops import BiasFakeQuantize, OpQuantizers, QuantizedAttention
 
 # Where the quantizers live in a quantized graph: quantizers.<module path>.<op kind>.
 QUANTIZERS = "quantizers"
-CONFIG_ATTRIBUTE = "qtoolkit_config"
+# The graph's meta entry holding the QuantConfig: GraphModule.meta survives deepcopy, plain attributes do not.
+CONFIG_META = "qtoolkit_config"
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def quantize(graph: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             _insert_layer(qgraph, node, name, p, config)
     qgraph.graph.lint()
     qgraph.recompile()
-    setattr(qgraph, CONFIG_ATTRIBUTE, config)
+    qgraph.meta[CONFIG_META] = config
     return qgraph
 
 
@@ -153,7 +154,7 @@ def quant_ops(graph: fx.GraphModule) -> dict[str, OpQuantizers]:
 
 
 def quant_config_of(graph: fx.GraphModule) -> QuantConfig:
-    config = getattr(graph, CONFIG_ATTRIBUTE, None)
+    config = graph.meta.get(CONFIG_META)
     if config is None:
         raise QtoolkitError("this model was not quantized by qtoolkit: capture it and call "
                             "qtoolkit.graph.quantize(graph, config) first")

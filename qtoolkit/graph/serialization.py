@@ -32,7 +32,7 @@ from ..io import atomic_dir
 from ..models.loading import MODEL_LOADERS_HOOK, QUANTIZED_MARKER, Denoiser, DiffusionModel, load_safetensors
 from ..quant.config import QuantConfig
 from ..quant.quantizer import QuantParams
-from .capture import capture
+from .capture import SAMPLE_SHAPE_META, capture
 from .quantize import quant_config_of, quant_ops, quantize
 
 WEIGHTS_FILE = "model.safetensors"
@@ -46,7 +46,6 @@ _REQUIRED_KEYS = ("network", "sample_shape", "quant_config", "frozen_params")
 NETWORK_PREFIX = "network."
 CONDITIONING_PREFIX = "conditioning."
 # Where capture records the sample shape on the graph it returns.
-SAMPLE_SHAPE_META = "qtoolkit_sample_shape"
 
 
 def _params_to_json(params: QuantParams) -> dict:
@@ -194,7 +193,8 @@ def load_quantized(folder: str | os.PathLike) -> fx.GraphModule:
     conditioning = {key[len(CONDITIONING_PREFIX):]: tensor for key, tensor in state.items()
                     if key.startswith(CONDITIONING_PREFIX)}
     try:
-        graph = capture(Denoiser(network, conditioning), tuple(metadata["sample_shape"]))
+        # The same network code as when the model was first captured and checked at every batch size.
+        graph = capture(Denoiser(network, conditioning), tuple(metadata["sample_shape"]), check_batches=False)
         qgraph = quantize(graph, QuantConfig.from_dict(metadata["quant_config"]))
     except QtoolkitError as e:
         raise QtoolkitError(f"{folder}: rebuilding the saved quantized graph failed: {e}") from None

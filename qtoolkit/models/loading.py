@@ -310,7 +310,8 @@ def _load_quantized_model(root: Path, unet_dir: Path) -> DiffusionModel:
     """A saved frozen quantized graph (qtoolkit.graph.save_quantized) as the model's network: it is called
     (sample, timestep) and holds its conditioning itself, so the model has none of its own; its sample shape is
     the one it was captured at."""
-    from ..graph.serialization import SAMPLE_SHAPE_META, load_quantized  # the graph layer builds on this module
+    from ..graph.capture import SAMPLE_SHAPE_META  # the graph layer builds on this module, not the reverse
+    from ..graph.serialization import load_quantized
 
     qgraph = load_quantized(unet_dir)
     return DiffusionModel(unet=qgraph, scheduler_config=_scheduler_config(root), path=root,
