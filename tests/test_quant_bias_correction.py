@@ -1,101 +1,134 @@
 import copy
-import json
+import warnings
 
 import pytest
 import torch
+from diffusers import UNet2DModel
 
-from conftest import calibration_inputs, frozen_copy
-from qtoolkit.cli import main
+from conftest import TINY_UNET, calibration_inputs, fp_graph, frozen_copy
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.models import load_diffusion_model
-from qtoolkit.quant import QuantConfig, correct_bias, load_quantized, quantize, save_quantized
-from qtoolkit.quant.layers import QuantConv2d, QuantLayer
+from qtoolkit.graph import module_path, quant_ops, quantize
+from qtoolkit.graph.node_values import node_values
+from qtoolkit.graph.patterns import CONV, LINEAR
+from qtoolkit.quant import QuantConfig
+from qtoolkit.quant.bias_correction import correct_bias
+
+W4A4 = QuantConfig(weight_bits=4, activation_bits=4)
 
 
-def output_channel_means(model, names, x):
-    """Per-channel output mean of each named layer on inputs x (one forward pass)."""
-    means, hooks = {}, []
-    for name in names:
-        conv = isinstance(model.get_submodule(name), torch.nn.Conv2d)
-        hooks.append(model.get_submodule(name).register_forward_hook(
-            lambda _m, _a, out, name=name, conv=conv: means.__setitem__(
-                name, out.movedim(1, -1).reshape(-1, out.shape[1]).double().mean(0) if conv
-                else out.reshape(-1, out.shape[-1]).double().mean(0))))
-    with torch.no_grad():
-        model(*x)
-    for hook in hooks:
-        hook.remove()
-    return means
+class ConvChain(torch.nn.Module):
+    """Four convolutions, the second without a bias; the middle two are quantized (the first and last stay float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.no_bias = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.biased = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.conv_out = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, sample, timestep):
+        return self.conv_out(torch.relu(self.biased(torch.relu(self.no_bias(torch.relu(self.conv_in(sample)))))))
 
 
-def test_every_corrected_layer_matches_the_fp_channel_means_and_reloads(tiny_unet, tmp_path):
+@pytest.fixture(scope="module")
+def fp():
+    """The tiny UNet's FP graph, captured once (quantize copies it; nothing here changes it)."""
+    torch.manual_seed(0)
+    return fp_graph(UNet2DModel(**TINY_UNET).eval())
+
+
+@pytest.fixture(scope="module")
+def frozen(fp):
+    """W4A4, calibrated on calibration_inputs(48, 0) and frozen; tests correct copies of it."""
+    return frozen_copy(fp, W4A4, calibration_inputs(48, 0))
+
+
+@pytest.fixture(scope="module")
+def chain():
+    torch.manual_seed(0)
+    return fp_graph(ConvChain().eval())
+
+
+def fresh_copy(graph):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch 2.13's own
+        return copy.deepcopy(graph)
+
+
+def biased_ops(graph):
+    """op node name -> module path, for every conv/linear op of `graph` with a bias, in graph order."""
+    return {n.name: module_path(n) for n in graph.graph.nodes
+            if n.op == "call_function" and n.target in (CONV, LINEAR) and len(n.args) > 2 and n.args[2] is not None}
+
+
+def channel_means(graph, names, inputs):
+    """Per-output-channel mean of each named op node's value on `inputs`."""
+    dims = {n.name: 1 if n.target == CONV else -1 for n in graph.graph.nodes if n.name in names}
+    return {name: v.movedim(dims[name], -1).reshape(-1, v.shape[dims[name]]).double().mean(0)
+            for name, v in node_values(graph, inputs, names).items()}
+
+
+def test_every_corrected_op_matches_the_fp_channel_means(fp, frozen):
     calib = calibration_inputs(48, 0)
-    q = frozen_copy(tiny_unet, QuantConfig(weight_bits=4, activation_bits=4), calib)
-    names = [n for n, m in q.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None]
-    assert {"conv_out", "time_embedding.linear_1"} <= set(names)  # float layers are corrected too
-    before_q, fp = output_channel_means(q, names, calib), output_channel_means(tiny_unet, names, calib)
-    summaries = correct_bias(q, tiny_unet, calib, samples=48, progress=False)
-    assert sorted(s["layer"] for s in summaries) == sorted(names)
-    after_q = output_channel_means(q, names, calib)
-    for name in names:
-        error_before = (before_q[name] - fp[name]).abs().max()
-        if isinstance(q.get_submodule(name), QuantLayer) or name == "conv_out":
-            assert error_before > 1e-4, name  # 4-bit quantization does shift the means
-        elif name.startswith("time_embedding"):
-            assert error_before == 0, name  # nothing quantized upstream of the timestep embedding
-        torch.testing.assert_close(after_q[name], fp[name], rtol=0, atol=1e-4 * float(fp[name].abs().max() + 1))
-    save_quantized(q, tmp_path / "q")
-    x = calibration_inputs(4, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(load_quantized(tmp_path / "q")(*x).sample, q(*x).sample, rtol=0, atol=0)
+    q = fresh_copy(frozen)
+    ops = biased_ops(q)
+    assert {"conv_out", "time_embedding.linear_1"} <= set(ops.values())  # float ops are corrected too
+    quantized = {op.node for op in quant_ops(q).values()}
+    before, target = channel_means(q, list(ops), calib), channel_means(fp, list(ops), calib)
+    summaries = correct_bias(q, fp, calib, samples=48, progress=False)
+    assert [s["layer"] for s in summaries] == list(ops.values())  # every op with a bias, in execution order
+    after = channel_means(q, list(ops), calib)
+    for name, path in ops.items():
+        error_before = (before[name] - target[name]).abs().max()
+        if name in quantized or path == "conv_out":
+            assert error_before > 1e-4, path  # 4-bit quantization does shift the means
+        elif path.startswith("time_embedding"):
+            assert error_before == 0, path  # nothing quantized upstream of the timestep embedding
+        torch.testing.assert_close(after[name], target[name], rtol=0, atol=1e-4 * float(target[name].abs().max() + 1))
 
 
-def test_correction_removes_the_output_bias_on_held_out_calibration_inputs(tiny_unet):
-    calib, held_out = calibration_inputs(256, 0), calibration_inputs(256, 1)
-    q = frozen_copy(tiny_unet, QuantConfig(weight_bits=4, activation_bits=4), calib)
+def test_correction_removes_the_output_bias_on_held_out_inputs(fp, frozen):
+    q = fresh_copy(frozen)
+    held_out = calibration_inputs(128, 1)
     with torch.no_grad():
-        fp_out = tiny_unet(*held_out).sample
-        bias_before = (q(*held_out).sample - fp_out).mean().abs()
-        correct_bias(q, tiny_unet, calib, progress=False)
-        bias_after = (q(*held_out).sample - fp_out).mean().abs()
+        fp_out = fp(*held_out)
+        bias_before = (q(*held_out) - fp_out).mean().abs()
+        correct_bias(q, fp, calibration_inputs(128, 0), progress=False)
+        bias_after = (q(*held_out) - fp_out).mean().abs()
     assert bias_after < 0.5 * bias_before, (bias_before, bias_after)
 
 
-def test_only_layers_with_a_bias_change_and_only_their_bias(tiny_unet):
+def test_only_biases_change_and_an_op_without_bias_is_left_alone(chain):
     calib = calibration_inputs(16, 0)
-    q = frozen_copy(tiny_unet, QuantConfig(), calib)
-    conv = next(m for m in q.modules() if isinstance(m, QuantConv2d))
-    conv.bias = None  # a layer without bias is left alone
+    q = frozen_copy(chain, QuantConfig(weight_bits=4, activation_bits=4), calib)
+    assert sorted(op.path for op in quant_ops(q).values()) == ["biased", "no_bias"]
     state = {k: v.clone() for k, v in q.state_dict().items()}
-    correct_bias(q, tiny_unet, calib, progress=False)
+    summaries = correct_bias(q, chain, calib, progress=False)
+    assert [s["layer"] for s in summaries] == ["conv_in", "biased", "conv_out"]
     changed = {k for k, v in q.state_dict().items() if not torch.equal(v, state[k])}
-    assert changed and all(k.endswith(".bias") for k in changed)
+    assert changed == {"network.biased.bias", "network.conv_out.bias"}  # conv_in sees no quantization error
 
 
-def test_bias_correction_refuses_an_unfrozen_model_and_bad_sample_counts(tiny_unet):
+def test_correction_is_deterministic_per_seed(chain):
+    calib = calibration_inputs(48, 0)
+    frozen = frozen_copy(chain, W4A4, calib)
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("other seed", 1)):
+        q = fresh_copy(frozen)
+        runs[name] = (correct_bias(q, chain, calib, samples=24, seed=seed, progress=False),
+                      {k: v for k, v in q.state_dict().items() if k.endswith(".bias")})
+    assert runs["a"][0] == runs["b"][0]
+    assert all(torch.equal(v, runs["b"][1][k]) for k, v in runs["a"][1].items())
+    assert runs["a"][0] != runs["other seed"][0]  # another subset of 24 of the 48 inputs
+
+
+def test_bias_correction_refuses_an_unfrozen_graph_another_fp_graph_and_bad_sample_counts(fp, frozen, chain):
     calib = calibration_inputs(8, 0)
-    q = quantize(copy.deepcopy(tiny_unet), QuantConfig())
     with pytest.raises(QtoolkitError, match="freeze"):
-        correct_bias(q, tiny_unet, calib, progress=False)
-    with pytest.raises(QtoolkitError, match="has no module"):
-        correct_bias(frozen_copy(tiny_unet, QuantConfig(), calib), torch.nn.Sequential(), calib, progress=False)
-    q = frozen_copy(tiny_unet, QuantConfig(), calib)
+        correct_bias(quantize(fp, QuantConfig()), fp, calib, progress=False)
+    q = fresh_copy(frozen)
+    with pytest.raises(QtoolkitError, match="has no node .*: pass the full-precision graph"):
+        correct_bias(q, chain, calib, progress=False)
     for samples in (0, 2.5, True):
         with pytest.raises(QtoolkitError, match="positive integer"):
-            correct_bias(q, tiny_unet, calib, samples=samples, progress=False)
-
-
-def test_quantize_cli_corrects_biases_and_records_it(tiny_model_dir, tmp_path):
-    runs = {}
-    for flag in ("--no-bias-correction", "--bias-correction"):
-        runs[flag] = tmp_path / flag.strip("-")
-        assert main(["quantize", "--model", str(tiny_model_dir), "--wbits", "4", "--abits", "4", "--calib", "uniform",
-                     "--calib-size", "16", "--calib-steps", "4", "--bias-samples", "8", "--no-report", "--backend", "none", flag,
-                     "--out", str(runs[flag])]) == 0
-    ptq = json.loads((runs["--bias-correction"] / "ptq.json").read_text())
-    assert ptq["bias_correction"]["samples"] == 8 and len(ptq["bias_correction"]["layers"]) > 0
-    assert "bias_correction" in ptq["seconds"]
-    assert "bias_correction" not in json.loads((runs["--no-bias-correction"] / "ptq.json").read_text())
-    plain, corrected = (load_diffusion_model(runs[f]).unet for f in ("--no-bias-correction", "--bias-correction"))
-    changed = [k for k, v in corrected.state_dict().items() if not torch.equal(v, plain.state_dict()[k])]
-    assert changed and all(k.endswith(".bias") for k in changed)
+            correct_bias(q, fp, calib, samples=samples, progress=False)
