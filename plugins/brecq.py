@@ -1,5 +1,7 @@
 """The `brecq` rounding method: BRECQ (Li et al., ICLR 2021), the weights' rounding learned block by block on
-each block's output (the reconstruction Q-Diffusion applies to diffusion models; see `reconstruction`)."""
+each block's output (the reconstruction Q-Diffusion applies to diffusion models; see `reconstruction`). The
+blocks are diffusers' residual units, attentions, transformer blocks and samplers; for another network, the
+`blocks` parameter names them (fnmatch patterns on module paths)."""
 
 from __future__ import annotations
 
