@@ -12,8 +12,8 @@ from diffusers import UNet2DModel
 from torch import fx, nn
 
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.graph import (OpQuantizers, QuantizedAttention, calibrate, capture, freeze, plan, quant_config_of,
-                            quant_ops, quantize)
+from qtoolkit.graph import (OpQuantizers, QuantizedAttention, calibrate, capture, freeze, module_path, plan,
+                            quant_config_of, quant_ops, quantize)
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
 from qtoolkit.quant import FakeQuantize, QuantConfig
 from qtoolkit.quant.fake_quant import SplitFakeQuantize
@@ -181,6 +181,17 @@ def test_the_calibration_pass_is_the_float_graph(graph):
         calibrating = _output(q)
     # Written-out attention vs SDPA: equal up to float rounding.
     torch.testing.assert_close(calibrating, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_quantized_only_when_asked_and_not_where_excluded(graph):
+    def attentions(q):
+        return sorted(op.path for op in quant_ops(q).values() if isinstance(op, QuantizedAttention))
+
+    assert attentions(quantize(graph, QuantConfig())) == []
+    q = quantize(graph, QuantConfig(quantize_attention_matmuls=True, exclude=["up_blocks.*.attentions.*"]))
+    assert attentions(q) == ["down_blocks.1.attentions.0", "mid_block.attentions.0"]
+    sdpa = [n for n in q.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
+    assert sdpa and all(module_path(n).startswith("up_blocks.") for n in sdpa)  # the excluded ones stay SDPA
 
 
 def test_life_cycle_errors_are_clear(graph):
