@@ -91,6 +91,36 @@ def recipe_validate(recipe: RecipeFile, set_: Sets = None) -> None:
     print(f"{recipe}: valid; model {job.recipe.model} {tuple(job.model.sample_shape)}, backend {backend}")
 
 
+@app.command()
+def plan(recipe: RecipeFile, set_: Sets = None,
+         as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False) -> None:
+    """Dry run: which ops the recipe's quantization section quantizes and which stay in float, and why.
+    Captures the model's graph; no calibration."""
+    from .graph import capture
+    from .graph.listing import counts_line, plan_listing, planned_ops
+    from .models.conditioning import apply_conditioning
+    from .models.loading import load_diffusion_model
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    config = loaded.quantization.settings()
+    model = apply_conditioning(load_diffusion_model(loaded.model), loaded.conditioning)
+    graph = capture(model.denoiser(), model.sample_shape)
+    listing = plan_listing(planned_ops(graph, config), config)
+    if as_json:
+        print(json.dumps({"recipe": str(recipe), "model": loaded.model, **listing}, indent=2))
+        return
+    table = Table(title=f"{recipe}: quantization plan of {loaded.model}")
+    for column in ("module path", "op", "plan"):  # the graph node names are in --json
+        table.add_column(column, overflow="fold")  # a narrow terminal wraps a path rather than cutting it
+    for op in listing["ops"]:
+        what = f"quantized ({op['scheme']})" if op["quantized"] else f"[dim]float: {op['rule']}[/dim]"
+        table.add_row(op["path"] or "<network>", op["kind"], what)
+    console = Console()
+    console.print(table)
+    console.print(counts_line(listing), markup=False)
+
+
 # -- plugins ---------------------------------------------------------------------------------------------------------
 
 @app.command("plugins")
@@ -144,9 +174,11 @@ def quantize(
     abits: Annotated[str, typer.Option(help="activation bits 2..8 or 'off'")] = "8",
     config: Annotated[Optional[Path], typer.Option(help="QuantConfig JSON or YAML (observers, granularity, "
                                                    "include/exclude...); the flags here override it")] = None,
-    exclude: Annotated[Optional[str], typer.Option(help="comma-separated layer name patterns kept in full precision, "
-                                                   "replacing the default (the timestep-embedding path, conv_in, "
-                                                   "conv_out, the 1x1 conv_shortcut layers); '' quantizes all")] = None,
+    exclude: Annotated[Optional[str], typer.Option(help="comma-separated module path patterns kept in full "
+                                                   "precision, besides the --keep-float rules")] = None,
+    keep_float: Annotated[Optional[str], typer.Option(help="comma-separated graph rules whose ops stay in full "
+                                                      "precision, replacing the default (timestep-path, first-layer, "
+                                                      "last-layer, shortcut); '' quantizes every op")] = None,
     quantize_attention: Annotated[bool, typer.Option("--quantize-attention", help="also quantize the Q.K^T and "
                                                      "softmax.V operands")] = False,
     quantize_conv_outputs: Annotated[bool, typer.Option("--quantize-conv-outputs", help="also quantize convolution "
@@ -201,8 +233,9 @@ def quantize(
         if not isinstance(written, dict):
             raise QtoolkitError(f"--config {config}: a quantization config is a mapping of QuantConfig keys")
         quantization = {**written, **quantization}
-    if exclude is not None:
-        quantization["exclude"] = [p.strip() for p in exclude.split(",") if p.strip()]
+    for value, key in ((exclude, "exclude"), (keep_float, "keep_float")):
+        if value is not None:
+            quantization[key] = [p.strip() for p in value.split(",") if p.strip()]
     for flag, key in ((quantize_attention, "quantize_attention_matmuls"), (quantize_conv_outputs, "quantize_conv_outputs"),
                       (split_shortcuts, "split_shortcuts")):
         if flag:

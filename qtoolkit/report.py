@@ -25,6 +25,7 @@ from .agreement import SSIM_WINDOW, per_timestep_error, sample_agreement, ssim_w
 from .errors import QtoolkitError  # noqa: E402
 from .evaluation import (FEATURE_NETWORKS, describe_adaptation, evaluate_images, feature_extractor,  # noqa: E402
                          load_reference)
+from .graph.listing import counts_line  # noqa: E402
 from .images import load_samples, save_grid, save_samples  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
 from .models.loading import DiffusionModel  # noqa: E402
@@ -207,7 +208,7 @@ def plot_per_timestep(errors: dict, path: Path, title: str) -> None:
 
 
 # The keys of compare_to_fp's results that are not candidates.
-RESULT_KEYS = ("settings", "plan", "notes", "per_timestep", "fp")
+RESULT_KEYS = ("settings", "plan", "notes", "per_timestep", "fp", "quantized_ops")
 
 
 def candidate_results(results: dict) -> dict:
@@ -278,9 +279,10 @@ def _verdict(name: str, verdict: dict) -> str:
             f"KID {'within' if verdict['kid'] else 'OUTSIDE'} 2 std of FP.")
 
 
-def write_report(results: dict, out: Path, title: str, command: str) -> str:
+def write_report(results: dict, out: Path, title: str, command: str, quantized_ops: dict | None = None) -> str:
     """report.json plus a Markdown summary (returned, for the console), with every note of what was skipped
-    or adapted."""
+    or adapted. quantized_ops: qtoolkit.graph.listing.quantization_listing of the quantized model, written to
+    report.json as "quantized_ops" and counted in the summary; None (a float run) writes neither."""
     s, plan = results["settings"], results["plan"]
     fp = results["fp"]["metrics"]
     reference = f"features: {s['features']}, reference: {plan['reference']}" if plan["metrics"] else \
@@ -294,6 +296,10 @@ def write_report(results: dict, out: Path, title: str, command: str) -> str:
             continue
         r["within_fp_noise"] = within_fp_noise(fp, r["metrics"])
         lines += ["", _verdict(name, r["within_fp_noise"])]
+    if quantized_ops is not None:
+        results["quantized_ops"] = quantized_ops
+        lines += ["", f"{len(quantized_ops['ops'])} quantizable ops ({counts_line(quantized_ops)}); each with its "
+                      "scales or float rule in report.json's quantized_ops."]
     if results["notes"]:
         lines += ["", "Notes:", *(f"- {note}" for note in results["notes"])]
     lines += ["", "![per-step SQNR](per_timestep_sqnr.png)", ""]
