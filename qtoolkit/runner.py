@@ -30,6 +30,7 @@ from . import __version__, plugins
 from .engines import FLOAT_PRECISIONS, load_engine, resolve_backend
 from .errors import QtoolkitError
 from .export import export_model
+from .graph.listing import counts_line, planned_ops, quantization_listing
 from .io import atomic_dir, check_new_output
 from .models import DiffusionModel, load_diffusion_model
 from .models.conditioning import apply_conditioning
@@ -101,6 +102,8 @@ def run(job: Job, out: Path, *, overwrite: bool = False, command: str = "") -> s
         qgraph, calibration = run_ptq(job.model, job.config, job.calibration, tmp, rounding=job.rounding,
                                       bias_correction=job.bias_correction, overwrite=True, fp_graph=job.graph)
         print(f"quantized model ({out}/model) in {time.perf_counter() - t0:.0f} s")
+        listing = quantization_listing(qgraph, planned_ops(job.graph, job.config))
+        print(counts_line(listing))
         eps, where = unet_predictor(qgraph), "PyTorch (fake-quant simulation)"
         if job.backend is not None:
             with progress_bar(1, f"export for {job.backend.name}", unit="graph") as bar:
@@ -113,7 +116,7 @@ def run(job: Job, out: Path, *, overwrite: bool = False, command: str = "") -> s
         if job.report is not None:
             results = compare_to_fp(job.model, {name: eps}, job.report, tmp, plan=job.plan)
             text = write_report(results, tmp, f"qtoolkit report: {name} on {job.recipe.model}, sampled on {where}",
-                                command)
+                                command, quantized_ops=listing)
         resolved = job.recipe.model_copy(update={"backend": job.backend.name if job.backend else NO_BACKEND})
         (tmp / "recipe.yaml").write_text(resolved.to_yaml())
         (tmp / "versions.json").write_text(json.dumps(versions(job, strategy_of(calibration)), indent=2) + "\n")
@@ -124,6 +127,7 @@ def versions(job: Job, strategy: str) -> dict:
     """Versions of what made the run: qtoolkit, torch, python, and every plugin whose record it used."""
     registry = plugins.registry()
     used = {("register_calibration_strategies", strategy),
+            ("register_observers", job.config.weight_observer), ("register_observers", job.config.activation_observer),
             ("register_rounding_methods", job.rounding.method if job.rounding else None),
             ("register_backends", job.backend.name if job.backend else None)}
     used |= {("register_model_loaders", name) for name, loader in registry.records["register_model_loaders"].items()

@@ -115,7 +115,7 @@ def test_recipe_validate_loads_the_model_and_checks_against_it(tiny_model_dir, c
     # The patterns are checked against this model's layers, which only loading can tell.
     assert main(["recipe", "validate", str(FMNIST), *sets(f"model={tiny_model_dir}",
                                                           "quantization.exclude=[no_such_layer]")]) == 2
-    assert "matches no quantizable layer" in error_line(capsys)
+    assert "matches no quantizable op" in error_line(capsys)
 
 
 def test_a_recipe_runs_end_to_end_on_the_backend_and_records_what_ran(tiny_model_dir, tmp_path, capsys):
