@@ -1,6 +1,7 @@
-"""Export to ONNX for real int8 inference: a frozen qtoolkit model's own scales and zero points become
-QuantizeLinear / DequantizeLinear nodes (qdq.py), in a graph noise = f(sample, timestep) (onnx_graph.py),
-written to a folder that the engines of `qtoolkit.engines` sample from (folder.py).
+"""Export to ONNX for real int8 inference: the captured graph of a model's network, a frozen quantized graph's
+own scales and zero points as QuantizeLinear / DequantizeLinear nodes (qdq.py), as an ONNX graph
+noise = f(sample, timestep) (onnx_graph.py), written to a folder that the engines of `qtoolkit.engines` sample
+from (folder.py).
 
     description = export_model(load_diffusion_model("runs/X"), "exported/")   # `qtoolkit export`
 
@@ -8,8 +9,8 @@ Needs the int8 extra: pip install -c constraints.txt 'qtoolkit[int8]'.
 """
 
 from .folder import ExportedModel, export_model, is_exported_folder, load_exported
-from .onnx_graph import export_onnx
-from .qdq import QDQLayer, qdq_copy
+from .onnx_graph import export_onnx, network_graph
+from .qdq import qdq_graph
 
-__all__ = ["export_model", "load_exported", "is_exported_folder", "ExportedModel", "export_onnx", "QDQLayer",
-           "qdq_copy"]
+__all__ = ["export_model", "load_exported", "is_exported_folder", "ExportedModel", "export_onnx", "network_graph",
+           "qdq_graph"]

@@ -17,11 +17,10 @@ from diffusers import DDPMScheduler
 
 from .. import __version__
 from ..errors import QtoolkitError
+from ..graph import quant_config_of, quant_ops
 from ..io import atomic_dir
 from ..models.loading import DiffusionModel
-from ..quant.api import quant_config_of, quant_units
-from ..quant.layers import QuantLayer
-from .onnx_graph import BATCH, MAX_PROVEN_BATCH, export_onnx, graph_summary
+from .onnx_graph import BATCH, export_onnx, graph_summary, network_graph, require_exporter
 
 ONNX_FILE = "model.onnx"
 DESCRIPTION_FILE = "export.json"
@@ -30,12 +29,13 @@ FORMAT = "qtoolkit-onnx-export"
 FORMAT_VERSION = 1
 
 
-def _quantization(unet: torch.nn.Module) -> dict | None:
-    """How the exported graph is quantized (None for a float model), for people reading export.json."""
-    units = quant_units(unet)
-    if not units:
+def _quantization(graph: torch.fx.GraphModule) -> dict | None:
+    """How the exported graph is quantized (None for a float graph), for people reading export.json."""
+    ops = list(quant_ops(graph).values())
+    if not ops:
         return None
-    config = quant_config_of(unet)
+    config = quant_config_of(graph)
+    layers = [op for op in ops if op.kind != "attention"]
     weights, inputs = "float32 (not quantized)", "float32 (not quantized)"
     if config.weight_bits is not None:
         granularity = "per output channel (axis 0)" if config.weight_granularity == "per_channel" else "per tensor"
@@ -44,19 +44,21 @@ def _quantization(unet: torch.nn.Module) -> dict | None:
     if config.activation_bits is not None:
         inputs = ("8-bit per tensor: QuantizeLinear (uint8, zero point) -> DequantizeLinear before each quantized "
                   "layer; layers that read the same tensor with the same parameters share one pair")
-    layers = {name: unit for name, unit in units.items() if isinstance(unit, QuantLayer)}
     attention = "float32 (not quantized)"
     if config.quantize_attention_matmuls:
-        attention = (f"{len(units) - len(layers)} attention(s): Q, K, softmax output and V each through QuantizeLinear "
-                     "(uint8) -> DequantizeLinear before Q.K^T and softmax.V")
+        attention = ("Q, K, softmax output and V each through QuantizeLinear (uint8) -> DequantizeLinear before "
+                     "Q.K^T and softmax.V")
     outputs = "float32 (not quantized)"
     if config.quantize_conv_outputs:
         outputs = ("convolutions: int32 bias codes -> DequantizeLinear, output QuantizeLinear (uint8) -> "
                    "DequantizeLinear (ONNX Runtime fuses these into QLinearConv); linear layers: float32")
     return {
         "quantized_layers": len(layers),
-        "layers_with_quantized_weights": sum(unit.weight_params is not None for unit in layers.values()),
-        "layers_with_quantized_inputs": sum(unit.input_params is not None for unit in layers.values()),
+        "quantized_convolutions": sum(op.kind == "conv2d" for op in layers),
+        "quantized_linears": sum(op.kind == "linear" for op in layers),
+        "quantized_attention_matmuls": 2 * (len(ops) - len(layers)),  # Q.K^T and softmax.V of each attention
+        "layers_with_quantized_weights": sum(op.weight is not None for op in layers),
+        "layers_with_quantized_inputs": sum(op.input is not None for op in layers),
         "weights": weights,
         "inputs": inputs,
         "outputs": outputs,
@@ -66,22 +68,24 @@ def _quantization(unet: torch.nn.Module) -> dict | None:
 
 
 def export_model(model: DiffusionModel, out: str | os.PathLike, overwrite: bool = False) -> dict:
-    """Export `model` (float, or frozen quantized by qtoolkit) to an ONNX folder at `out`; return its description."""
+    """Export `model` (its network float, or a frozen quantized graph) to an ONNX folder at `out`; return its
+    description."""
     out = Path(out)
+    require_exporter()  # before capturing the network, which takes a while
+    graph = network_graph(model)
     with atomic_dir(out, overwrite) as tmp:
-        export_onnx(model.unet, model.sample_shape, tmp / ONNX_FILE)
+        export_onnx(graph, model.sample_shape, tmp / ONNX_FILE)
         # from_config, not DDPMScheduler(**config): a config written for another scheduler class may carry keys
         # that DDPMScheduler does not take, and sampling rebuilds its own scheduler from these values anyway.
         DDPMScheduler.from_config(model.scheduler_config).save_pretrained(tmp / SCHEDULER_FILE.parent)
-        quantization = _quantization(model.unet)
+        quantization = _quantization(graph)
         description = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "onnx_file": ONNX_FILE,
             "precision": "fp32" if quantization is None else "int8-qdq",
             **graph_summary(tmp / ONNX_FILE),
-            "batch": f"dynamic ({BATCH!r}); torch.export proves 2..{MAX_PROVEN_BATCH}, and the graph is the same for "
-                     f"1 and for 64 and more (see qtoolkit.export.onnx_graph)",
+            "batch": f"dynamic ({BATCH!r}): the captured graph holds for every batch size (qtoolkit.graph.capture)",
             "timestep": "int64 (batch,), as the scheduler loop passes it; cast to float32 inside the graph",
             "sample_shape": list(model.sample_shape),
             "quantization": quantization,

@@ -1,7 +1,8 @@
-"""A noise-prediction UNet (float, or frozen quantized) -> an ONNX graph: noise = f(sample, timestep).
+"""A captured network graph (float, or frozen quantized) -> an ONNX graph: noise = f(sample, timestep).
 
-Exporter: torch's dynamo exporter (torch.export + onnxscript), the maintained one; the quantized layers are
-swapped for QDQLayer (qdq.py) first, so the Q/DQ nodes carry qtoolkit's frozen parameters. Its optimizer
+Exporter: torch's dynamo exporter (torch.export + onnxscript), the maintained one, run on the graph qtoolkit
+captured (qtoolkit.graph.capture), so the float and the int8 graphs come from the same capture; a quantized
+graph is first rewritten by qdq.py, so the Q/DQ nodes carry qtoolkit's frozen parameters. Its optimizer
 (constant folding, merging of identical nodes) stays on: ORT and OpenVINO get the tidier graph. Then the
 Gemms that read the same input (each resnet's time_emb_proj) become one Gemm + Split (fuse.py: exact).
 
@@ -12,12 +13,10 @@ Inputs and outputs (what every engine feeds, see qtoolkit.engines):
   path by default; REFERENCE.md: in bf16 it loses 5% at t=999, hence the engines' FP32 precision hint);
 - noise: float32 (batch, C, H, W).
 
-Dynamic batch: torch.export can prove the graph only for batch 2..63. diffusers' Upsample2D branches on
-batch >= 64 (REFERENCE.md, Known traps), and the example batch of 2 adds the usual size-1 specialisation.
-Both branches produce the same ONNX graph: the >= 64 branch only adds `.contiguous()`, a memory-layout
-call that ONNX does not represent, and size 1 broadcasts like any other size. So the batch range is
-declared as torch suggests (max 63) and the ONNX input keeps a free "batch" dimension; the tests run the
-exported graph at batch 1, 3 and 65 against the torch model.
+Dynamic batch: the captured graph is one straight-line computation that capture checked for every batch size
+(diffusers' Upsample2D branch at batch 64, which bounded the batch of an export of the network itself to
+2..63, was resolved there), so its export declares a batch dimension without bounds and the ONNX inputs keep
+a free "batch" dimension; the tests run the exported graph at batch 1, 3 and 65 against the simulation.
 """
 
 from __future__ import annotations
@@ -30,47 +29,49 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch import nn
+from torch import fx
 
 from ..engines.optional import import_optional
+from ..graph import capture, quant_ops
+from ..graph.capture import EXAMPLE_BATCH, INPUT_NAMES, example_inputs
+from ..models.loading import DiffusionModel
 from .fuse import fuse_sibling_gemms
-from .qdq import METADATA_PREFIX, qdq_copy
+from .qdq import METADATA_PREFIX, qdq_graph
 
 OPSET = 20
-INPUT_NAMES = ("sample", "timestep")
 OUTPUT_NAME = "noise"
 BATCH = "batch"
-EXAMPLE_BATCH = 2
-MAX_PROVEN_BATCH = 63  # diffusers' Upsample2D changes path at 64 (see above)
 # Above this the weights go to a separate file: a single protobuf cannot exceed 2 GiB.
 SINGLE_FILE_LIMIT_BYTES = 1 << 30
 
-
-class NoisePredictionGraph(nn.Module):
-    """What the graph computes: the UNet's noise prediction as a plain tensor (no diffusers output class)."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, return_dict=False)[0]
+__all__ = ["INPUT_NAMES", "OUTPUT_NAME", "export_onnx", "graph_summary", "network_graph", "require_exporter"]
 
 
-def export_onnx(unet: nn.Module, sample_shape: tuple[int, ...], path: Path) -> None:
-    """Write `unet` (float, or frozen quantized by qtoolkit) to the ONNX file `path`, batch dimension dynamic."""
+def network_graph(model: DiffusionModel) -> fx.GraphModule:
+    """The captured graph of `model`'s network: the network itself when it is one already (a quantized graph, as a
+    loaded quantized folder holds), else a capture of its denoiser."""
+    if isinstance(model.unet, fx.GraphModule):
+        return model.unet
+    return capture(model.denoiser(), model.sample_shape)
+
+
+def require_exporter() -> None:
+    """The packages of the export are installed (or a QtoolkitError naming the install command)."""
     import_optional("onnx", "ONNX export")
     import_optional("onnxscript", "ONNX export")  # torch's dynamo exporter builds the graph with it
-    graph = NoisePredictionGraph(qdq_copy(unet)).eval()
-    generator = torch.Generator().manual_seed(0)
-    example = (torch.randn(EXAMPLE_BATCH, *sample_shape, generator=generator),
-               torch.randint(0, 1000, (EXAMPLE_BATCH,), generator=generator))
-    batch = torch.export.Dim(BATCH, max=MAX_PROVEN_BATCH)
+
+
+def export_onnx(graph: fx.GraphModule, sample_shape: tuple[int, ...], path: Path) -> None:
+    """Write the captured `graph` (float, or frozen quantized by qtoolkit) to the ONNX file `path`, batch
+    dimension free."""
+    require_exporter()
+    graph = qdq_graph(graph) if quant_ops(graph) else graph
+    batch = torch.export.Dim(BATCH)
     size = sum(t.numel() * t.element_size() for t in (*graph.parameters(), *graph.buffers()))
     with torch.no_grad(), _exporter_noise_silenced():
-        program = torch.onnx.export(graph, example, dynamo=True, opset_version=OPSET, input_names=list(INPUT_NAMES),
-                                    output_names=[OUTPUT_NAME], verbose=False,
-                                    dynamic_shapes={"sample": {0: batch}, "timestep": {0: batch}})
+        program = torch.onnx.export(graph, example_inputs(sample_shape, EXAMPLE_BATCH), dynamo=True,
+                                    opset_version=OPSET, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                                    verbose=False, dynamic_shapes={name: {0: batch} for name in INPUT_NAMES})
     _keep_only_qtoolkit_metadata(program.model.graph)
     fuse_sibling_gemms(program.model.graph)
     program.save(str(path), external_data=size > SINGLE_FILE_LIMIT_BYTES)
@@ -96,6 +97,9 @@ def _exporter_noise_silenced() -> Iterator[None]:
             # torch's own use of a deprecated pytree API, and a note that sample and timestep share the batch axis.
             warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
             warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used", category=UserWarning)
+            # A captured graph computes the same in either mode: capture traced the network in eval mode.
+            warnings.filterwarnings("ignore", message=r"Exporting a model while it is in training mode",
+                                    category=UserWarning)
             yield
     finally:
         exporter_log.setLevel(level)

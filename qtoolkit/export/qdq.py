@@ -1,71 +1,64 @@
-"""Export-time stand-ins for QuantConv2d / QuantLinear that emit ONNX QuantizeLinear / DequantizeLinear nodes.
+"""The int8 form of a frozen quantized graph, for the ONNX export: a graph pass that turns every quantizer node
+into ONNX QuantizeLinear / DequantizeLinear nodes carrying qtoolkit's own frozen numbers.
 
-A frozen qtoolkit layer computes (quant/quantizer.py follows ONNX semantics exactly)
+A frozen quantized op computes (quant/quantizer.py follows ONNX semantics exactly)
 
     y = op(DequantizeLinear(QuantizeLinear(x, s_x, z_x)), DequantizeLinear(W_q, s_w, z_w), bias)
 
-`QDQLayer` writes exactly that into the exported graph, with qtoolkit's own numbers and nothing recomputed:
+and `qdq_graph(qgraph)` writes exactly that into a copy of the graph, nothing recomputed:
 
-- the input: QuantizeLinear -> DequantizeLinear with the frozen per-tensor scale and zero point (uint8 by
-  default, what int8 backends want for activations);
-- the weight: the integer codes W_q computed once here by qtoolkit's own QuantParams.quantize, stored as an
-  int8 (symmetric) or uint8 initializer, then DequantizeLinear per output channel (axis 0). Storing codes
-  instead of Q(float weight) matters: qtoolkit's symmetric grid is the narrow [-127, 127], while ONNX
-  QuantizeLinear saturates to int8's [-128, 127], so a clipped weight would get a different code;
-- the float Conv / MatMul on the dequantized tensors, which backends fuse into integer kernels;
-- a split input (QuantConfig.split_shortcuts: one scale for the decoder's channels, one for the skip's) as
-  two such layers on the two channel ranges with the matching halves of the weight, summed: a per-part
-  scale sits on the reduction axis, which no integer kernel takes, but each half is an ordinary int8 layer;
-- with QuantConfig.quantize_attention_matmuls, the operands of Q.K^T and softmax.V (QDQAttnProcessor) each
-  through QuantizeLinear -> DequantizeLinear with their frozen per-tensor parameters, so that the engines run
-  both matmuls on uint8 inputs;
-- with QuantConfig.quantize_conv_outputs, a convolution's bias as int32 codes -> DequantizeLinear (scale input
-  scale x weight scale, per channel) and its output through QuantizeLinear -> DequantizeLinear: the
-  DequantizeLinear -> Conv -> QuantizeLinear form that ONNX Runtime fuses into QLinearConv.
+- an activation quantizer (an op's input, a convolution's output with QuantConfig.quantize_conv_outputs, the
+  operands Q, K, softmax output and V of a QuantizedAttention): QuantizeLinear -> DequantizeLinear with its
+  frozen per-tensor scale and zero point (uint8: what int8 backends want for activations);
+- a weight: its integer codes W_q, computed once here by qtoolkit's QuantParams.quantize and stored as an int8
+  (symmetric) or uint8 buffer, then DequantizeLinear per output channel (axis 0). Codes, not Q(float weight):
+  qtoolkit's symmetric grid is the narrow [-127, 127], while QuantizeLinear saturates to int8's [-128, 127];
+- a convolution's bias with quantize_conv_outputs: int32 codes on the accumulator's grid (input scale x weight
+  scale, per channel) -> DequantizeLinear, the DequantizeLinear -> Conv -> QuantizeLinear form that ONNX Runtime
+  fuses into QLinearConv;
+- a split input (QuantConfig.split_shortcuts: one scale for the decoder's channels, one for the skip's): the
+  convolution becomes two on the two channel slices, each with its part's input pair and its half of the weight
+  codes, summed. A per-part scale sits on the reduction axis, which no integer kernel takes; each half is an
+  ordinary int8 convolution.
 
-The nodes are made with torch.onnx.ops.symbolic, which the dynamo exporter turns into plain ONNX nodes; each
-carries the layer's name in its metadata (METADATA_LAYER) so that graph checks can map nodes to layers.
-The exporter's optimizer merges identical nodes: layers that read the same tensor with the same input
-parameters (to_q / to_k / to_v of one attention) end up sharing one QuantizeLinear / DequantizeLinear pair.
+Each quantizer's call_module node keeps its name and target; the module behind it becomes an export stand-in
+(QuantizeDequantize, Dequantize) whose Q/DQ nodes are made with torch.onnx.ops.symbolic, which the dynamo
+exporter turns into plain ONNX nodes. They run only under the exporter: the copy is for export, the quantized
+graph itself stays the simulation. Every node carries the op's module path (METADATA_LAYER) and the
+quantizer's role (METADATA_ROLE), so graph checks can map ONNX nodes to quantized ops. The exporter's optimizer
+merges identical nodes: ops that read the same tensor with the same input parameters (an attention's to_q,
+to_k, to_v) end up sharing one QuantizeLinear / DequantizeLinear pair.
+
+Padding: a convolution with padding_mode other than zeros is captured as aten.pad (reflect, replicate, ...)
+followed by a zero-padding aten.conv2d, so the padding is a float op of its own and every captured convolution
+exports exactly.
 """
 
 from __future__ import annotations
 
 import copy
-from functools import partial
-from typing import Callable
+import sys
+import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..errors import QtoolkitError
-from ..quant.api import quant_units
-from ..quant.attention import OPERANDS, QuantAttnProcessor
-from ..quant.layers import QuantLayer
+from ..graph import OpQuantizers, QuantizedAttention, quant_ops
+from ..graph.quantized_ops import ATTENTION_OPERANDS
+from ..quant.fake_quant import SplitFakeQuantize
 from ..quant.quantizer import QuantParams
 
 METADATA_PREFIX = "qtoolkit."
 METADATA_LAYER = METADATA_PREFIX + "layer"
-METADATA_ROLE = METADATA_PREFIX + "role"  # "input" / "output" (activation pairs), "weight" / "bias" (codes)
-
-LayerOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# "input" / "output" (activation pairs), "weight" / "bias" (codes), "query" / "key" / "probs" / "value" (attention)
+METADATA_ROLE = METADATA_PREFIX + "role"
+CONV = torch.ops.aten.conv2d.default
 
 
 def storage_dtype(params: QuantParams) -> torch.dtype:
     """The ONNX integer type that holds the codes: int8 for a signed grid, uint8 for an unsigned one."""
     return torch.int8 if params.qmin < 0 else torch.uint8
-
-
-def _check_activation_exportable(params: QuantParams, layer: str) -> None:
-    """QuantizeLinear saturates to its type's full range, so the grid must be exactly that range."""
-    info = torch.iinfo(storage_dtype(params))
-    if (params.qmin, params.qmax) != (info.min, info.max):
-        raise QtoolkitError(
-            f"layer {layer!r} quantizes its input to the integer range [{params.qmin}, {params.qmax}], but ONNX "
-            f"QuantizeLinear saturates to [{info.min}, {info.max}]: int8 export needs 8-bit asymmetric "
-            "activations (activation_bits 8, activation_symmetric false: the default QuantConfig)"
-        )
 
 
 def quantize_linear(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, layer: str,
@@ -83,125 +76,155 @@ def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
                                    shape=q.shape, metadata_props={METADATA_LAYER: layer, METADATA_ROLE: role})
 
 
-def _layer_op(layer: QuantLayer) -> LayerOp:
-    """The float computation of a Conv2d or Linear on given (dequantized) input and weight."""
-    if isinstance(layer, nn.Conv2d):
-        if layer.padding_mode != "zeros":
-            raise QtoolkitError(f"layer {layer.quant_name!r} pads with {layer.padding_mode!r}: int8 export supports "
-                              "zero padding only (exclude this layer from quantization)")
-        return partial(F.conv2d, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                       groups=layer.groups)
-    return F.linear
+class QuantizeDequantize(nn.Module):
+    """A frozen per-tensor activation quantizer as ONNX computes it: QuantizeLinear -> DequantizeLinear."""
 
-
-class QDQLayer(nn.Module):
-    """A frozen QuantConv2d / QuantLinear as the ONNX graph computes it (export only: the Q/DQ ops are symbolic).
-
-    Buffers keep the layer's names, so initializers read like the source model ("...conv1.weight_codes").
-    """
-
-    def __init__(self, layer: QuantLayer):
+    def __init__(self, params: QuantParams, layer: str, role: str):
         super().__init__()
-        self.name = layer.quant_name
-        self.op = _layer_op(layer)
-        weight, input_ = layer.weight_params, layer.input_params  # raise if the model is not frozen
-        # Channel where the input's second part (a skip) starts, for a split input quantizer; None otherwise.
-        self.input_split = None if input_ is None or input_.axis is None else layer.input_quantizer.split
-        if input_ is not None:
-            _check_activation_exportable(input_, self.name)
-            scale, zero_point = input_.scale.detach(), input_.zero_point.to(storage_dtype(input_))
-            if self.input_split is not None:  # per channel: the first part's values, then the skip's
-                if getattr(layer, "groups", 1) != 1:
-                    raise QtoolkitError(f"layer {self.name!r} has a split input and grouped convolution: not exportable")
-                self.register_buffer("skip_input_scale", scale[self.input_split].clone())
-                self.register_buffer("skip_input_zero_point", zero_point[self.input_split].clone())
-                scale, zero_point = scale[0], zero_point[0]
-            self.register_buffer("input_scale", scale.clone())
-            self.register_buffer("input_zero_point", zero_point.clone())
-        self.input_quantized = input_ is not None
-        if weight is None:
-            self.register_buffer("weight", layer.weight.detach().clone())
-        else:
-            self.register_buffer("weight_codes", weight.quantize(layer.weight.detach()).to(storage_dtype(weight)))
-            self.register_buffer("weight_scale", weight.scale.detach().clone())
-            self.register_buffer("weight_zero_point", weight.zero_point.to(storage_dtype(weight)))
-        self.weight_axis = None if weight is None else weight.axis
-        self.weight_quantized = weight is not None
-        output, bias = layer.output_params, layer.bias_params
-        if output is not None:
-            _check_activation_exportable(output, self.name)
-            self.register_buffer("output_scale", output.scale.detach().clone())
-            self.register_buffer("output_zero_point", output.zero_point.to(storage_dtype(output)))
-        self.output_quantized = output is not None
-        if bias is not None:
-            self.register_buffer("bias_codes", bias.quantize(layer.bias.detach()))  # int32, as the accumulator
-            self.register_buffer("bias_scale", bias.scale.detach().clone())
-            self.register_buffer("bias_zero_point", bias.zero_point.clone())
-        else:
-            self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        self.bias_quantized = bias is not None
-
-    def _input_qdq(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        q = quantize_linear(x, scale, zero_point, self.name, "input")
-        return dequantize_linear(q, scale, zero_point, None, self.name, "input")
+        info = torch.iinfo(storage_dtype(params))
+        if (params.qmin, params.qmax) != (info.min, info.max):  # QuantizeLinear saturates to its type's full range
+            raise QtoolkitError(
+                f"{layer or 'the network'!r} quantizes its {role} to the integer range [{params.qmin}, "
+                f"{params.qmax}], but ONNX QuantizeLinear saturates to [{info.min}, {info.max}]: int8 export needs "
+                "8-bit asymmetric activations (activation_bits 8, activation_symmetric false: the default QuantConfig)")
+        self.layer, self.role = layer, role
+        self.register_buffer("scale", params.scale.detach().clone())
+        self.register_buffer("zero_point", params.zero_point.to(storage_dtype(params)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantized and self.input_split is None:
-            x = self._input_qdq(x, self.input_scale, self.input_zero_point)
-        if self.weight_quantized:
-            weight = dequantize_linear(self.weight_codes, self.weight_scale, self.weight_zero_point, self.weight_axis,
-                                       self.name, "weight")
-        else:
-            weight = self.weight
-        if self.bias_quantized:
-            bias = dequantize_linear(self.bias_codes, self.bias_scale, self.bias_zero_point, 0, self.name, "bias")
-        else:
-            bias = self.bias
-        if self.input_split is None:
-            y = self.op(x, weight, bias)
-        else:
-            k = self.input_split
-            y = self.op(self._input_qdq(x[:, :k], self.input_scale, self.input_zero_point), weight[:, :k], bias) + \
-                self.op(self._input_qdq(x[:, k:], self.skip_input_scale, self.skip_input_zero_point), weight[:, k:], None)
-        if self.output_quantized:
-            q = quantize_linear(y, self.output_scale, self.output_zero_point, self.name, "output")
-            y = dequantize_linear(q, self.output_scale, self.output_zero_point, None, self.name, "output")
-        return y
+        q = quantize_linear(x, self.scale, self.zero_point, self.layer, self.role)
+        return dequantize_linear(q, self.scale, self.zero_point, None, self.layer, self.role)
 
 
-class QDQAttnProcessor(QuantAttnProcessor):
-    """A frozen QuantAttnProcessor whose matmul operands export as QuantizeLinear -> DequantizeLinear pairs
-    (export only), carrying its frozen per-tensor scales and zero points; the role metadata names the operand."""
+class Dequantize(nn.Module):
+    """A constant held as integer codes (a weight, a bias) and its DequantizeLinear; takes no input."""
 
-    def __init__(self, processor: QuantAttnProcessor):
-        nn.Module.__init__(self)
-        self.quant_name = processor.quant_name
-        for name in OPERANDS:
-            params = getattr(processor, f"{name}_quantizer").params  # raises if not frozen
-            _check_activation_exportable(params, f"{self.quant_name} ({name})")
-            self.register_buffer(f"{name}_scale", params.scale.detach().clone())
-            self.register_buffer(f"{name}_zero_point", params.zero_point.to(storage_dtype(params)))
+    def __init__(self, codes: torch.Tensor, params: QuantParams, layer: str, role: str):
+        super().__init__()
+        self.layer, self.role, self.axis = layer, role, params.axis
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", params.scale.detach().clone())
+        self.register_buffer("zero_point", params.zero_point.to(codes.dtype))
 
-    def operand(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero_point")
-        q = quantize_linear(x, scale, zero_point, self.quant_name, name)
-        return dequantize_linear(q, scale, zero_point, None, self.quant_name, name)
+    def forward(self) -> torch.Tensor:
+        return dequantize_linear(self.codes, self.scale, self.zero_point, self.axis, self.layer, self.role)
 
 
-def qdq_copy(unet: nn.Module) -> nn.Module:
-    """A copy of a frozen quantized `unet` whose quantized layers and attention matmuls export as Q/DQ; a float
-    `unet` is copied as is."""
-    units = quant_units(unet)
-    unfrozen = [name for name, unit in units.items() if not unit.is_frozen]
+def _codes(params: QuantParams, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return params.quantize(tensor.detach()).to(dtype)
+
+
+def qdq_graph(qgraph: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the frozen quantized graph `qgraph` whose quantizers export as QuantizeLinear / DequantizeLinear
+    nodes (see the module docstring); `qgraph` is untouched."""
+    ops = quant_ops(qgraph)
+    unfrozen = [op.path or name for name, op in ops.items() if not op.is_frozen]
     if unfrozen:
-        raise QtoolkitError(f"{len(unfrozen)} quantized layer(s) are not frozen (e.g. {unfrozen[0]!r}): calibrate the "
-                          "model and call freeze(model) before exporting it")
-    # Built (and so checked) for every unit before anything is copied.
-    replacements = {name: QDQLayer(unit) if isinstance(unit, QuantLayer) else QDQAttnProcessor(unit)
-                    for name, unit in units.items()}
-    exported = copy.deepcopy(unet)
-    for name, replacement in replacements.items():
-        parent_name, _, child_name = name.rpartition(".")
-        parent = exported.get_submodule(parent_name) if parent_name else exported
-        setattr(parent, child_name, replacement)
+        raise QtoolkitError(f"{len(unfrozen)} quantized op(s) are not frozen (e.g. {unfrozen[0]!r}): calibrate the "
+                            "graph and call freeze(qgraph) before exporting it")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch 2.13's own
+        exported = copy.deepcopy(qgraph)
+    nodes = {node.name: node for node in exported.graph.nodes}
+    for name, op in quant_ops(exported).items():
+        if isinstance(op, QuantizedAttention):
+            for operand in ATTENTION_OPERANDS:
+                setattr(op, operand, QuantizeDequantize(getattr(op, operand).params, op.path, operand))
+        else:
+            _rewrite_layer(exported, name, op, nodes[op.node])
+    exported.graph.eliminate_dead_code()
+    _drop_unused_tensors(exported)
+    exported.graph.lint()
+    exported.recompile()
     return exported.eval()
+
+
+def _quantizer_node(op_node: fx.Node, index: int, target: str) -> fx.Node | None:
+    """The quantizer node `target` feeding argument `index` of the op, if there is one."""
+    arg = op_node.args[index] if len(op_node.args) > index else None
+    return arg if isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target == target else None
+
+
+def _rewrite_layer(graph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node) -> None:
+    """Stand in export modules for the quantizers of a convolution or linear op; split the op for a split input."""
+    if op.output is not None:
+        op.output = QuantizeDequantize(op.output.params, op.path, "output")
+    if op.bias is not None:
+        bias = graph.get_parameter(_quantizer_node(node, 2, f"{name}.bias").args[0].target)
+        _stand_in(graph, node, 2, f"{name}.bias", Dequantize(_codes(op.bias.params, bias, torch.int32), op.bias.params,
+                                                               op.path, "bias"))
+    weight_codes = None
+    if op.weight is not None:
+        params = op.weight.params
+        weight_codes = _codes(params, graph.get_parameter(op.weight_target), storage_dtype(params))
+    if isinstance(op.input, SplitFakeQuantize):
+        _split_convolution(graph, name, op, node, weight_codes)
+        return
+    if op.input is not None:
+        op.input = QuantizeDequantize(op.input.params, op.path, "input")
+    if weight_codes is not None:
+        _stand_in(graph, node, 1, f"{name}.weight", Dequantize(weight_codes, op.weight.params, op.path, "weight"))
+
+
+def _stand_in(graph: fx.GraphModule, op_node: fx.Node, index: int, target: str, module: Dequantize) -> None:
+    """The quantizer node `target` (reading a float parameter) becomes a call of `module`, which holds the codes."""
+    quantizer = _quantizer_node(op_node, index, target)
+    graph.add_submodule(target, module)
+    quantizer.args = ()
+
+
+def _split_convolution(graph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node,
+                       weight_codes: torch.Tensor | None) -> None:
+    """conv(Q/DQ per part(x), W, b) -> conv(Q/DQ(x[:, :k]), W[:, :k], b) + conv(Q/DQ(x[:, k:]), W[:, k:]), with
+    each part's own input parameters and its half of the weight codes."""
+    if node.target != CONV:
+        raise QtoolkitError(f"{op.path!r}: only a convolution's input can be exported split in two parts")
+    _input, weight, bias, stride, padding, dilation, groups = _conv_args(node)
+    if groups != 1:
+        raise QtoolkitError(f"{op.path!r} has a split input and a grouped convolution, which int8 export cannot "
+                            "split: exclude it from quantization (QuantConfig.exclude) or turn split_shortcuts off")
+    k, params = op.input.split, op.input.params
+    input_node = _quantizer_node(node, 0, f"{name}.input")
+    graph.add_submodule(f"{name}.input", nn.ModuleList(
+        QuantizeDequantize(_part(params, channel), op.path, "input") for channel in (0, k)))
+    if weight_codes is not None:
+        graph.add_submodule(f"{name}.weight", nn.ModuleList(
+            Dequantize(codes, op.weight.params, op.path, "weight")
+            for codes in (weight_codes[:, :k].contiguous(), weight_codes[:, k:].contiguous())))
+    parts = []
+    with graph.graph.inserting_before(node):
+        for index, (start, end) in enumerate(((0, k), (k, sys.maxsize))):
+            x = graph.graph.call_function(torch.ops.aten.slice.Tensor, (input_node.args[0], 1, start, end))
+            if weight_codes is None:
+                w = graph.graph.call_function(torch.ops.aten.slice.Tensor, (weight, 1, start, end))
+            else:
+                w = graph.graph.call_module(f"{name}.weight.{index}")
+            parts.append(graph.graph.call_function(CONV, (graph.graph.call_module(f"{name}.input.{index}", (x,)), w,
+                                                          bias if index == 0 else None, stride, padding, dilation,
+                                                          groups)))
+        total = graph.graph.call_function(torch.ops.aten.add.Tensor, tuple(parts))
+    total.meta = dict(node.meta)
+    node.replace_all_uses_with(total)
+    graph.graph.erase_node(node)
+    graph.graph.erase_node(input_node)  # the weight quantizer node, now without users, goes with the dead code
+
+
+def _conv_args(node: fx.Node) -> tuple:
+    """aten.conv2d's seven arguments, with its defaults for those the node leaves out."""
+    defaults = (None, None, None, [1, 1], [0, 0], [1, 1], 1)
+    return tuple(node.args) + defaults[len(node.args):]
+
+
+def _part(params: QuantParams, channel: int) -> QuantParams:
+    """The per-tensor parameters of the part of a split input that starts at `channel`."""
+    return QuantParams(params.scale[channel], params.zero_point[channel], params.bits, params.symmetric, None)
+
+
+def _drop_unused_tensors(graph: fx.GraphModule) -> None:
+    """Delete the float weights and biases whose codes replaced them: the exported file holds only the codes."""
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    for name, _tensor in [*graph.named_parameters(), *graph.named_buffers()]:
+        owner, _, attribute = name.rpartition(".")
+        module = graph.get_submodule(owner) if owner else graph
+        if name not in used and attribute in module._parameters:
+            delattr(module, attribute)
