@@ -6,11 +6,11 @@ other float precision the engine can run the graph's float parts in here (e.g. b
 "openvino-bf16" is the float graph in bf16, a float baseline beside torch.compile BF16, and
 "openvino-int8-bf16" qtoolkit's int8 graph with its unquantized parts in bf16.
 
-A backend is built from the quantized model's FP32 original, the two exported graphs (float and qtoolkit's
-int8 QDQ) and, for the peers' int8 recipes, the calibration set qtoolkit was calibrated on. BackendSources
-keeps all of them in one work folder, so that a fresh process can rebuild any single backend from it: the
-memory probe (qtoolkit.engines.memory) measures each backend alone in its own process, where nothing the other
-backends hold counts against it.
+A backend is built from the FP32 network the quantized graph was made from, the two exported graphs (the
+float network's captured graph and qtoolkit's int8 QDQ form of the quantized graph) and, for the peers' int8
+recipes, the calibration set qtoolkit was calibrated on. BackendSources keeps all of them in one work folder,
+so that a fresh process can rebuild any single backend from it: the memory probe (qtoolkit.engines.memory)
+measures each backend alone in its own process, where nothing the other backends hold counts against it.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
+from torch import fx, nn
 
 from ..calibration import CalibrationSet
 from ..errors import QtoolkitError
-from ..export.onnx_graph import export_onnx
-from ..models.loading import load_diffusion_model, save_diffusion_model
-from ..quant.api import quant_units
+from ..export.onnx_graph import export_onnx, network_graph
+from ..graph import quant_ops
+from ..models.loading import DiffusionModel, load_diffusion_model, save_diffusion_model
 from ..sampling import NoisePredictor, unet_predictor
 from . import engine_names, load_engine, resolve_backend
 from .peers import PEERS
@@ -66,14 +66,6 @@ def backend_names(peers: tuple[str, ...] = ()) -> list[str]:
     return [EAGER, *engine_backends(), *peers]
 
 
-def float_twin(qunet: nn.Module) -> nn.Module:
-    """The full-precision model `qunet` was quantized from: the same float weights (quantize keeps them), no quantizers."""
-    twin = type(qunet).from_config(qunet.config).eval()
-    state = qunet.state_dict()
-    twin.load_state_dict({key: state[key] for key in twin.state_dict()}, strict=True)
-    return twin
-
-
 def _file_bytes(onnx_file: Path) -> int:
     """The graph plus its external weights file, if it has one."""
     return sum(f.stat().st_size for f in onnx_file.parent.glob(onnx_file.name + "*"))
@@ -92,37 +84,37 @@ class BackendSources:
     def graph(self, precision: str) -> Path:
         return self.work / precision / "model.onnx"
 
-    def fp_unet(self) -> nn.Module:
+    def fp_network(self) -> nn.Module:
         if self.fp_model is None:
             self.fp_model = load_diffusion_model(self.work / FP_MODEL_DIR).unet
         return self.fp_model
 
     @classmethod
-    def prepare(cls, qunet: nn.Module, scheduler_config: dict, sample_shape: tuple[int, ...], work: Path,
-                threads: int, calibration: CalibrationSet | None = None,
-                fp_unet: nn.Module | None = None) -> "BackendSources":
-        """Write the FP32 original, both graphs and the calibration set under `work` (overwriting a previous run's).
+    def prepare(cls, qgraph: fx.GraphModule, fp_network: nn.Module, scheduler_config: dict,
+                sample_shape: tuple[int, ...], work: Path, threads: int,
+                calibration: CalibrationSet | None = None) -> "BackendSources":
+        """Write the FP32 network, both graphs and the calibration set under `work` (overwriting a previous run's).
 
-        The FP32 original is `fp_unet`, the model `qunet` was quantized from; without it, qunet's float twin,
-        which is the original only if nothing after quantization changed float weights: bias correction and
-        reconstruction do, and then the twin is a different FP model for the reference and the peers alike.
+        `fp_network` is the network the frozen quantized graph `qgraph` was made from: the FP32 reference and what
+        the peers quantize. (The quantized graph's own float weights are no stand-in for it: bias correction and
+        reconstruction change them.)
         """
-        if not quant_units(qunet):
-            raise QtoolkitError("the benchmark compares a qtoolkit-quantized model with its FP32 original: pass a model "
-                              "made by `qtoolkit quantize` (its run folder or its model/ folder)")
-        if fp_unet is None:
-            fp_unet = float_twin(qunet)
-        else:  # the quantized model's state holds every float tensor under the float model's names
-            q_state = qunet.state_dict()
-            if type(fp_unet) is not type(qunet) or any(key not in q_state or q_state[key].shape != t.shape
-                                                       for key, t in fp_unet.state_dict().items()):
-                raise QtoolkitError(f"the full-precision model ({type(fp_unet).__name__}) does not have the quantized "
-                                  "model's architecture: give the model it was quantized from")
-        sources = cls(work, tuple(sample_shape), threads, calibration, fp_unet.eval())
-        for precision, unet in zip(PRECISIONS, (sources.fp_model, qunet)):
+        if not quant_ops(qgraph):
+            raise QtoolkitError("the benchmark compares a qtoolkit-quantized model with its FP32 original: pass a "
+                                "model made by `qtoolkit quantize` (its run folder or its model/ folder)")
+        # The quantized graph holds every float tensor of the network it was captured from, under `network.`
+        # (the Denoiser's child that capture traces).
+        q_state = qgraph.state_dict()
+        if any(q_state.get(f"network.{key}") is None or q_state[f"network.{key}"].shape != t.shape
+               for key, t in fp_network.state_dict().items()):
+            raise QtoolkitError(f"the full-precision model ({type(fp_network).__name__}) does not have the quantized "
+                                "model's architecture: give the model it was quantized from")
+        sources = cls(work, tuple(sample_shape), threads, calibration, fp_network.eval())
+        fp_graph = network_graph(DiffusionModel(fp_network, scheduler_config, work, shape=tuple(sample_shape)))
+        for precision, graph in zip(PRECISIONS, (fp_graph, qgraph)):
             sources.graph(precision).parent.mkdir(parents=True, exist_ok=True)
-            export_onnx(unet, sample_shape, sources.graph(precision))
-        save_diffusion_model(sources.fp_model, scheduler_config, work / FP_MODEL_DIR, overwrite=True)
+            export_onnx(graph, sample_shape, sources.graph(precision))
+        save_diffusion_model(fp_network, scheduler_config, work / FP_MODEL_DIR, overwrite=True)
         if calibration is not None:
             calibration.save(work / CALIBRATION_DIR, overwrite=True)
         (work / SOURCES_FILE).write_text(json.dumps({"sample_shape": list(sample_shape)}) + "\n")
@@ -147,7 +139,7 @@ def require_calibration(peers: tuple[str, ...], calibration: CalibrationSet | No
 
 def build_backend(name: str, sources: BackendSources) -> Backend:
     if name == EAGER:
-        fp = sources.fp_unet()
+        fp = sources.fp_network()
         return Backend(name, unet_predictor(fp), sum(t.numel() * t.element_size() for t in fp.state_dict().values()),
                        fp32_engine=False)
     engines = engine_backends()

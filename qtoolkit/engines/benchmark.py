@@ -1,7 +1,7 @@
 """How fast qtoolkit's int8 graph runs, against FP32 and against the peers' own recipes, on the same weights
 (`qtoolkit bench`, benchmarks/int8_speed.py).
 
-Backends: PyTorch FP32 eager; the float graph (qtoolkit.export of the unquantized twin) on ONNX Runtime and on
+Backends: PyTorch FP32 eager; the float graph (qtoolkit.export of the FP32 network) on ONNX Runtime and on
 OpenVINO; qtoolkit's int8 QDQ graph on ONNX Runtime and on OpenVINO; and the peers of qtoolkit.engines.peers
 (torch.compile BF16, NNCF, ORT quantize_static, PT2E), calibrated on the same inputs as qtoolkit. Three
 measurements:
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -35,11 +36,13 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
-from torch import nn
+from torch import fx, nn
 
 from ..agreement import per_timestep_error, sqnr_db
 from ..calibration import CalibrationSet
 from ..errors import QtoolkitError
+from ..graph import QuantizedAttention
+from ..graph.patterns import ATTENTION, CONV, LINEAR
 from ..models.loading import DiffusionModel
 from ..progress import progress_bar
 from ..sampling import sample
@@ -140,32 +143,39 @@ def bench_options(**defaults):
     return decorate
 
 
-def unet_macs(unet: nn.Module, sample_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one sample: Conv2d and Linear layers plus the attention matmuls (Q K^T and A V),
-    where nearly all of a UNet's work is; normalisations and activations are left out."""
-    from diffusers.models.attention_processor import Attention
-
+def unet_macs(graph: fx.GraphModule) -> int:
+    """Multiply-accumulates of one sample in a captured network graph (float or quantized, its batch dynamic or
+    1): convolutions and linear layers plus the attention matmuls (Q K^T and A V), where nearly all of a UNet's
+    work is; normalisations and activations are left out. Counted from the shapes the capture recorded on each
+    node, so it holds for any network."""
+    batch = _at_batch_1(next(n for n in graph.graph.nodes if n.op == "placeholder").meta["val"].shape[0])
     total = 0
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.target in (CONV, LINEAR):
+            weight = _shape(graph, node.args[1])
+            per_output = math.prod(weight[1:]) if node.target == CONV else weight[-1]
+            total += _at_batch_1(node.meta["val"].numel()) * per_output
+        elif (node.op == "call_function" and node.target == ATTENTION) or \
+                (node.op == "call_module" and isinstance(graph.get_submodule(node.target), QuantizedAttention)):
+            query, key, value = (_shape(graph, arg) for arg in node.args[:3])
+            rows = _at_batch_1(math.prod(query[:-1])) * key[-2]  # one per (query, key) pair
+            total += rows * (query[-1] + value[-1])
+    return total // batch
 
-    def layer(module, inputs, output):
-        nonlocal total
-        per_output = module.weight[0].numel() if isinstance(module, nn.Conv2d) else module.in_features
-        total += output[0].numel() * per_output
 
-    def attention_matmuls(to_q, inputs, output):
-        nonlocal total
-        tokens, inner = output[0].shape[-2:]
-        total += 2 * tokens * tokens * inner
+def _shape(graph: fx.GraphModule, node: fx.Node) -> torch.Size:
+    """The shape of a node's value; a quantizer node (no recorded value) has its input's."""
+    while "val" not in node.meta and node.op == "call_module":
+        node = node.args[0]
+    return node.meta["val"].shape
 
-    hooks = [m.register_forward_hook(layer) for m in unet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks += [m.to_q.register_forward_hook(attention_matmuls) for m in unet.modules() if isinstance(m, Attention)]
-    try:
-        with torch.no_grad():
-            unet(torch.zeros(1, *sample_shape), torch.tensor([500]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
+
+def _at_batch_1(size) -> int:
+    """A size of the captured graph, symbolic in the batch size or not, at batch size 1."""
+    if isinstance(size, torch.SymInt):
+        expression = size.node.expr
+        return int(expression.subs({symbol: 1 for symbol in expression.free_symbols}))
+    return int(size)
 
 
 def _spread(seconds: list[float]) -> dict:
@@ -268,21 +278,22 @@ def peak_memory(forward: list[dict], sources: BackendSources, settings: BenchSet
     return None
 
 
-def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | None = None,
-                  calibration: CalibrationSet | None = None, fp_unet: nn.Module | None = None) -> dict:
-    """Benchmark the quantized `model` (its .unet frozen by qtoolkit) against its FP32 original `fp_unet` (default:
-    its float twin, see BackendSources.prepare) and the peers, which quantize that FP32 model and calibrate on
-    `calibration` (needed when settings.peers is not empty)."""
+def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | None,
+                  calibration: CalibrationSet | None, fp_network: nn.Module) -> dict:
+    """Benchmark the quantized `model` (its network a frozen quantized graph) against `fp_network`, the FP32
+    network it was quantized from, and the peers, which quantize that FP32 network and calibrate on
+    `calibration` (needed when settings.peers is not empty). `work` keeps the exported graphs (None: a
+    temporary folder)."""
     require_calibration(settings.peers, calibration)  # before any export
     threads_before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
         with contextlib.ExitStack() as stack:
             folder = Path(work or stack.enter_context(tempfile.TemporaryDirectory(prefix="qtoolkit-bench-")))
-            sources = BackendSources.prepare(model.unet, model.scheduler_config, model.sample_shape, folder,
-                                             settings.threads, calibration, fp_unet)
+            sources = BackendSources.prepare(model.unet, fp_network, model.scheduler_config, model.sample_shape,
+                                             folder, settings.threads, calibration)
             backends = [build_backend(name, sources) for name in backend_names(settings.peers)]
-            macs = unet_macs(model.unet, model.sample_shape)  # quantized layers are Conv2d / Linear too
+            macs = unet_macs(model.unet)
             forward = time_forward(backends, model.sample_shape, settings, macs)
             quality = step_quality(backends, model, settings) if settings.quality_num else []
             sampling = time_sampling(backends, model, settings) if settings.sample_steps else []

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..calibration import CalibrationSet
-from ..export.onnx_graph import INPUT_NAMES, NoisePredictionGraph
+from ..export.onnx_graph import INPUT_NAMES
+from ..models.loading import Denoiser
 from ..sampling import NoisePredictor
 from .optional import import_optional
 
@@ -70,13 +71,13 @@ def _compiled(module: nn.Module) -> Callable:
 
 
 def bf16_compile(sources: BackendSources) -> tuple[NoisePredictor, int]:
-    fp_unet = sources.fp_unet()
-    run = _compiled(fp_unet)
+    fp_network = sources.fp_network()
+    run = _compiled(Denoiser(fp_network))
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return run(x, t).sample.float()
-    return eps, sum(p.numel() * 2 for p in fp_unet.parameters())  # what freezing keeps: bf16 weights
+            return run(x, t).float()
+    return eps, sum(p.numel() * 2 for p in fp_network.parameters())  # what freezing keeps: bf16 weights
 
 
 def nncf_openvino(sources: BackendSources) -> tuple[NoisePredictor, int]:
@@ -131,7 +132,7 @@ def pt2e_x86_inductor(sources: BackendSources) -> tuple[NoisePredictor, int]:
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq  # registers inductor passes
 
     calibration = sources.calibration
-    graph = NoisePredictionGraph(sources.fp_unet()).eval()  # plain tensor out; fed float timesteps below
+    graph = Denoiser(sources.fp_network()).eval()  # plain tensor out; fed float timesteps below
     by_batch: dict[int, Callable] = {}
     sizes: list[int] = []
 
