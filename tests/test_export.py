@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from conftest import TINY_UNET
+from conftest import TINY_UNET, fp_graph
 
 INSTALL = "pip install -c constraints.txt 'qtoolkit[int8,peers]'"
 for _module in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "torchao"):
@@ -35,10 +35,12 @@ from qtoolkit.engines.peers import PEERS  # noqa: E402
 from qtoolkit.errors import QtoolkitError  # noqa: E402
 from qtoolkit.export import export_model, load_exported  # noqa: E402
 from qtoolkit.export.qdq import METADATA_LAYER, METADATA_ROLE  # noqa: E402
+from qtoolkit.graph import calibrate, freeze, module_path, quant_ops, quantize  # noqa: E402
+from qtoolkit.graph.capture import example_inputs  # noqa: E402
 from qtoolkit.images import load_samples  # noqa: E402
-from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model  # noqa: E402
-from qtoolkit.ptq import calibrate_and_freeze, quantized_copy, save_quantized_pipeline  # noqa: E402
-from qtoolkit.quant import QuantConfig, quant_units  # noqa: E402
+from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, Denoiser, DiffusionModel, save_diffusion_model  # noqa: E402
+from qtoolkit.ptq import calibrate_and_freeze, save_quantized_pipeline  # noqa: E402
+from qtoolkit.quant import QuantConfig  # noqa: E402
 from qtoolkit.quant.fake_quant import SplitFakeQuantize  # noqa: E402
 from qtoolkit.sampling import unet_predictor  # noqa: E402
 from qtoolkit_plugins.openvino_backend import read_for_batch  # noqa: E402
@@ -57,21 +59,33 @@ MIN_STEP_SQNR_DB = 30.0
 MIN_MEDIAN_SQNR_DB = 60.0
 
 
-def _quantized(folder, config: QuantConfig):
-    """(FP model, frozen quantized copy as a DiffusionModel, its pipeline folder)."""
+@pytest.fixture(scope="module")
+def fp_model(tmp_path_factory):
+    """(the FP tiny UNet as a model, its captured graph, its calibration set): captured once for every
+    quantization of this module."""
     torch.manual_seed(0)
     unet = UNet2DModel(**TINY_UNET).eval()
-    fp = DiffusionModel(unet, {**DEFAULT_SCHEDULER_CONFIG, "prediction_type": "sample"}, folder)
+    fp = DiffusionModel(unet, {**DEFAULT_SCHEDULER_CONFIG, "prediction_type": "sample"},
+                        tmp_path_factory.mktemp("fp") / "model")
     calibration = generate_calibration_set("uniform", fp, 32, steps=10, seed=0, progress=False)
-    qunet = calibrate_and_freeze(quantized_copy(unet, config), calibration, progress=False)
-    save_quantized_pipeline(qunet, fp, folder, provenance={"test": True})
-    return fp, DiffusionModel(qunet, fp.scheduler_config, folder), folder
+    return fp, fp_graph(unet), calibration
+
+
+def _quantized(fp_model, config: QuantConfig, folder=None):
+    """(FP model, frozen quantized graph as a DiffusionModel): the default W8A8 calibrated on the tiny UNet's own
+    chain; saved as a pipeline folder at `folder`, if given."""
+    fp, graph, calibration = fp_model
+    qgraph = calibrate_and_freeze(quantize(graph, config), calibration, progress=False)
+    if folder is not None:
+        save_quantized_pipeline(qgraph, fp, folder, provenance={"test": True})
+    return fp, DiffusionModel(qgraph, fp.scheduler_config, folder or fp.path, shape=fp.sample_shape)
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    """The default W8A8 (inputs and weights quantized)."""
-    return _quantized(tmp_path_factory.mktemp("quantized") / "model", QuantConfig())
+def quantized(fp_model, tmp_path_factory):
+    """The default W8A8 (inputs and weights quantized): (FP model, quantized model, its pipeline folder)."""
+    folder = tmp_path_factory.mktemp("quantized") / "model"
+    return (*_quantized(fp_model, QuantConfig(), folder), folder)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +95,13 @@ def exported(quantized, tmp_path_factory):
     assert main(["export", "--model", str(quantized[2]), "--format", "onnx", "--out", str(out)]) == 0
     model = load_exported(out)
     return model, onnx.load(str(model.onnx_file))
+
+
+def _ops(qmodel: DiffusionModel, kind: str | None = None) -> dict:
+    """The quantized ops of a model's graph by module path (METADATA_LAYER), of one kind if given."""
+    ops = {op.path: op for op in quant_ops(qmodel.unet).values() if kind in (None, op.kind)}
+    assert len(ops) == len([op for op in quant_ops(qmodel.unet).values() if kind in (None, op.kind)])  # unique paths
+    return ops
 
 
 def _initializer(graph, name: str) -> np.ndarray:
@@ -109,7 +130,10 @@ def test_export_folder_describes_the_graph(exported, quantized):
     assert d["inputs"] == [{"name": "sample", "dtype": "float32", "shape": ["batch", 1, 8, 8]},
                            {"name": "timestep", "dtype": "int64", "shape": ["batch"]}]
     assert d["outputs"] == [{"name": "noise", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
-    assert d["quantization"]["quantized_layers"] == len(quant_units(quantized[1].unet))
+    convs, linears = _ops(quantized[1], "conv2d"), _ops(quantized[1], "linear")
+    assert convs and linears and d["quantization"]["quantized_layers"] == len(convs) + len(linears)
+    assert (d["quantization"]["quantized_convolutions"], d["quantization"]["quantized_linears"],
+            d["quantization"]["quantized_attention_matmuls"]) == (len(convs), len(linears), 0)
     assert d["quantize_linear_nodes"] == len(_qdq_nodes(graph.graph, "QuantizeLinear"))
     assert d["source_model"] == str(quantized[2])
     assert model.scheduler_config["prediction_type"] == "sample" and model.sample_shape == (1, 8, 8)
@@ -117,56 +141,51 @@ def test_export_folder_describes_the_graph(exported, quantized):
 
 
 def test_weight_dequantize_nodes_hold_qtoolkits_codes_and_scales_bit_for_bit(exported, quantized):
-    graph = exported[1].graph
-    layers = quant_units(quantized[1].unet)
+    graph, qgraph = exported[1].graph, quantized[1].unet
+    ops = _ops(quantized[1])
     weight_nodes = _qdq_nodes(graph, "DequantizeLinear", "weight")
-    assert sorted(_meta(n)[METADATA_LAYER] for n in weight_nodes) == sorted(layers)  # one per quantized layer
+    assert sorted(_meta(n)[METADATA_LAYER] for n in weight_nodes) == sorted(ops)  # one per quantized op
     for node in weight_nodes:
-        layer = layers[_meta(node)[METADATA_LAYER]]
-        params = layer.weight_params
+        op = ops[_meta(node)[METADATA_LAYER]]
+        params = op.weight.params
         codes, scale, zero_point = (_initializer(graph, name) for name in node.input)
         assert codes.dtype == np.int8 and zero_point.dtype == np.int8  # s8 symmetric weights
-        assert _bits(codes) == _bits(params.quantize(layer.weight.detach()).to(torch.int8).numpy())
+        weight = qgraph.get_parameter(op.weight_target).detach()
+        assert _bits(codes) == _bits(params.quantize(weight).to(torch.int8).numpy())
         assert _bits(scale) == _bits(params.scale.numpy()) and not zero_point.any()
         assert [(a.name, a.i) for a in node.attribute] == [("axis", 0)]  # per output channel
+    # The float weights of the quantized ops are not in the file (the float conv_in's is, by its name): their
+    # codes stand in for them.
+    initializers = {i.name for i in graph.initializer}
+    assert "network.conv_in.weight" in initializers and not initializers & {op.weight_target for op in ops.values()}
 
 
-def _layers_by_input_tensor(qmodel: DiffusionModel) -> list[list[str]]:
-    """Groups of activation-quantized layers that read the very same tensor (found with hooks on one forward)."""
-    seen: dict[int, list[str]] = {}
-    keep = []  # holding the tensors keeps their ids unique during the forward
-
-    def hook(name):
-        def record(module, inputs):
-            keep.append(inputs[0])
-            seen.setdefault(id(inputs[0]), []).append(name)
-        return record
-
-    units = quant_units(qmodel.unet)
-    handles = [unit.register_forward_pre_hook(hook(name)) for name, unit in units.items()]
-    with torch.no_grad():
-        qmodel.unet(torch.randn(2, 1, 8, 8), torch.tensor([10, 500]))
-    for h in handles:
-        h.remove()
-    return list(seen.values())
+def _ops_by_input_tensor(qmodel: DiffusionModel) -> list[list[str]]:
+    """Groups of the activation-quantized ops (paths) that read the very same tensor of the graph."""
+    nodes = {node.name: node for node in qmodel.unet.graph.nodes}
+    groups: dict[str, list[str]] = {}
+    for op in quant_ops(qmodel.unet).values():
+        quantizer = nodes[op.node].args[0]  # the input quantizer's call_module node
+        groups.setdefault(quantizer.args[0].name, []).append(op.path)
+    return list(groups.values())
 
 
 def test_activation_qdq_pairs_hold_the_frozen_input_params_bit_for_bit(exported, quantized):
     graph = exported[1].graph
-    layers = quant_units(quantized[1].unet)
-    groups = _layers_by_input_tensor(quantized[1])
+    ops = _ops(quantized[1])
+    groups = _ops_by_input_tensor(quantized[1])
     quantize_nodes = _qdq_nodes(graph, "QuantizeLinear")
     dequantize_nodes = _qdq_nodes(graph, "DequantizeLinear", "input")
-    # One pair per quantized layer, except that layers reading the same tensor (an attention's to_q, to_k,
-    # to_v) share one pair: they observed the same data, so their parameters are identical.
-    assert len(quantize_nodes) == len(dequantize_nodes) == len(groups) < len(layers)
-    assert len(_qdq_nodes(graph, "DequantizeLinear")) == len(groups) + len(layers)
-    group_of = {name: tuple(group) for group in groups for name in group}
+    # One pair per quantized op, except that ops reading the same tensor (an attention's to_q, to_k, to_v)
+    # share one pair: they observed the same data, so their parameters are identical.
+    assert len(quantize_nodes) == len(dequantize_nodes) == len(groups) < len(ops)
+    assert len(_qdq_nodes(graph, "DequantizeLinear")) == len(groups) + len(ops)
+    group_of = {path: tuple(group) for group in groups for path in group}
     assert len({group_of[_meta(n)[METADATA_LAYER]] for n in quantize_nodes}) == len(groups)
     consumers = {name: n for n in dequantize_nodes for name in n.input[:1]}
     for node in quantize_nodes:
-        for name in group_of[_meta(node)[METADATA_LAYER]]:
-            params = layers[name].input_params
+        for path in group_of[_meta(node)[METADATA_LAYER]]:
+            params = ops[path].input.params
             scale, zero_point = _initializer(graph, node.input[1]), _initializer(graph, node.input[2])
             assert zero_point.dtype == np.uint8  # u8 activations, what ORT's and OpenVINO's int8 kernels want
             assert _bits(scale) == _bits(params.scale.numpy())
@@ -177,19 +196,14 @@ def test_activation_qdq_pairs_hold_the_frozen_input_params_bit_for_bit(exported,
 
 def test_time_projections_of_all_resnets_run_as_one_gemm(exported, quantized):
     """They read the same SiLU(embedding): one Gemm over the concatenated weights, then a Split (fuse.py)."""
-    graph, unet = exported[1].graph, quantized[1].unet  # the exported model (its projections stay float)
-    projections = []  # in the order the forward calls them, which is the graph's node order
-    hooks = [m.register_forward_hook(lambda module, *_: projections.append(module))
-             for name, m in unet.named_modules() if name.endswith("time_emb_proj")]
-    with torch.no_grad():
-        unet(torch.randn(1, 1, 8, 8), torch.tensor([10]))
-    for hook in hooks:
-        hook.remove()
+    graph, qgraph = exported[1].graph, quantized[1].unet  # the exported model (its projections stay float)
+    projections = [node for node in qgraph.graph.nodes  # in graph order, the order of the fused weights
+                   if node.target == torch.ops.aten.linear.default and module_path(node).endswith("time_emb_proj")]
     gemms = [n for n in graph.node if n.op_type == "Gemm"]
     assert not [n for n in gemms if "time_emb_proj" in n.input[1]]
     fused = [n for n in gemms if n.name.endswith(f"_fused_{len(projections)}")]
     assert len(fused) == 1 and len(projections) > 1
-    weights = [module.weight.detach().numpy() for module in projections]
+    weights = [qgraph.get_parameter(node.args[1].target).detach().numpy() for node in projections]
     assert _bits(_initializer(graph, fused[0].input[1])) == _bits(np.concatenate(weights))
 
 
@@ -239,15 +253,66 @@ def test_gemms_sharing_an_input_and_their_layout_fuse_exactly(tmp_path):
         assert _bits(e) == _bits(g)
 
 
-def test_float_model_exports_without_qdq_nodes(quantized, tmp_path):
+def test_float_model_exports_its_captured_graph_without_qdq_nodes(quantized, tmp_path):
+    import onnxruntime as ort
+
     description = export_model(quantized[0], tmp_path / "fp")
     assert description["precision"] == "fp32" and description["quantization"] is None
     assert description["quantize_linear_nodes"] == description["dequantize_linear_nodes"] == 0
+    session = ort.InferenceSession(str(tmp_path / "fp" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x, t = example_inputs((1, 8, 8), 3, seed=7)
+    with torch.no_grad():
+        reference = quantized[0].unet(x, t).sample
+    out = session.run(None, {"sample": x.numpy(), "timestep": t.numpy()})[0]
+    assert sqnr_db(reference, torch.from_numpy(out)) > 80  # float rounding only
+
+
+class ReflectPadded(torch.nn.Module):
+    """A network of three convolutions, the middle one (the only one quantized: the default keeps the first and
+    the last in float) padding by reflection."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.middle = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.conv_out = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv_in(sample)) + timestep.float().view(-1, 1, 1, 1) / 1000
+        return self.conv_out(torch.relu(self.middle(h)))
+
+
+def test_a_convolution_padding_by_reflection_exports_as_pad_then_an_int8_convolution(tmp_path):
+    """aten.conv2d pads with zeros only: torch.export captures another padding mode as its own aten.pad, a float
+    op ahead of the convolution, so the quantized convolution exports exactly like any other."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    network = ReflectPadded().eval()
+    x, t = example_inputs((1, 8, 8), 16, seed=1)
+    qgraph = quantize(fp_graph(network), QuantConfig())
+    with calibrate(qgraph):
+        qgraph(x, t)
+    freeze(qgraph)
+    assert [op.path for op in quant_ops(qgraph).values()] == ["middle"]
+    qmodel = DiffusionModel(qgraph, dict(DEFAULT_SCHEDULER_CONFIG), tmp_path, shape=(1, 8, 8))
+    export_model(qmodel, tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    pads = [n for n in graph.node if n.op_type == "Pad"]
+    assert [a.s for n in pads for a in n.attribute if a.name == "mode"] == [b"reflect"]
+    assert len(_qdq_nodes(graph, "QuantizeLinear")) == len(_qdq_nodes(graph, "DequantizeLinear", "weight")) == 1
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x, t = example_inputs((1, 8, 8), 5, seed=2)
+    with torch.no_grad():
+        reference = qgraph(x, t)
+    out = torch.from_numpy(session.run(None, {"sample": x.numpy(), "timestep": t.numpy()})[0])
+    assert sqnr_db(reference, out) >= MIN_MEDIAN_SQNR_DB  # the simulation's codes
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engines_run_batch_1_3_and_65(exported, quantized, engine):
-    """Batch 65 crosses diffusers' Upsample2D branch at 64, which torch.export cannot trace with a dynamic batch."""
+    """Batch 65 crosses diffusers' Upsample2D branch at 64, which an export of the network itself could not
+    trace with a dynamic batch; the captured graph holds for every batch."""
     eps = load_engine(engine, exported[0].onnx_file, threads=1)
     fake_quant = unet_predictor(quantized[1].unet)
     generator = torch.Generator().manual_seed(3)
@@ -273,7 +338,7 @@ def test_openvino_keeps_the_timestep_embedding_in_fp32(exported, quantized):
     eps = load_engine("openvino", exported[0].onnx_file, threads=1)
     x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((4,), 999)
     with torch.no_grad():
-        assert sqnr_db(quantized[1].unet(x, t).sample, eps(x, t)) >= MIN_STEP_SQNR_DB
+        assert sqnr_db(quantized[1].unet(x, t), eps(x, t)) >= MIN_STEP_SQNR_DB
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -288,8 +353,7 @@ def test_openvino_runs_the_quantized_convolutions_in_u8_at_a_static_batch(export
     runtime = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).get_runtime_model()
     info = [op.get_rt_info() for op in runtime.get_ops() if op.get_type_name() == "ExecutionNode"]
     convolutions = [i["runtimePrecision"].astype(str) for i in info if i["layerType"].astype(str) == "Convolution"]
-    quantized_convs = [name for name, unit in quant_units(quantized[1].unet).items()
-                       if isinstance(unit, torch.nn.Conv2d) and unit.input_params is not None]
+    quantized_convs = [path for path, op in _ops(quantized[1], "conv2d").items() if op.input is not None]
     assert quantized_convs and convolutions.count("u8") == len(quantized_convs), (convolutions, quantized_convs)
 
 
@@ -306,7 +370,7 @@ def test_openvino_runs_the_float_parts_in_bf16_when_asked(exported, quantized, t
     x = torch.randn(8, 1, 8, 8, generator=generator)
     t = torch.cat([torch.randint(0, 1000, (4,), generator=generator), torch.full((4,), 999)])
     with torch.no_grad():
-        reference = quantized[1].unet(x, t).sample
+        reference = quantized[1].unet(x, t)
     assert not torch.equal(bf16(x, t), fp32(x, t))
     assert sqnr_db(reference, fp32(x, t)) > sqnr_db(reference, bf16(x, t)) >= 20.0
     assert sqnr_db(reference[4:], bf16(x, t)[4:]) >= 20.0
@@ -346,7 +410,15 @@ def test_engines_agree_with_fake_quantization_at_every_timestep(exported, quanti
     _assert_engines_follow_the_simulation(quantized[0], quantized[1], exported[0].onnx_file)
 
 
-def test_quantized_conv_outputs_become_integer_convolutions_in_onnxruntime(exported, tmp_path):
+def _qdq_per_op(graph, op_type: str, role: str) -> dict[str, int]:
+    """How many `op_type` nodes of `role` each op (METADATA_LAYER) has."""
+    counts: dict[str, int] = {}
+    for node in _qdq_nodes(graph, op_type, role):
+        counts[_meta(node)[METADATA_LAYER]] = counts.get(_meta(node)[METADATA_LAYER], 0) + 1
+    return counts
+
+
+def test_quantized_conv_outputs_become_integer_convolutions_in_onnxruntime(fp_model, exported, tmp_path):
     """With quantize_conv_outputs, ORT fuses every quantized convolution into QLinearConv (u8 in, s8 weights,
     int32 bias, u8 out), with inputs alone it keeps them FP32; and it still follows the simulation.
 
@@ -356,14 +428,18 @@ def test_quantized_conv_outputs_become_integer_convolutions_in_onnxruntime(expor
     with ORT's unoptimised run). Its result is as close to FP as the simulation's, which is checked here.
     """
     ort = pytest.importorskip("onnxruntime")
-    fp, qmodel, folder = _quantized(tmp_path / "model", QuantConfig(quantize_conv_outputs=True))
+    fp, qmodel = _quantized(fp_model, QuantConfig(quantize_conv_outputs=True))
     description = export_model(qmodel, tmp_path / "onnx")
     assert description["quantization"]["quant_config"]["quantize_conv_outputs"]
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
-    convs = [name for name, unit in quant_units(qmodel.unet).items() if isinstance(unit, torch.nn.Conv2d)]
-    assert sorted(_meta(n)[METADATA_LAYER] for n in _qdq_nodes(graph, "DequantizeLinear", "bias")) == sorted(convs)
+    convs = _ops(qmodel, "conv2d")
+    # Per convolution: its int32 bias codes and one output pair (its input pair may be shared, see above).
+    assert _qdq_per_op(graph, "DequantizeLinear", "bias") == _qdq_per_op(graph, "QuantizeLinear", "output") == \
+        _qdq_per_op(graph, "DequantizeLinear", "output") == dict.fromkeys(convs, 1)
     for node in _qdq_nodes(graph, "DequantizeLinear", "bias"):
-        assert _initializer(graph, node.input[0]).dtype == np.int32
+        op = convs[_meta(node)[METADATA_LAYER]]
+        assert _bits(_initializer(graph, node.input[0])) == _bits(
+            op.bias.params.quantize(qmodel.unet.get_parameter(op.weight_target[:-len("weight")] + "bias")).numpy())
 
     def fused_convs(onnx_file, dump):
         options = ort.SessionOptions()
@@ -382,41 +458,48 @@ def test_quantized_conv_outputs_become_integer_convolutions_in_onnxruntime(expor
     assert np.median(engine) >= np.median(simulation) - 1.0 and engine.min() >= simulation.min() - 3.0, result
 
 
-def test_split_shortcuts_export_as_one_integer_layer_per_part(tmp_path):
-    """A split input (one scale for the decoder's channels, one for the skip's) exports as two Q/DQ layers on
-    the two channel ranges, each with its part's per-tensor parameters, and the engines still follow the
-    simulation."""
-    fp, qmodel, _ = _quantized(tmp_path / "model", QuantConfig(split_shortcuts=True))
+def test_split_shortcuts_export_as_one_integer_layer_per_part(fp_model, tmp_path):
+    """A split input (one scale for the decoder's channels, one for the skip's) exports as two int8 convolutions
+    on the two channel ranges, each with its part's per-tensor input parameters and its half of the weight codes,
+    and the engines still follow the simulation."""
+    fp, qmodel = _quantized(fp_model, QuantConfig(split_shortcuts=True))
     export_model(qmodel, tmp_path / "onnx")
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
-    split = {name: unit for name, unit in quant_units(qmodel.unet).items()
-             if isinstance(unit.input_quantizer, SplitFakeQuantize)}
+    split = {path: op for path, op in _ops(qmodel).items() if isinstance(op.input, SplitFakeQuantize)}
     assert split
-    for name, unit in split.items():
-        nodes = [n for n in _qdq_nodes(graph, "QuantizeLinear") if _meta(n)[METADATA_LAYER] == name]
-        assert len(nodes) == 2, name
-        scales = sorted(float(_initializer(graph, n.input[1])) for n in nodes)
-        assert scales == sorted(unit.input_quantizer.scale.tolist()) and scales[0] != scales[1]
+    quantize_per_op, weights_per_op = _qdq_per_op(graph, "QuantizeLinear", "input"), \
+        _qdq_per_op(graph, "DequantizeLinear", "weight")
+    for path, op in split.items():
+        assert quantize_per_op[path] == weights_per_op[path] == 2, path
+        nodes = [n for n in _qdq_nodes(graph, "QuantizeLinear") if _meta(n)[METADATA_LAYER] == path]
+        scales = [float(_initializer(graph, n.input[1])) for n in nodes]
+        assert sorted(scales) == sorted(op.input.scale.tolist()) and scales[0] != scales[1]
+        halves = [_initializer(graph, n.input[0]) for n in _qdq_nodes(graph, "DequantizeLinear", "weight")
+                  if _meta(n)[METADATA_LAYER] == path]
+        codes = op.weight.params.quantize(qmodel.unet.get_parameter(op.weight_target)).to(torch.int8).numpy()
+        assert {_bits(h) for h in halves} == {_bits(codes[:, :op.input.split]), _bits(codes[:, op.input.split:])}
+    assert all(weights_per_op[path] == 1 for path in set(_ops(qmodel)) - set(split))
     _assert_engines_follow_the_simulation(fp, qmodel, tmp_path / "onnx" / "model.onnx")
 
 
-def test_attention_matmul_operands_export_as_qdq_pairs_with_their_frozen_params(tmp_path):
+def test_attention_matmul_operands_export_as_qdq_pairs_with_their_frozen_params(fp_model, tmp_path):
     """With quantize_attention_matmuls, Q and K (before Q.K^T) and the softmax output and V (before softmax.V)
-    each pass one Q/DQ pair holding the processor's frozen u8 parameters, and the engines follow the simulation."""
-    fp, qmodel, _ = _quantized(tmp_path / "model", QuantConfig(quantize_attention_matmuls=True))
-    export_model(qmodel, tmp_path / "onnx")
+    each pass one Q/DQ pair holding the attention's frozen u8 parameters, and the engines follow the simulation."""
+    fp, qmodel = _quantized(fp_model, QuantConfig(quantize_attention_matmuls=True))
+    description = export_model(qmodel, tmp_path / "onnx")
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
-    processors = {name: unit for name, unit in quant_units(qmodel.unet).items() if name.endswith(".processor")}
-    assert processors
-    for name, processor in processors.items():
-        for operand in ("query", "key", "probs", "value"):
-            nodes = [n for n in _qdq_nodes(graph, "QuantizeLinear", operand)
-                     if _meta(n)[METADATA_LAYER] == processor.quant_name]
-            assert len(nodes) == 1, (name, operand)
-            params = getattr(processor, f"{operand}_quantizer").params
-            assert _bits(_initializer(graph, nodes[0].input[1])) == _bits(params.scale.numpy())
-            assert _bits(_initializer(graph, nodes[0].input[2])) == _bits(params.zero_point.to(torch.uint8).numpy())
+    attentions = _ops(qmodel, "attention")
+    assert attentions and description["quantization"]["quantized_attention_matmuls"] == 2 * len(attentions)
+    for operand in ("query", "key", "probs", "value"):
+        assert _qdq_per_op(graph, "QuantizeLinear", operand) == _qdq_per_op(graph, "DequantizeLinear", operand) == \
+            dict.fromkeys(attentions, 1), operand
+        for node in _qdq_nodes(graph, "QuantizeLinear", operand):
+            params = getattr(attentions[_meta(node)[METADATA_LAYER]], operand).params
+            assert _bits(_initializer(graph, node.input[1])) == _bits(params.scale.numpy())
+            assert _bits(_initializer(graph, node.input[2])) == _bits(params.zero_point.to(torch.uint8).numpy())
     _assert_engines_follow_the_simulation(fp, qmodel, tmp_path / "onnx" / "model.onnx")
+    # The benchmark's work count reads the quantized attention as the SDPA it replaced.
+    assert unet_macs(qmodel.unet) == unet_macs(fp_model[1])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -476,13 +559,25 @@ def test_bench_smoke(quantized, tmp_path, capsys):
         assert 5 < quality[name]["sqnr_db_median"] < 60, (name, quality[name])
 
 
+@pytest.fixture(scope="module")
+def bench_sources(quantized, tmp_path_factory):
+    """Benchmark sources of a quantized graph whose float bias was changed after quantization (what a bias
+    correction does), prepared with the FP network it was made from: (sources, that graph)."""
+    fp, qmodel, _ = quantized
+    corrected = copy.deepcopy(qmodel.unet)
+    with torch.no_grad():
+        corrected.get_parameter("network.conv_out.bias").add_(0.5)
+    work = tmp_path_factory.mktemp("bench-sources")
+    return BackendSources.prepare(corrected, fp.unet, qmodel.scheduler_config, qmodel.sample_shape, work,
+                                  threads=1), corrected
+
+
 @pytest.mark.skipif(not memory.supported(), reason="the memory probe reads Linux's /proc/self")
-def test_peak_memory_of_each_backend_in_its_own_process(quantized, tmp_path):
+def test_peak_memory_of_each_backend_in_its_own_process(bench_sources):
     """Each probe rebuilds its backend from the sources on disk; what a forward holds grows with the batch."""
-    BackendSources.prepare(quantized[1].unet, quantized[1].scheduler_config, quantized[1].sample_shape,
-                           tmp_path, threads=1)
+    sources = bench_sources[0]
     backends = ["pytorch-fp32-eager", "openvino-int8"]
-    peaks = memory.measure(tmp_path, backends, [1, 1024], threads=1, seed=0)
+    peaks = memory.measure(sources.work, backends, [1, 1024], threads=1, seed=0)
     assert set(peaks) == {(name, batch) for name in backends for batch in (1, 1024)}
     # Batch 1024 of the 8x8 tiny UNet: its largest activations are 1024 x 32 x 8 x 8 float32 = 8 MiB each.
     for name in backends:
@@ -490,20 +585,20 @@ def test_peak_memory_of_each_backend_in_its_own_process(quantized, tmp_path):
         assert peaks[(name, 1024)] > peaks[(name, 1)] + 8, peaks
 
 
-def test_benchmark_compares_with_the_model_it_was_quantized_from(quantized, tmp_path, capsys):
-    """Bias correction and reconstruction change the quantized model's float weights, so its float twin is another
-    FP model: the FP32 reference (and what the peers quantize) is the original, named by ptq.json or --fp-model."""
-    fp, qmodel, folder = quantized
-    corrected = copy.deepcopy(qmodel.unet)
-    with torch.no_grad():
-        corrected.conv_out.bias.add_(0.5)  # what a bias correction does to a float bias
-    sources = BackendSources.prepare(corrected, qmodel.scheduler_config, qmodel.sample_shape, tmp_path / "a",
-                                     threads=1, fp_unet=fp.unet)
-    reopened = BackendSources.reopen(tmp_path / "a", threads=1).fp_unet()
-    assert torch.equal(reopened.conv_out.bias, fp.unet.conv_out.bias) and sources.fp_unet() is fp.unet
+def test_benchmark_compares_with_the_model_it_was_quantized_from(bench_sources, fp_model, quantized, capsys):
+    """Bias correction and reconstruction change the quantized graph's float weights, so they are no stand-in for
+    the FP model: the FP32 reference (and what the peers quantize) is the original, named by ptq.json or
+    --fp-model."""
+    (sources, corrected), (fp, qmodel, folder) = bench_sources, quantized
+    reopened = BackendSources.reopen(sources.work, threads=1).fp_network()
+    assert torch.equal(reopened.conv_out.bias, fp.unet.conv_out.bias) and sources.fp_network() is fp.unet
+    assert not torch.equal(reopened.conv_out.bias, corrected.get_parameter("network.conv_out.bias"))
     with pytest.raises(QtoolkitError, match="does not have the quantized model's architecture"):
-        BackendSources.prepare(corrected, qmodel.scheduler_config, qmodel.sample_shape, tmp_path / "b", threads=1,
-                               fp_unet=UNet2DModel(**{**TINY_UNET, "block_out_channels": (16, 32)}))
+        BackendSources.prepare(corrected, UNet2DModel(**{**TINY_UNET, "block_out_channels": (16, 32)}),
+                               qmodel.scheduler_config, qmodel.sample_shape, sources.work / "b", threads=1)
+    with pytest.raises(QtoolkitError, match="compares a qtoolkit-quantized model"):
+        BackendSources.prepare(fp_model[1], fp.unet, qmodel.scheduler_config, qmodel.sample_shape,
+                               sources.work / "c", threads=1)
     # The test pipeline has no ptq.json (a `qtoolkit quantize` run folder has one, naming its base model).
     assert main(["bench", "--model", str(folder), "--peers", ""]) == 2
     assert "pass --fp-model" in capsys.readouterr().err
@@ -523,12 +618,14 @@ def test_bench_without_a_calibration_set_asks_for_one_or_no_peers(quantized, tmp
 
 def test_unet_macs_of_the_cifar10_ddpm_match_the_published_count():
     """REFERENCE.md: the DDPM CIFAR-10 UNet does 6.22 G MACs per sample (6.05 G in Conv/Linear, the rest in the
-    attention matmuls at 16x16)."""
+    attention matmuls at 16x16). Counted on its graph as torch.export records it at batch 1 (capture would check
+    the graph at two more batch sizes, minutes of compute at this width)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from int8_speed import CIFAR10_DDPM
 
-    macs = unet_macs(UNet2DModel(**CIFAR10_DDPM).eval(), (3, 32, 32))
-    assert macs == pytest.approx(6.22e9, rel=0.002)
+    network = Denoiser(UNet2DModel(**CIFAR10_DDPM).eval())
+    graph = torch.export.export(network, example_inputs((3, 32, 32), 1)).module()
+    assert unet_macs(graph) == pytest.approx(6.22e9, rel=0.002)

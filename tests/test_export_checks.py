@@ -6,24 +6,33 @@ import sys
 
 import pytest
 import torch
+from diffusers import UNet2DModel
 
+from conftest import TINY_UNET, fp_graph
 from qtoolkit import hookimpl, plugins
 from qtoolkit.cli import main
 from qtoolkit.engines import load_engine, resolve_backend
 from qtoolkit.engines.backends import engine_backends
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.plugins import PluginInfo
-from qtoolkit.registry import Backend
-from qtoolkit.export import load_exported, qdq_copy
+from qtoolkit.export import load_exported, qdq_graph
 from qtoolkit.export.folder import DESCRIPTION_FILE, FORMAT, FORMAT_VERSION
-from qtoolkit.ptq import quantized_copy
-from qtoolkit.quant import QuantConfig, calibrate, freeze
+from qtoolkit.graph import calibrate, freeze, quant_ops, quantize
+from qtoolkit.plugins import PluginInfo
+from qtoolkit.quant import QuantConfig
+from qtoolkit.registry import Backend
 
 INSTALL_HINT = "pip install -c constraints.txt 'qtoolkit[int8]'"
 
 
-def _frozen(unet, **config):
-    q = quantized_copy(unet, QuantConfig(**config))
+@pytest.fixture(scope="module")
+def tiny_graph():
+    """The tiny UNet's captured FP graph, once for every quantization below."""
+    torch.manual_seed(0)
+    return fp_graph(UNet2DModel(**TINY_UNET).eval())
+
+
+def _frozen(graph, **config):
+    q = quantize(graph, QuantConfig(**config))
     with calibrate(q):
         q(torch.randn(4, 1, 8, 8), torch.tensor([0, 300, 600, 999]))
     return freeze(q)
@@ -33,21 +42,28 @@ def _frozen(unet, **config):
     ({"activation_symmetric": True}, r"integer range \[-127, 127\], but ONNX QuantizeLinear saturates to \[-128, 127\]"),
     ({"activation_bits": 4}, r"integer range \[0, 15\]"),
 ])
-def test_export_refuses_what_onnx_qdq_cannot_reproduce_exactly(tiny_unet, config, message):
+def test_export_refuses_what_onnx_qdq_cannot_reproduce_exactly(tiny_graph, config, message):
     with pytest.raises(QtoolkitError, match=message):
-        qdq_copy(_frozen(tiny_unet, **config))
+        qdq_graph(_frozen(tiny_graph, **config))
 
 
-def test_export_refuses_an_unfrozen_model(tiny_unet):
+def test_export_refuses_an_unfrozen_model(tiny_graph):
     with pytest.raises(QtoolkitError, match="not frozen"):
-        qdq_copy(quantized_copy(tiny_unet, QuantConfig()))
+        qdq_graph(quantize(tiny_graph, QuantConfig()))
 
 
-def test_weights_of_any_bit_width_export_as_their_codes(tiny_unet):
-    """Weights are stored as codes (not re-quantized by QuantizeLinear), so a 4-bit grid is kept exactly."""
-    layer = qdq_copy(_frozen(tiny_unet, weight_bits=4, activation_bits=None)).down_blocks[0].resnets[0].conv1
-    assert layer.weight_codes.dtype == torch.int8 and layer.weight_codes.abs().max() <= 7
-    assert not layer.input_quantized
+def test_weights_of_any_bit_width_export_as_their_codes(tiny_graph):
+    """Weights are stored as codes (not re-quantized by QuantizeLinear), so a 4-bit grid is kept exactly; the float
+    weight they stand in for leaves the graph, and the quantized graph itself is untouched."""
+    qgraph = _frozen(tiny_graph, weight_bits=4, activation_bits=None)
+    name = "quantizers.down_blocks.0.resnets.0.conv1.conv2d"
+    exported = qdq_graph(qgraph)
+    op = quant_ops(exported)[name]
+    assert op.weight.codes.dtype == torch.int8 and op.weight.codes.abs().max() <= 7
+    assert op.input is None  # activations stay float
+    float_weight = "network.down_blocks.0.resnets.0.conv1.weight"
+    assert float_weight not in dict(exported.named_parameters()) and float_weight in dict(qgraph.named_parameters())
+    assert type(quant_ops(qgraph)[name].weight).__name__ == "FakeQuantize"
 
 
 @pytest.mark.parametrize("module", ["openvino", "onnxruntime"])
