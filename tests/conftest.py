@@ -1,12 +1,14 @@
+import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
 from qtoolkit.graph import calibrate, capture, freeze, quantize
+from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
 
 # Keep the suite light on this 2-core machine and deterministic.
 torch.set_num_threads(1)
@@ -26,6 +28,20 @@ def fp_graph(network, sample_shape=(1, 8, 8)):
     """The captured FP graph of a float network (a tiny UNet by default)."""
     return capture(DiffusionModel(network, dict(DEFAULT_SCHEDULER_CONFIG), Path("network"), shape=sample_shape).denoiser(),
                    sample_shape)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp_graph():
+    """The tiny UNet's FP graph, captured once per session: quantize copies it, and no test changes it."""
+    torch.manual_seed(0)
+    return fp_graph(UNet2DModel(**TINY_UNET).eval())
+
+
+def fresh_copy(graph):
+    """A deep copy of a graph (e.g. of a frozen fixture, for a test that changes it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch 2.13's own
+        return copy.deepcopy(graph)
 
 
 def frozen_copy(fp, config, inputs):

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_UNET, fp_graph
-from diffusers import UNet2DModel
+from conftest import fp_graph
 from torch import fx, nn
 
 from qtoolkit.errors import QtoolkitError
@@ -47,10 +46,8 @@ def _sqnr_db(reference, approximation):
 
 
 @pytest.fixture(scope="module")
-def graph():
-    """Captured once: no test changes it (quantize works on a copy)."""
-    torch.manual_seed(0)
-    return fp_graph(UNet2DModel(**TINY_UNET).eval())
+def graph(tiny_fp_graph):
+    return tiny_fp_graph
 
 
 # --- capture ---------------------------------------------------------------------------------------------------

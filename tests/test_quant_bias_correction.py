@@ -1,11 +1,8 @@
-import copy
-import warnings
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 
-from conftest import TINY_UNET, calibration_inputs, fp_graph, frozen_copy
+from conftest import calibration_inputs, fp_graph, fresh_copy, frozen_copy
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.graph import module_path, quant_ops, quantize
 from qtoolkit.graph.node_values import node_values
@@ -31,10 +28,8 @@ class ConvChain(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fp():
-    """The tiny UNet's FP graph, captured once (quantize copies it; nothing here changes it)."""
-    torch.manual_seed(0)
-    return fp_graph(UNet2DModel(**TINY_UNET).eval())
+def fp(tiny_fp_graph):
+    return tiny_fp_graph
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +42,6 @@ def frozen(fp):
 def chain():
     torch.manual_seed(0)
     return fp_graph(ConvChain().eval())
-
-
-def fresh_copy(graph):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch 2.13's own
-        return copy.deepcopy(graph)
 
 
 def biased_ops(graph):

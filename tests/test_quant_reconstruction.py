@@ -1,11 +1,8 @@
-import copy
-import warnings
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 
-from conftest import TINY_UNET, calibration_inputs, fp_graph, frozen_copy
+from conftest import calibration_inputs, fp_graph, fresh_copy, frozen_copy
 from qtoolkit import plugins
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.graph import quant_ops, quantize
@@ -48,10 +45,8 @@ class ResidualNet(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fp():
-    """The tiny UNet's FP graph, captured once (quantize copies it; nothing here changes it)."""
-    torch.manual_seed(0)
-    return fp_graph(UNet2DModel(**TINY_UNET).eval())
+def fp(tiny_fp_graph):
+    return tiny_fp_graph
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +59,6 @@ def frozen(fp):
 def custom():
     torch.manual_seed(0)
     return fp_graph(ResidualNet().eval())
-
-
-def fresh_copy(graph):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch 2.13's own
-        return copy.deepcopy(graph)
 
 
 def sqnr_db(fp, q, inputs):
