@@ -45,7 +45,6 @@ _REQUIRED_KEYS = ("network", "sample_shape", "quant_config", "frozen_params")
 # children `network` and `conditioning`, whose paths capture keeps.
 NETWORK_PREFIX = "network."
 CONDITIONING_PREFIX = "conditioning."
-# Where capture records the sample shape on the graph it returns.
 
 
 def _params_to_json(params: QuantParams) -> dict:
