@@ -97,6 +97,25 @@ def test_default_float_rules_find_what_modelopt_keeps_by_name(tiny_unet, graph):
     assert {reasons[p] for p in by_name if p.endswith("conv_shortcut")} == {"shortcut"}
 
 
+def test_the_first_layer_is_first_on_the_sample_path_even_after_a_timestep_embedding():
+    """A network that adds its time embedding to the sample before its first convolution (as the third-party DDPM
+    does): the embedding's linear layer is on the timestep path, and the convolution is still the first layer."""
+
+    class TimeFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(1, 1)
+            self.conv_in, self.conv_mid, self.conv_out = (nn.Conv2d(1, 1, 3, padding=1) for _ in range(3))
+
+        def forward(self, sample, timestep):
+            shift = self.embed(timestep.float()[:, None] / 1000)[:, :, None, None]
+            return self.conv_out(F.silu(self.conv_mid(F.silu(self.conv_in(sample + shift)))))
+
+    reasons = {p.op.path: p.reason for p in plan(fp_graph(TimeFirst().eval()), QuantConfig())}
+    assert reasons == {"embed": "timestep-path", "conv_in": "first-layer", "conv_mid": None,
+                       "conv_out": "last-layer"}
+
+
 def test_split_points_are_where_the_skip_starts(tiny_unet, graph):
     """Every decoder shortcut reads [features, skip]: the split is the channel count of the features, the
     channels that entered the resnet from below."""

@@ -81,6 +81,9 @@ def float_rules(graph_module: fx.GraphModule, ops: list[GraphOp]) -> dict[fx.Nod
     from_sample = _downstream(placeholders["sample"])
     from_timestep = _downstream(placeholders["timestep"])
     op_nodes = {op.node for op in ops if op.kind != "attention"}
+    # The ops the sample's values pass through; a timestep-path op upstream (e.g. a time embedding added to the
+    # input before the first convolution) does not make an op the second layer.
+    sample_ops = op_nodes & from_sample
     rules: dict[fx.Node, str] = {}
     for op in ops:
         if op.kind == "attention":
@@ -88,7 +91,7 @@ def float_rules(graph_module: fx.GraphModule, ops: list[GraphOp]) -> dict[fx.Nod
         node = op.node
         if node in from_timestep and node not in from_sample:
             rules[node] = "timestep-path"
-        elif node in from_sample and not (_upstream(node) - {node}) & op_nodes:
+        elif node in from_sample and not (_upstream(node) - {node}) & sample_ops:
             rules[node] = "first-layer"
         elif not (_downstream(node) - {node}) & op_nodes:
             rules[node] = "last-layer"
