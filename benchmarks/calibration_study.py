@@ -18,7 +18,6 @@ Writes study.md (the table), study.json and one folder of figures per bit width 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from qtoolkit.calibration import CalibrationSet
+from qtoolkit.graph import copy_graph
 from qtoolkit.io import atomic_write_text
 from qtoolkit.models import load_diffusion_model
 from qtoolkit.ptq import (CalibrationSettings, RoundingSettings, calibrate_and_freeze, check_ptq, make_calibration_set,
@@ -103,12 +103,12 @@ def main() -> None:
             candidates[f"{bits} {strategy} s{seed}"] = unet_predictor(qgraph)
             name = f"{bits} {strategy}"
             if a.rounding:
-                qgraph = copy.deepcopy(qgraph)
+                qgraph = copy_graph(qgraph)
                 round_on_calibration(qgraph, fp_graph, calibration, rounding[seed])
                 name += f"+{a.rounding}"
                 candidates[f"{name} s{seed}"] = unet_predictor(qgraph)
             if a.bias_correction:
-                qgraph = copy.deepcopy(qgraph)
+                qgraph = copy_graph(qgraph)
                 correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), samples=a.bias_samples, seed=seed)
                 candidates[f"{name}+bc s{seed}"] = unet_predictor(qgraph)
         sampled = {name for name in candidates if name.endswith(f" s{a.seeds[0]}")} if bits in sample_bits else set()

@@ -1,13 +1,11 @@
-import copy
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-from qtoolkit.graph import calibrate, capture, freeze, quantize
+from qtoolkit.graph import calibrate, capture, copy_graph, freeze, quantize
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
 
 # Keep the suite light on this 2-core machine and deterministic.
@@ -37,11 +35,7 @@ def tiny_fp_graph():
     return fp_graph(UNet2DModel(**TINY_UNET).eval())
 
 
-def fresh_copy(graph):
-    """A deep copy of a graph (e.g. of a frozen fixture, for a test that changes it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch 2.13's own
-        return copy.deepcopy(graph)
+fresh_copy = copy_graph  # a deep copy of a graph, e.g. of a frozen fixture, for a test that changes it
 
 
 def frozen_copy(fp, config, inputs):

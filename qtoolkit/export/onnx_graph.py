@@ -33,7 +33,7 @@ from torch import fx
 
 from ..engines.optional import import_optional
 from ..graph import capture, quant_ops
-from ..graph.capture import EXAMPLE_BATCH, INPUT_NAMES, example_inputs
+from ..graph.capture import EXAMPLE_BATCH, INPUT_NAMES, example_inputs, torch_pytree_warning_hidden
 from ..models.loading import DiffusionModel
 from .fuse import fuse_sibling_gemms
 from .qdq import METADATA_PREFIX, qdq_graph
@@ -93,9 +93,8 @@ def _exporter_noise_silenced() -> Iterator[None]:
     # One warning per optional torchvision op that is not installed; none of them concerns a UNet.
     exporter_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            # torch's own use of a deprecated pytree API, and a note that sample and timestep share the batch axis.
-            warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+        with warnings.catch_warnings(), torch_pytree_warning_hidden():
+            # A note that sample and timestep share the batch axis.
             warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used", category=UserWarning)
             # A captured graph computes the same in either mode: capture traced the network in eval mode.
             warnings.filterwarnings("ignore", message=r"Exporting a model while it is in training mode",

@@ -36,15 +36,13 @@ exports exactly.
 
 from __future__ import annotations
 
-import copy
 import sys
-import warnings
 
 import torch
 from torch import fx, nn
 
 from ..errors import QtoolkitError
-from ..graph import OpQuantizers, QuantizedAttention, quant_ops
+from ..graph import OpQuantizers, QuantizedAttention, copy_graph, quant_ops
 from ..graph.quantized_ops import ATTENTION_OPERANDS
 from ..quant.fake_quant import SplitFakeQuantize
 from ..quant.quantizer import QuantParams
@@ -122,9 +120,7 @@ def qdq_graph(qgraph: fx.GraphModule) -> fx.GraphModule:
     if unfrozen:
         raise QtoolkitError(f"{len(unfrozen)} quantized op(s) are not frozen (e.g. {unfrozen[0]!r}): calibrate the "
                             "graph and call freeze(qgraph) before exporting it")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch 2.13's own
-        exported = copy.deepcopy(qgraph)
+    exported = copy_graph(qgraph)
     nodes = {node.name: node for node in exported.graph.nodes}
     for name, op in quant_ops(exported).items():
         if isinstance(op, QuantizedAttention):

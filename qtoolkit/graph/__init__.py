@@ -10,11 +10,11 @@ a QuantConfig selects (graph patterns, not module types), calibrate, freeze.
     save_quantized(qgraph, folder, model)                    # load_quantized(folder) gives it back, bit-identical
 """
 
-from .capture import capture, module_path, module_paths
+from .capture import capture, copy_graph, module_path, module_paths
 from .quantize import PlannedOp, calibrate, freeze, is_frozen, plan, quant_config_of, quant_ops, quantize
 from .quantized_ops import OpQuantizers, QuantizedAttention
 from .serialization import frozen_params, load_quantized, read_quantized_metadata, save_quantized
 
-__all__ = ["capture", "module_path", "module_paths", "plan", "quantize", "calibrate", "freeze", "is_frozen",
-           "quant_ops", "quant_config_of", "PlannedOp", "OpQuantizers", "QuantizedAttention",
+__all__ = ["capture", "copy_graph", "module_path", "module_paths", "plan", "quantize", "calibrate", "freeze",
+           "is_frozen", "quant_ops", "quant_config_of", "PlannedOp", "OpQuantizers", "QuantizedAttention",
            "save_quantized", "load_quantized", "read_quantized_metadata", "frozen_params"]

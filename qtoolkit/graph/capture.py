@@ -16,6 +16,8 @@ whose computation depends on the batch size), capture refuses with the batch tha
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
 import traceback
 import warnings
@@ -34,6 +36,21 @@ MIN_SUPPORTED_BATCH = 256
 INPUT_NAMES = ("sample", "timestep")
 # Ops of the captured graph that only assert what torch.export already checked (dtype, device, layout).
 _ASSERT_OPS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+@contextlib.contextmanager
+def torch_pytree_warning_hidden():
+    """Hide the FutureWarning torch 2.13 emits from its own use of a deprecated pytree API (LeafSpec) when a
+    graph is exported, copied or pickled: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+        yield
+
+
+def copy_graph(graph: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of a captured or quantized graph (its meta, e.g. the QuantConfig, included)."""
+    with torch_pytree_warning_hidden():
+        return copy.deepcopy(graph)
 
 
 def example_inputs(sample_shape: tuple[int, ...], batch: int, seed: int = 0,
@@ -55,9 +72,7 @@ def capture(denoiser: nn.Module, sample_shape: tuple[int, ...], check_batches: b
     denoiser = denoiser.eval()
     example = example_inputs(sample_shape, EXAMPLE_BATCH)
     batch = {0: Dim.AUTO}
-    with warnings.catch_warnings():
-        # torch's own use of a deprecated pytree API (torch 2.13); nothing a user can act on.
-        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)
+    with torch_pytree_warning_hidden():
         try:
             program = torch.export.export(denoiser, example, dynamic_shapes={name: batch for name in INPUT_NAMES})
         except Exception as e:  # torch raises many types; each becomes one line naming what failed and where

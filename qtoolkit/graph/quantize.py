@@ -13,8 +13,6 @@ pattern; a pattern that matches no op is an error (as NNCF's validated ignored s
 
 from __future__ import annotations
 
-import copy
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -26,6 +24,7 @@ from torch import fx
 from ..errors import QtoolkitError
 from ..quant.config import QuantConfig
 from ..quant.fake_quant import activation_quantizer, weight_quantizer
+from .capture import copy_graph
 from .patterns import GraphOp, concat_split, float_rules, quantizable_ops, weight_of
 from .quantized_ops import BiasFakeQuantize, OpQuantizers, QuantizedAttention
 
@@ -83,7 +82,7 @@ def quantize(graph: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     if quant_ops(graph):
         raise QtoolkitError("this graph is already quantized: quantize a fresh capture of the full-precision model")
     planned = [p for p in plan(graph, config) if p.quantized]
-    qgraph = _copy(graph)
+    qgraph = copy_graph(graph)
     nodes = {node.name: node for node in qgraph.graph.nodes}
     names: set[str] = set()
     for p in planned:
@@ -97,12 +96,6 @@ def quantize(graph: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     qgraph.recompile()
     qgraph.meta[CONFIG_META] = config
     return qgraph
-
-
-def _copy(graph: fx.GraphModule) -> fx.GraphModule:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LeafSpec", category=FutureWarning)  # torch 2.13's own
-        return copy.deepcopy(graph)
 
 
 def _unique(name: str, taken: set[str]) -> str:
