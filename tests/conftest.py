@@ -35,6 +35,12 @@ def tiny_fp_graph():
     return fp_graph(UNet2DModel(**TINY_UNET).eval())
 
 
+@pytest.fixture(scope="session")
+def fp(tiny_fp_graph):
+    """The tiny UNet's FP graph, by the short name the quantization tests use."""
+    return tiny_fp_graph
+
+
 fresh_copy = copy_graph  # a deep copy of a graph, e.g. of a frozen fixture, for a test that changes it
 
 

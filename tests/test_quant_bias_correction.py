@@ -28,11 +28,6 @@ class ConvChain(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fp(tiny_fp_graph):
-    return tiny_fp_graph
-
-
-@pytest.fixture(scope="module")
 def frozen(fp):
     """W4A4, calibrated on calibration_inputs(48, 0) and frozen; tests correct copies of it."""
     return frozen_copy(fp, W4A4, calibration_inputs(48, 0))

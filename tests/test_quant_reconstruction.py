@@ -45,11 +45,6 @@ class ResidualNet(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fp(tiny_fp_graph):
-    return tiny_fp_graph
-
-
-@pytest.fixture(scope="module")
 def frozen(fp):
     """W3A8, calibrated on calibration_inputs(32, 0) and frozen; tests reconstruct copies of it."""
     return frozen_copy(fp, W3A8, calibration_inputs(32, 0))
