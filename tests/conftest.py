@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-from qtoolkit.graph import calibrate, capture, copy_graph, freeze, quantize
+from qtoolkit.graph import calibrate, capture, freeze, quantize
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
 
 # Keep the suite light on this 2-core machine and deterministic.
@@ -29,19 +29,10 @@ def fp_graph(network, sample_shape=(1, 8, 8)):
 
 
 @pytest.fixture(scope="session")
-def tiny_fp_graph():
+def fp():
     """The tiny UNet's FP graph, captured once per session: quantize copies it, and no test changes it."""
     torch.manual_seed(0)
     return fp_graph(UNet2DModel(**TINY_UNET).eval())
-
-
-@pytest.fixture(scope="session")
-def fp(tiny_fp_graph):
-    """The tiny UNet's FP graph, by the short name the quantization tests use."""
-    return tiny_fp_graph
-
-
-fresh_copy = copy_graph  # a deep copy of a graph, e.g. of a frozen fixture, for a test that changes it
 
 
 def frozen_copy(fp, config, inputs):

@@ -46,8 +46,8 @@ def _sqnr_db(reference, approximation):
 
 
 @pytest.fixture(scope="module")
-def graph(tiny_fp_graph):
-    return tiny_fp_graph
+def graph(fp):
+    return fp
 
 
 # --- capture ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
-
 import pytest
 import torch
 
-from conftest import calibration_inputs, fp_graph, fresh_copy, frozen_copy
+from conftest import calibration_inputs, fp_graph, frozen_copy
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.graph import module_path, quant_ops, quantize
+from qtoolkit.graph import copy_graph, module_path, quant_ops, quantize
 from qtoolkit.graph.node_values import node_values
 from qtoolkit.graph.patterns import CONV, LINEAR
 from qtoolkit.quant import QuantConfig
@@ -54,7 +53,7 @@ def channel_means(graph, names, inputs):
 
 def test_every_corrected_op_matches_the_fp_channel_means(fp, frozen):
     calib = calibration_inputs(48, 0)
-    q = fresh_copy(frozen)
+    q = copy_graph(frozen)
     ops = biased_ops(q)
     assert {"conv_out", "time_embedding.linear_1"} <= set(ops.values())  # float ops are corrected too
     quantized = {op.node for op in quant_ops(q).values()}
@@ -72,7 +71,7 @@ def test_every_corrected_op_matches_the_fp_channel_means(fp, frozen):
 
 
 def test_correction_removes_the_output_bias_on_held_out_inputs(fp, frozen):
-    q = fresh_copy(frozen)
+    q = copy_graph(frozen)
     held_out = calibration_inputs(128, 1)
     with torch.no_grad():
         fp_out = fp(*held_out)
@@ -98,7 +97,7 @@ def test_correction_is_deterministic_per_seed(chain):
     frozen = frozen_copy(chain, W4A4, calib)
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("other seed", 1)):
-        q = fresh_copy(frozen)
+        q = copy_graph(frozen)
         runs[name] = (correct_bias(q, chain, calib, samples=24, seed=seed, progress=False),
                       {k: v for k, v in q.state_dict().items() if k.endswith(".bias")})
     assert runs["a"][0] == runs["b"][0]
@@ -110,7 +109,7 @@ def test_bias_correction_refuses_an_unfrozen_graph_another_fp_graph_and_bad_samp
     calib = calibration_inputs(8, 0)
     with pytest.raises(QtoolkitError, match="freeze"):
         correct_bias(quantize(fp, QuantConfig()), fp, calib, progress=False)
-    q = fresh_copy(frozen)
+    q = copy_graph(frozen)
     with pytest.raises(QtoolkitError, match="has no node .*: pass the full-precision graph"):
         correct_bias(q, chain, calib, progress=False)
     for samples in (0, 2.5, True):

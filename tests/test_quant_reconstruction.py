@@ -1,11 +1,10 @@
-
 import pytest
 import torch
 
-from conftest import calibration_inputs, fp_graph, fresh_copy, frozen_copy
+from conftest import calibration_inputs, fp_graph, frozen_copy
 from qtoolkit import plugins
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.graph import quant_ops, quantize
+from qtoolkit.graph import copy_graph, quant_ops, quantize
 from qtoolkit.graph.node_values import node_values
 from qtoolkit.quant import QuantConfig
 from qtoolkit.quant.quantizer import QuantParams
@@ -98,7 +97,7 @@ def test_the_regulariser_vanishes_only_at_hard_rounding():
 @pytest.mark.parametrize("granularity, iterations", [("block", 30), ("layer", 60)])
 def test_reconstruction_beats_round_to_nearest_on_every_unit_and_on_held_out_inputs(fp, frozen, granularity,
                                                                                    iterations):
-    learned = fresh_copy(frozen)
+    learned = copy_graph(frozen)
     settings = ReconstructionSettings(granularity=granularity, **{**FAST, "iterations": iterations})
     units = reconstruct(learned, fp, calibration_inputs(32, 0), settings, progress=False)
     assert all(u["mse_learned"] < u["mse_nearest"] for u in units), units
@@ -107,7 +106,7 @@ def test_reconstruction_beats_round_to_nearest_on_every_unit_and_on_held_out_inp
 
 
 def test_reconstruction_changes_only_weights_and_leaves_them_on_their_frozen_grid(fp, frozen):
-    q = fresh_copy(frozen)
+    q = copy_graph(frozen)
     reconstruct(q, fp, calibration_inputs(32, 0), ReconstructionSettings(iterations=5, samples=16), progress=False)
     before, after = frozen.state_dict(), q.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
@@ -194,13 +193,13 @@ def test_the_rounding_plugins_resolve_their_parameters_and_run_the_reconstructio
     if method == "adaround":
         with pytest.raises(QtoolkitError, match="unknown rounding parameter.*'blocks'"):
             rounding.settings({"blocks": ["down_blocks.*"]})
-    q = fresh_copy(frozen)
+    q = copy_graph(frozen)
     summary = rounding.apply(q, fp, calibration_inputs(8, 0), settings, progress=False)
     assert [u["unit"] for u in summary] == [unit.name for unit in reconstruction_units(q, granularity)]
 
 
 def test_nearest_leaves_the_frozen_graph_as_it_is(fp, frozen):
     nearest = plugins.rounding_method("nearest")
-    q = fresh_copy(frozen)
+    q = copy_graph(frozen)
     assert nearest.apply(q, fp, calibration_inputs(8, 0), nearest.settings({}), progress=False) == []
     assert all(torch.equal(frozen.state_dict()[k], v) for k, v in q.state_dict().items())
