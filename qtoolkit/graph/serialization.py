@@ -81,10 +81,8 @@ def describe_network(network: nn.Module) -> dict:
     return {"class": name, "model_loader": loader, "config": config}
 
 
-def save_quantized(qgraph: fx.GraphModule, folder: str | os.PathLike, model: DiffusionModel,
-                   extra_config: dict | None = None, overwrite: bool = False) -> None:
-    """Write the frozen quantized graph `qgraph`, made from the FP `model`, to `folder` atomically (nothing is left
-    half-written on failure; an existing folder is replaced only with overwrite=True)."""
+def quantized_metadata(qgraph: fx.GraphModule, model: DiffusionModel, extra_config: dict | None = None) -> dict:
+    """What quantization.json says about the frozen quantized graph `qgraph`, made from the FP `model`."""
     config = quant_config_of(qgraph)
     not_frozen = [name for name, op in quant_ops(qgraph).items() if not op.is_frozen]
     if not_frozen:
@@ -95,8 +93,7 @@ def save_quantized(qgraph: fx.GraphModule, folder: str | os.PathLike, model: Dif
     if captured_shape is not None and tuple(captured_shape) != sample_shape:
         raise QtoolkitError(f"the graph was captured for samples of shape {tuple(captured_shape)}, the model's are "
                             f"{sample_shape}: pass the model the graph was made from")
-    state = {key: tensor.detach().contiguous() for key, tensor in qgraph.state_dict().items()}
-    _check_made_from(state, model.unet)
+    _check_made_from(qgraph.state_dict(), model.unet)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -107,10 +104,19 @@ def save_quantized(qgraph: fx.GraphModule, folder: str | os.PathLike, model: Dif
         "extra_config": extra_config,
     }
     try:
-        text = json.dumps(metadata, indent=2) + "\n"
+        json.dumps(metadata)
     except (TypeError, ValueError) as e:
         raise QtoolkitError(f"extra_config or the model loader's description cannot be written as JSON ({e}): pass "
                             "only plain numbers, strings, lists and dicts") from None
+    return metadata
+
+
+def save_quantized(qgraph: fx.GraphModule, folder: str | os.PathLike, model: DiffusionModel,
+                   extra_config: dict | None = None, overwrite: bool = False) -> None:
+    """Write the frozen quantized graph `qgraph`, made from the FP `model`, to `folder` atomically (nothing is left
+    half-written on failure; an existing folder is replaced only with overwrite=True)."""
+    text = json.dumps(quantized_metadata(qgraph, model, extra_config), indent=2) + "\n"
+    state = {key: tensor.detach().contiguous() for key, tensor in qgraph.state_dict().items()}
     with atomic_dir(Path(folder), overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / METADATA_FILE).write_text(text)
@@ -139,8 +145,14 @@ def read_quantized_metadata(folder: str | os.PathLike) -> dict:
         metadata = json.loads((folder / METADATA_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise QtoolkitError(f"{folder / METADATA_FILE} is corrupt ({e}): re-save the model") from None
+    return check_quantized_metadata(metadata, folder / METADATA_FILE)
+
+
+def check_quantized_metadata(metadata, where: Path) -> dict:
+    """`metadata` (a quantization.json's contents, read from `where`) if it is complete and of this version."""
+    folder = where.parent
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise QtoolkitError(f"{folder / METADATA_FILE} is not a qtoolkit quantized-model file (format {FORMAT!r})")
+        raise QtoolkitError(f"{where} is not a qtoolkit quantized-model description (format {FORMAT!r})")
     version = metadata.get("format_version")
     if isinstance(version, int) and version < FORMAT_VERSION:
         raise QtoolkitError(f"{folder} was saved by an older qtoolkit (format version {version}; this one reads "
@@ -153,7 +165,7 @@ def read_quantized_metadata(folder: str | os.PathLike) -> dict:
     if not missing and not (isinstance(network, dict) and {"class", "model_loader", "config"} <= set(network)):
         missing = ["network.class/model_loader/config"]
     if missing:
-        raise QtoolkitError(f"{folder / METADATA_FILE} lacks {', '.join(missing)}: re-save the model")
+        raise QtoolkitError(f"{where} lacks {', '.join(missing)}: re-save the model")
     return metadata
 
 
@@ -186,8 +198,14 @@ def build_network(description: dict, folder: Path) -> nn.Module:
 def load_quantized(folder: str | os.PathLike) -> fx.GraphModule:
     """The frozen quantized graph saved in `folder`, called `(sample, timestep) -> noise` (eval mode)."""
     folder = Path(folder)
-    metadata = read_quantized_metadata(folder)
-    state = load_safetensors(folder / WEIGHTS_FILE)
+    return rebuild_quantized(read_quantized_metadata(folder), load_safetensors(folder / WEIGHTS_FILE),
+                             folder / WEIGHTS_FILE)
+
+
+def rebuild_quantized(metadata: dict, state: dict, weights: Path) -> fx.GraphModule:
+    """The frozen quantized graph that `metadata` (read_quantized_metadata's dict) describes, holding `state`
+    (its state_dict, read from the file `weights`)."""
+    folder = weights.parent
     network = build_network(metadata["network"], folder)
     conditioning = {key[len(CONDITIONING_PREFIX):]: tensor for key, tensor in state.items()
                     if key.startswith(CONDITIONING_PREFIX)}
@@ -197,10 +215,10 @@ def load_quantized(folder: str | os.PathLike) -> fx.GraphModule:
         qgraph = quantize(graph, QuantConfig.from_dict(metadata["quant_config"]))
     except QtoolkitError as e:
         raise QtoolkitError(f"{folder}: rebuilding the saved quantized graph failed: {e}") from None
-    _load_state(qgraph, state, folder / WEIGHTS_FILE)
+    _load_state(qgraph, state, weights)
     not_frozen = [name for name, op in quant_ops(qgraph).items() if not op.is_frozen]
     if not_frozen:
-        raise QtoolkitError(f"{folder / WEIGHTS_FILE} holds {len(not_frozen)} quantized op(s) that are not frozen "
+        raise QtoolkitError(f"{weights} holds {len(not_frozen)} quantized op(s) that are not frozen "
                             f"(e.g. {not_frozen[0]!r}): the file is damaged; re-save the model")
     return qgraph.eval()
 

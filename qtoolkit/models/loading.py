@@ -261,7 +261,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 QUANTIZED_MARKER = "quantization.json"
 
 
-def _locate(root: Path) -> tuple[Path, Path]:
+def locate_folders(root: Path) -> tuple[Path, Path]:
     """(folder that holds the scheduler config, folder of the network) for the layouts qtoolkit reads."""
     for network_folder in NETWORK_FOLDERS:
         if (root / network_folder).is_dir():
@@ -269,7 +269,7 @@ def _locate(root: Path) -> tuple[Path, Path]:
     if (root / "config.json").is_file() or (root / QUANTIZED_MARKER).is_file():
         return root, root
     if (root / "model").is_dir():  # a qtoolkit run folder
-        return _locate(root / "model")
+        return locate_folders(root / "model")
     raise QtoolkitError(
         f"{root} is not a diffusers model folder: expected unet/ or transformer/ and scheduler/ (a pipeline folder), "
         f"a network folder ({', '.join(FLOAT_NETWORKS)}) with config.json and diffusion_pytorch_model.safetensors, "
@@ -300,7 +300,7 @@ def _scheduler_config(root: Path) -> dict:
 
 def load_folder(folder: str | os.PathLike) -> DiffusionModel:
     """A model from a local folder in any layout of the module docstring."""
-    root, unet_dir = _locate(Path(folder).expanduser())
+    root, unet_dir = locate_folders(Path(folder).expanduser())
     if (unet_dir / QUANTIZED_MARKER).is_file():
         return _load_quantized_model(root, unet_dir)
     return DiffusionModel(unet=_load_float_network(unet_dir), scheduler_config=_scheduler_config(root), path=root)
