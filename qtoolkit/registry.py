@@ -64,6 +64,11 @@ class Backend:
     runtime_version() -> the version of the runtime it runs on, for benchmark records. runtime: the Python
     package of that runtime (e.g. "openvino"), so that another tool's output for that runtime (the bench's
     peers) finds a backend to run on.
+
+    export_format "onnx": `load` reads the folder's ONNX graph. "torch": `load` reads a deployment folder
+    (qtoolkit.deploy), and lower(frozen quantized graph) -> the module `(sample, timestep) -> noise` on the
+    backend's int8 kernels. unsupported(QuantConfig) -> why the backend cannot run models quantized that way
+    (e.g. kernels that need quantized convolution outputs), or None; "auto" skips such backends.
     """
 
     name: str
@@ -74,6 +79,8 @@ class Backend:
     auto_priority: int = 0
     runtime_version: Callable[[], str] = lambda: "unknown"
     runtime: str = ""
+    lower: Callable[..., Any] | None = None
+    unsupported: Callable[[Any], str | None] = lambda config: None
 
 
 @dataclass(frozen=True)

@@ -39,25 +39,37 @@ def engine_names() -> list[str]:
     return plugins.names(BACKENDS_HOOK)
 
 
-def resolve_backend(name: str) -> Backend:
-    """The backend named `name`, or for "auto" the one that can run on this machine with the highest
-    auto_priority (ties: the first name). A backend that cannot run here is an error naming the ones that can."""
+def resolve_backend(name: str, config=None, export_format: str | None = None) -> Backend:
+    """The backend named `name`, or for "auto" the one with the highest auto_priority (ties: the first name) that
+    can run on this machine, runs models quantized with `config` (a QuantConfig; None: any) and writes
+    `export_format` (None: any). No such backend is an error naming why each installed one was passed over."""
     if name != AUTO:
         return plugins.backend(name)
     backends = [plugins.backend(n) for n in engine_names()]
-    runnable = [b for b in backends if b.float_precisions()]
+    passed_over = {}
+    for backend in backends:
+        if export_format is not None and backend.export_format != export_format:
+            passed_over[backend.name] = f"runs {backend.export_format} exports"
+        elif not backend.float_precisions():
+            passed_over[backend.name] = "its runtime is missing here"
+        elif config is not None and (reason := backend.unsupported(config)):
+            passed_over[backend.name] = reason
+    runnable = [b for b in backends if b.name not in passed_over]
     if not runnable:
-        installed = ", ".join(b.name for b in backends) or "none"
-        raise QtoolkitError(f"no installed backend can run on this machine (installed: {installed}; their runtimes "
-                            f"are missing): install the built-in backends' runtimes with {INSTALL_HINT}")
+        why = "; ".join(f"{name}: {reason}" for name, reason in passed_over.items()) or "none installed"
+        raise QtoolkitError(f"no installed backend can run on this machine ({why}): install the built-in backends' "
+                            f"runtimes with {INSTALL_HINT}, or change the quantization as the reasons say")
     return max(runnable, key=lambda b: b.auto_priority)  # max keeps the first of equals, in name order
 
 
 def graph_file(exported: str | Path) -> Path:
-    """The graph an engine runs: the ONNX file of an exported folder, or the graph file given."""
-    from ..export.folder import is_exported_folder, load_exported  # the export imports this package: import on use
+    """What an engine reads: the ONNX file of an exported folder, a deployment folder, or the graph file given."""
+    from ..deploy.folder import is_deployment_folder  # both import this package: import on use
+    from ..export.folder import is_exported_folder, load_exported
 
     exported = Path(exported)
+    if is_deployment_folder(exported):
+        return exported  # a torch backend's deployment folder: the backend reads the folder
     return load_exported(exported).onnx_file if is_exported_folder(exported) else exported
 
 
@@ -77,7 +89,13 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
     graph's float (unquantized) parts in `float_precision`."""
     if threads is not None and threads < 1:
         raise QtoolkitError(f"threads must be at least 1, got {threads}")
-    backend = resolve_backend(engine)
+    target = graph_file(exported)
+    export_format = "torch" if target.is_dir() else "onnx"  # graph_file gives a folder for deployment folders only
+    backend = resolve_backend(engine, export_format=export_format)
+    if backend.export_format != export_format:
+        raise QtoolkitError(f"the {backend.name} backend runs {backend.export_format} exports and {exported} is a "
+                            f"{export_format} one: re-export it with `qtoolkit export --format {backend.export_format}`"
+                            f", or choose a backend that runs {export_format} exports")
     precisions = backend.float_precisions()
     if not precisions:
         raise QtoolkitError(f"the {backend.name} backend cannot run on this machine: its runtime is not installed "
@@ -86,7 +104,7 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
         able = [name for name in engine_names() if float_precision in plugins.backend(name).float_precisions()]
         raise QtoolkitError(f"the {backend.name} backend runs the float parts in {', '.join(precisions)} here, not "
                             f"{float_precision!r}" + (f": use the {' or '.join(able)} backend" if able else ""))
-    return backend.load(graph_file(exported), threads, float_precision)
+    return backend.load(target, threads, float_precision)
 
 
 __all__ = ["AUTO", "FLOAT_PRECISIONS", "engine_names", "graph_file", "load_engine", "resolve_backend"]

@@ -1,0 +1,70 @@
+"""Real int8 in PyTorch itself: load a deployment folder (`qtoolkit export --format torch`) on a CPU backend.
+
+    import torch, qtoolkit.deploy
+    model = qtoolkit.deploy.load("deployed/")           # fbgemm on x86, qnnpack on ARM; or backend="x86-onednn"
+    noise = model(torch.randn(4, *model.sample_shape), torch.full((4,), 500))
+
+The backends are plugins (`register_backends` with export_format "torch"): each lowers the frozen quantized graph
+to its int8 kernels (Backend.lower). `load` picks the one `backend: auto` would pick for the model's
+quantization, on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import fx, nn
+
+from ..engines import AUTO, resolve_backend
+from ..errors import QtoolkitError
+from ..quant import QuantConfig
+from .folder import export_deployment, is_deployment_folder, read_deployment, rebuild_frozen_graph
+
+TORCH_FORMAT = "torch"
+
+
+class DeployedModel(nn.Module):
+    """A lowered int8 graph called as `model(sample, timestep) -> noise`, with what sampling needs besides
+    (`sample_shape`, `scheduler_config`: qtoolkit.sampling.sample(model, ..., eps=model) draws from it)."""
+
+    def __init__(self, graph: nn.Module, backend: str, sample_shape: tuple[int, ...], scheduler_config: dict):
+        super().__init__()
+        self.graph, self.backend = graph, backend
+        self.sample_shape, self.scheduler_config = tuple(sample_shape), scheduler_config
+
+    @torch.no_grad()
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        # The integer convolutions run channels-last; giving them the sample that way saves the first conversion.
+        return self.graph(sample.contiguous(memory_format=torch.channels_last), timestep)
+
+
+def torch_backend(name: str, config: QuantConfig):
+    """The export-format "torch" backend `name` ("auto": the one for this machine and this quantization)."""
+    backend = resolve_backend(name, config, export_format=TORCH_FORMAT)
+    if backend.export_format != TORCH_FORMAT:
+        raise QtoolkitError(f"the {backend.name} backend runs ONNX exports, not PyTorch deployment folders: choose "
+                            f"backend={AUTO!r} or a torch backend")
+    reason = backend.unsupported(config)
+    if reason:
+        raise QtoolkitError(f"the {backend.name} backend cannot run this model: {reason}")
+    return backend
+
+
+def lower_graph(qgraph: fx.GraphModule, backend: str = AUTO) -> nn.Module:
+    """The frozen quantized graph on a torch backend's int8 kernels (called `(sample, timestep) -> noise`)."""
+    from ..graph import quant_config_of
+
+    return torch_backend(backend, quant_config_of(qgraph)).lower(qgraph)
+
+
+def load(folder: str | os.PathLike, backend: str | None = None) -> DeployedModel:
+    """The deployment folder's model on `backend` (None or "auto": fbgemm on x86, qnnpack on ARM, x86-onednn
+    for a model whose convolution outputs are not quantized), ready to call; refuses damaged folders."""
+    qgraph, description, scheduler_config = rebuild_frozen_graph(folder)
+    chosen = torch_backend(backend or AUTO, QuantConfig.from_dict(description["quantized_model"]["quant_config"]))
+    return DeployedModel(chosen.lower(qgraph), chosen.name, description["sample_shape"], scheduler_config).eval()
+
+
+__all__ = ["DeployedModel", "export_deployment", "is_deployment_folder", "load", "lower_graph", "read_deployment",
+           "TORCH_FORMAT"]

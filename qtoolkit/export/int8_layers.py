@@ -1,0 +1,180 @@
+"""The int8 layers of a frozen quantized graph, for the backends that run them on PyTorch's own integer kernels.
+
+A frozen quantized convolution or linear computes (qtoolkit.graph.quantize, ONNX semantics)
+
+    y = Q_out(op(DQ(Q(x; s_x, z_x)), DQ(W_q; s_w), b))        Q_out only with QuantConfig.quantize_conv_outputs
+
+which an int8 kernel computes in integers when the numbers are the kernel's: a uint8 per-tensor input (8-bit
+asymmetric activations), int8 weight codes per output channel (symmetric; a 4-bit grid is a subset of int8's,
+so W4 runs on the same kernels exactly) and, where the kernel needs one, a uint8 output. `int8_layers(qgraph)`
+reads every such op as an `Int8Layer`, its codes computed once by qtoolkit's QuantParams.quantize (nothing
+recomputed or re-calibrated), and `lower(qgraph, make_module)` replaces each op, with its quantizer nodes, by a
+call of the module the backend's `make_module(layer)` returns: float in, float out (it quantizes its input, runs
+the kernel, dequantizes), so that the rest of the graph runs as it did: float ops, attention with its
+fake-quantized operands, and every layer the backend declines (make_module returns None) as the simulation.
+
+A layer whose input is split in two parts (QuantConfig.split_shortcuts: a scale per part on the reduction axis,
+which no integer kernel takes) stays the simulation; so do layers with float inputs or weights (W8A16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from ..errors import QtoolkitError
+from ..graph import OpQuantizers, copy_graph, quant_ops
+from ..graph.patterns import CONV, LINEAR
+from ..quant.fake_quant import SplitFakeQuantize
+from ..quant.quantizer import QuantParams
+
+UINT8 = (0, 255)
+
+
+@dataclass
+class Int8Layer:
+    """One quantized convolution or linear in integers: what an int8 kernel needs, and nothing else."""
+
+    name: str  # the quantizers' module in the graph (quantizers.<path>.<kind>)
+    path: str  # the layer's module path in the network
+    kind: str  # "conv2d" or "linear"
+    weight_codes: torch.Tensor  # int8, (out, in, ...), symmetric: zero point 0
+    weight_scale: torch.Tensor  # float32 (out,): per output channel (one value repeated for a per-tensor weight)
+    input_scale: float
+    input_zero_point: int  # uint8 grid
+    bias: torch.Tensor | None  # float32 (out,); on the accumulator's grid when the output is quantized
+    output: tuple[float, int] | None  # (scale, uint8 zero point) with quantize_conv_outputs, else None: float out
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_codes.float() * self.weight_scale.reshape(-1, *[1] * (self.weight_codes.ndim - 1))
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """What the simulation computes, from these numbers: the float form a backend's module is checked against."""
+        q = torch.clamp(torch.round(x / self.input_scale) + self.input_zero_point, *UINT8)
+        x = (q - self.input_zero_point) * self.input_scale
+        if self.kind == "conv2d":
+            y = nn.functional.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
+                                     self.dilation, self.groups)
+        else:
+            y = nn.functional.linear(x, self.dequantized_weight(), self.bias)
+        if self.output is None:
+            return y
+        scale, zero_point = self.output
+        return (torch.clamp(torch.round(y / scale) + zero_point, *UINT8) - zero_point) * scale
+
+
+MakeModule = Callable[[Int8Layer], "nn.Module | None"]
+
+
+def _is_uint8(params: QuantParams) -> bool:
+    return params.axis is None and (params.qmin, params.qmax) == UINT8
+
+
+def _int8_weight(params: QuantParams) -> bool:
+    return params.symmetric and params.qmax <= 127
+
+
+def _arg(node: fx.Node, index: int):
+    return node.args[index] if len(node.args) > index else None
+
+
+def _quantized_arg(node: fx.Node, index: int, target: str) -> fx.Node | None:
+    """The float tensor node behind the quantizer `target` at argument `index` of the op, if that quantizer is there."""
+    arg = _arg(node, index)
+    if isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target == target:
+        return arg.args[0]
+    return None
+
+
+def int8_layers(qgraph: fx.GraphModule) -> dict[str, Int8Layer]:
+    """Every quantized convolution and linear of the frozen `qgraph` that an int8 kernel can run, by quantizers name."""
+    layers = {}
+    nodes = {node.name: node for node in qgraph.graph.nodes}
+    for name, op in quant_ops(qgraph).items():
+        if op.kind not in ("conv2d", "linear") or op.input is None or op.weight is None:
+            continue
+        if isinstance(op.input, SplitFakeQuantize) or not op.is_frozen:
+            continue
+        input_params, weight_params = op.input.params, op.weight.params
+        if not (_is_uint8(input_params) and _int8_weight(weight_params)):
+            continue
+        if op.output is not None and not _is_uint8(op.output.params):
+            continue
+        layers[name] = _layer(qgraph, name, op, nodes[op.node], input_params, weight_params)
+    return layers
+
+
+def _layer(qgraph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node, input_params: QuantParams,
+           weight_params: QuantParams) -> Int8Layer:
+    weight = qgraph.get_parameter(op.weight_target).detach()
+    codes = weight_params.quantize(weight).to(torch.int8)
+    scale = weight_params.scale.detach().float().expand(weight.shape[0]).contiguous()
+    bias_node = _quantized_arg(node, 2, f"{name}.bias") if op.bias is not None else _arg(node, 2)
+    bias = None
+    if bias_node is not None:
+        bias = qgraph.get_parameter(bias_node.target).detach().float()
+        if op.bias is not None:  # the bias on the accumulator's grid, as the simulation adds it
+            bias = op.bias.params.fake_quantize(bias)
+    output = None if op.output is None else (float(op.output.params.scale), int(op.output.params.zero_point))
+    layer = Int8Layer(name, op.path, op.kind, codes, scale, float(input_params.scale), int(input_params.zero_point),
+                      bias, output)
+    if op.kind == "conv2d":
+        args = tuple(node.args) + (None, None, None, [1, 1], [0, 0], [1, 1], 1)[len(node.args):]
+        layer.stride, layer.padding, layer.dilation = (tuple(args[i]) for i in (3, 4, 5))
+        layer.groups = args[6]
+    return layer
+
+
+def lower(qgraph: fx.GraphModule, make_module: MakeModule) -> tuple[fx.GraphModule, dict[str, Int8Layer]]:
+    """A copy of the frozen `qgraph` whose int8 layers call the backend's modules; returns it and the layers it
+    lowered (those make_module accepted). `qgraph` is untouched."""
+    lowered_graph = copy_graph(qgraph)
+    layers = int8_layers(lowered_graph)
+    nodes = {node.name: node for node in lowered_graph.graph.nodes}
+    lowered = {}
+    for name, layer in layers.items():
+        module = make_module(layer)
+        if module is None:
+            continue
+        op = quant_ops(lowered_graph)[name]
+        node = nodes[op.node]
+        x = _quantized_arg(node, 0, f"{name}.input")
+        target = f"int8.{name.removeprefix('quantizers.')}"
+        lowered_graph.add_submodule(target, module)
+        last = node
+        if op.output is not None:
+            (last,) = node.users  # the output quantizer: every other user reads it
+        with lowered_graph.graph.inserting_before(node):
+            call = lowered_graph.graph.call_module(target, (x,))
+        call.meta = dict(last.meta)
+        last.replace_all_uses_with(call)
+        if last is not node:
+            lowered_graph.graph.erase_node(last)
+        lowered_graph.graph.erase_node(node)
+        lowered[name] = layer
+    lowered_graph.graph.eliminate_dead_code()
+    _drop_unused(lowered_graph)
+    lowered_graph.graph.lint()
+    lowered_graph.recompile()
+    return lowered_graph.eval(), lowered
+
+
+def _drop_unused(graph: fx.GraphModule) -> None:
+    """The float weights and the quantizers that the int8 modules replaced: the lowered graph holds only codes."""
+    used_attrs = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    used_modules = {node.target for node in graph.graph.nodes if node.op == "call_module"}
+    for name, _tensor in list(graph.named_parameters()):
+        owner, _, attribute = name.rpartition(".")
+        if name not in used_attrs:
+            delattr(graph.get_submodule(owner) if owner else graph, attribute)
+    for name, op in list(quant_ops(graph).items()):
+        if not any(target == name or target.startswith(name + ".") for target in used_modules):
+            owner, _, attribute = name.rpartition(".")
+            delattr(graph.get_submodule(owner), attribute)
