@@ -1,0 +1,132 @@
+"""The `fbgemm` and `qnnpack` backends: the frozen quantized graph on PyTorch's own int8 kernels, fbgemm on x86
+and qnnpack on ARM (the design card's backends; `backend: auto` picks the one for this machine).
+
+Each int8 layer of the graph (qtoolkit.export.int8_layers) becomes
+
+    quantize_per_tensor(x, s_x, z_x, quint8) -> quantized::conv2d(x_q, packed W_q, s_out, z_out) -> dequantize
+
+with the weight codes prepacked per output channel for the engine at load, and the frozen scales and zero
+points of calibration; everything else stays float (GroupNorm, SiLU, softmax, the time embedding, attention
+with its fake-quantized operands). Channels-last memory format: the kernels run NHWC, so the float parts
+between them do too (qtoolkit.deploy.DeployedModel hands them the sample that way).
+
+These kernels return int8, so a convolution needs an output scale: a model quantized with
+QuantConfig.quantize_conv_outputs (the W8A8 recipes set it). A linear layer keeps a float output: fbgemm has a
+kernel for that (`linear_with_input_q_dq_qweight_dq_output_fp32`), qnnpack does not, so there linears stay the
+simulation. Conv + add / conv + ReLU fusions are not used: a UNet's convolutions feed GroupNorm or a residual
+add of two tensors with different scales, which the fused kernels cannot take without a requantization that
+changes the numbers.
+
+The quantized dtypes (quint8, qint8) and these ops are deprecated in torch 2.13 (pytorch issue 184982) and
+torch warns so once per process, which qtoolkit does not hide. They are used here and nowhere else: the
+`x86-onednn` backend is the maintained path that replaces them, on plain uint8/int8 tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+
+import torch
+from torch import nn
+
+from qtoolkit import hookimpl
+from qtoolkit.deploy import load as load_deployment
+from qtoolkit.export.int8_layers import Int8Layer, lower
+from qtoolkit.registry import Backend
+from qtoolkit.sampling import NoisePredictor
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+ARM = platform.machine().lower() in ("aarch64", "arm64")
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str):
+    """Pack weights for `engine`: the packed parameters carry their engine, so calls run on it afterwards."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _per_channel_weight(layer: Int8Layer) -> torch.Tensor:
+    return torch._make_per_channel_quantized_tensor(layer.weight_codes, layer.weight_scale.double(),
+                                                    torch.zeros(len(layer.weight_scale), dtype=torch.long), 0)
+
+
+class QuantizedConv2d(nn.Module):
+    """An int8 convolution with a uint8 output: float in, float out."""
+
+    def __init__(self, layer: Int8Layer, engine: str):
+        super().__init__()
+        with quantized_engine(engine):
+            self.packed = torch.ops.quantized.conv2d_prepack(
+                _per_channel_weight(layer), layer.bias, list(layer.stride), list(layer.padding), list(layer.dilation),
+                layer.groups)
+        self.input_scale, self.input_zero_point = layer.input_scale, layer.input_zero_point
+        self.output_scale, self.output_zero_point = layer.output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8)
+        return torch.ops.quantized.conv2d(q, self.packed, self.output_scale, self.output_zero_point).dequantize()
+
+
+class QuantizedLinear(nn.Module):
+    """An int8 linear layer with a float output (fbgemm): float in, float out."""
+
+    def __init__(self, layer: Int8Layer, engine: str):
+        super().__init__()
+        with quantized_engine(engine):
+            self.packed = torch.ops.quantized.linear_prepack(_per_channel_weight(layer), layer.bias)
+        self.input_scale, self.input_zero_point = layer.input_scale, layer.input_zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x, self.input_scale, self.input_zero_point, self.packed)
+
+
+def _make_module(engine: str):
+    def make(layer: Int8Layer) -> nn.Module | None:
+        if layer.kind == "conv2d":
+            return QuantizedConv2d(layer, engine) if layer.output is not None else None
+        return QuantizedLinear(layer, engine) if engine == "fbgemm" else None
+    return make
+
+
+def _unsupported(config) -> str | None:
+    if config.activation_bits != 8 or config.activation_symmetric:
+        return "its int8 kernels take 8-bit asymmetric (uint8) activations: set activation_bits 8"
+    if config.weight_bits is None or not config.weight_symmetric:
+        return "its int8 kernels take symmetric integer weights: set weight_bits (8 or fewer), weight_symmetric true"
+    if not config.quantize_conv_outputs:
+        return ("its int8 convolutions return int8, so they need quantized convolution outputs: set "
+                "quantization.quantize_conv_outputs true, or choose x86-onednn or openvino, which take float outputs")
+    return None
+
+
+def _backend(engine: str, auto_priority: int, description: str) -> Backend:
+    def float_precisions() -> tuple[str, ...]:
+        return ("fp32",) if engine in torch.backends.quantized.supported_engines else ()
+
+    def lower_graph(qgraph):
+        return lower(qgraph, _make_module(engine))[0]
+
+    def load(folder, threads: int | None = None, float_precision: str = "fp32") -> NoisePredictor:
+        if threads is not None:
+            torch.set_num_threads(threads)  # PyTorch's thread pool is per process
+        return load_deployment(folder, backend=engine)
+
+    return Backend(name=engine, load=load, float_precisions=float_precisions, description=description,
+                   export_format="torch", auto_priority=auto_priority, runtime_version=lambda: torch.__version__,
+                   runtime="torch", lower=lower_graph, unsupported=_unsupported)
+
+
+@hookimpl
+def register_backends(register):
+    # auto: PyTorch's own engine for the platform first (the design card's choice), before the ONNX engines.
+    register(_backend("fbgemm", 30 if X86 else 0,
+                      "PyTorch int8 (fbgemm, x86): quantized convolutions and linears in PyTorch itself"))
+    register(_backend("qnnpack", 30 if ARM else 0,
+                      "PyTorch int8 (qnnpack, ARM): quantized convolutions in PyTorch itself"))
