@@ -352,11 +352,12 @@ def sample(
 
 
 def _model_and_predictor(model_arg: str, engine: str, threads: int | None, float_precision: str):
-    """What `sample` draws from: a model on torch, or an exported folder on a registered backend."""
+    """What `sample` draws from: a model on torch, an exported folder on a registered backend, or a deployment
+    folder on a PyTorch int8 backend."""
+    from .deploy import is_deployment_folder, load as load_deployment
+    from .engines import AUTO, engine_names, load_engine
     from .export import is_exported_folder, load_exported
     from .models import load_diffusion_model
-
-    from .engines import engine_names, load_engine
 
     if engine == TORCH_ENGINE:
         backends = " or --engine ".join(engine_names())
@@ -369,6 +370,15 @@ def _model_and_predictor(model_arg: str, engine: str, threads: int | None, float
         if is_exported_folder(model_arg):
             raise QtoolkitError(f"{model_arg} holds an exported ONNX graph: sample it with --engine {backends}")
         return load_diffusion_model(model_arg), None
+    if is_deployment_folder(model_arg):  # `qtoolkit export --format torch`: PyTorch's own int8 kernels
+        if float_precision != "fp32":
+            raise QtoolkitError(f"{model_arg} is a PyTorch int8 deployment folder, whose float parts run in fp32")
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        deployed = load_deployment(model_arg, None if engine == AUTO else engine)
+        return deployed, deployed
     if not is_exported_folder(model_arg):
         raise QtoolkitError(f"--engine {engine} runs a folder written by `qtoolkit export`, and {model_arg} is not one: "
                             f"run `qtoolkit export --model {model_arg} --out EXPORTED` first")
@@ -417,18 +427,28 @@ def evaluate(
 def export(
     model: Annotated[str, typer.Option(help="a `qtoolkit quantize`/`run` folder, a quantized or FP model")],
     out: Annotated[Path, typer.Option(help="the exported folder")],
-    format: Annotated[str, typer.Option(help="onnx: a QuantizeLinear/DequantizeLinear graph")] = "onnx",
+    format: Annotated[str, typer.Option(help="onnx: a QuantizeLinear/DequantizeLinear graph (openvino, "
+                                          "onnxruntime); torch: an int8 deployment folder for PyTorch itself "
+                                          "(fbgemm, qnnpack, x86-onednn; qtoolkit.deploy.load)")] = "onnx",
     overwrite: Overwrite = False,
 ) -> None:
-    """Export a (quantized) model to ONNX with its own int8 scales, for the backends."""
+    """Export a (quantized) model with its own int8 scales: ONNX for the ONNX engines, or a deployment folder for
+    PyTorch's int8 kernels."""
+    from .deploy import TORCH_FORMAT, export_deployment
     from .export import export_model
     from .io import check_new_output
     from .models import load_diffusion_model
 
-    if format != "onnx":
-        raise QtoolkitError(f"--format {format!r} is not known: the export format is onnx")
+    if format not in ("onnx", TORCH_FORMAT):
+        raise QtoolkitError(f"--format {format!r} is not known: choose onnx or {TORCH_FORMAT}")
     check_new_output(out, overwrite)
     t0 = time.perf_counter()
+    if format == TORCH_FORMAT:
+        description = export_deployment(model, out, overwrite)
+        print(f"int8 deployment folder of {description['int8_layers']} int8 layers written to {out} in "
+              f"{time.perf_counter() - t0:.0f} s; load it with `qtoolkit.deploy.load({str(out)!r})` or sample it with "
+              f"`qtoolkit sample --model {out} --engine fbgemm` (or qnnpack, x86-onednn)")
+        return
     description = export_model(load_diffusion_model(model), out, overwrite)
     quantization = description["quantization"]
     what = "FP32 graph" if quantization is None else (

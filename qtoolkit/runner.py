@@ -7,7 +7,8 @@ without a single network evaluation; `run(job, out)` then does the work and writ
     recipe.yaml       the recipe as it ran: every default filled in, the backend `auto` chose
     versions.json     qtoolkit, torch, python, and each plugin the run used, with its version
     model/ calibration/ ptq.json calibration_timesteps.png     (qtoolkit.ptq.run_ptq)
-    export/           the exported graph the backend runs (not with backend: none)
+    export/           what the backend runs (not with backend: none): the ONNX export, or for a PyTorch int8
+                      backend (fbgemm, qnnpack, x86-onednn) the deployment folder (qtoolkit.deploy)
     report.md report.json per_timestep_sqnr.png samples_*.png  (qtoolkit.report)
 
 `qtoolkit run` and `qtoolkit quantize` (which builds a recipe from its flags) both come here.
@@ -27,6 +28,7 @@ import torch
 from torch import fx
 
 from . import __version__, plugins
+from .deploy import TORCH_FORMAT, export_deployment
 from .engines import FLOAT_PRECISIONS, load_engine, resolve_backend
 from .errors import QtoolkitError
 from .export import export_model
@@ -67,7 +69,9 @@ def prepare(recipe: Recipe) -> Job:
     rounding = recipe.rounding.settings() if recipe.rounding is not None else None
     bias_correction = recipe.bias_correction.samples if recipe.bias_correction.enabled else None
     graph = check_ptq(model, config, calibration, rounding, bias_correction)
-    backend = None if recipe.backend == NO_BACKEND else resolve_backend(recipe.backend)
+    backend = None if recipe.backend == NO_BACKEND else resolve_backend(recipe.backend, config)
+    if backend is not None and (reason := backend.unsupported(config)):
+        raise QtoolkitError(f"backend {backend.name} cannot run this recipe's quantization: {reason}")
     if backend is None and recipe.float_precision != FLOAT_PRECISIONS[0]:
         raise QtoolkitError(f"float_precision {recipe.float_precision} is what a backend runs the exported graph's "
                             f"float parts in, and backend is {NO_BACKEND}: choose a backend, or float_precision "
@@ -107,8 +111,11 @@ def run(job: Job, out: Path, *, overwrite: bool = False, command: str = "") -> s
         eps, where = unet_predictor(qgraph), "PyTorch (fake-quant simulation)"
         if job.backend is not None:
             with progress_bar(1, f"export for {job.backend.name}", unit="graph") as bar:
-                export_model(DiffusionModel(qgraph, job.model.scheduler_config, out / "model",
-                                            shape=job.model.sample_shape), tmp / "export")
+                if job.backend.export_format == TORCH_FORMAT:
+                    export_deployment(tmp / "model", tmp / "export")
+                else:
+                    export_model(DiffusionModel(qgraph, job.model.scheduler_config, out / "model",
+                                                shape=job.model.sample_shape), tmp / "export")
                 bar.advance()
             eps = load_engine(job.backend.name, tmp / "export", job.recipe.threads, job.recipe.float_precision)
             where = f"{job.backend.name} ({job.recipe.float_precision} float parts), from {out}/export"
