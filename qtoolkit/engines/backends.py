@@ -23,14 +23,19 @@ from torch import fx, nn
 
 from ..calibration import CalibrationSet
 from ..errors import QtoolkitError
+from ..deploy.folder import save_deployment
 from ..export.onnx_graph import export_onnx, network_graph
 from ..graph import quant_ops
+from ..graph.serialization import quantized_metadata
 from ..models.loading import DiffusionModel, load_diffusion_model, save_diffusion_model
 from ..sampling import NoisePredictor, unet_predictor
 from . import engine_names, load_engine, resolve_backend
+from ..deploy import TORCH_FORMAT
 from .peers import PEERS
 
 EAGER = "pytorch-fp32-eager"
+TORCH_INT8 = "torch-int8"
+DEPLOYMENT_DIR = "torch-int8"  # the deployment folder the PyTorch int8 backends load (qtoolkit.deploy)
 PRECISIONS = ("fp32", "int8")
 FP_MODEL_DIR = "fp32-model"
 CALIBRATION_DIR = "calibration"
@@ -47,8 +52,9 @@ class Backend:
 
 def engine_backends() -> dict[str, tuple[str, str, str]]:
     """Engine backend name -> (engine, graph precision, float precision): the float graph, then the int8 graph, on
-    every engine that can run here with FP32 float parts, then with each other float precision it offers."""
-    engines = {name: resolve_backend(name).float_precisions() for name in engine_names()}
+    every ONNX engine that can run here with FP32 float parts, then with each other float precision it offers."""
+    engines = {name: resolve_backend(name).float_precisions() for name in engine_names()
+               if resolve_backend(name).export_format == "onnx"}
     engines = {name: precisions for name, precisions in engines.items() if precisions}  # runnable here
     backends = {}
     for graph in PRECISIONS:
@@ -61,9 +67,18 @@ def engine_backends() -> dict[str, tuple[str, str, str]]:
     return backends
 
 
-def backend_names(peers: tuple[str, ...] = ()) -> list[str]:
-    """FP32 eager, the engine backends, then the peers, in the benchmark's order."""
-    return [EAGER, *engine_backends(), *peers]
+def torch_int8_backends(config=None) -> dict[str, str]:
+    """"torch-int8-NAME" -> NAME for every PyTorch int8 backend (export format "torch") that can run here and runs
+    models quantized with `config` (a QuantConfig; None: any)."""
+    backends = [resolve_backend(name) for name in engine_names()]
+    return {f"{TORCH_INT8}-{b.name}": b.name for b in backends if b.export_format == TORCH_FORMAT
+            and b.float_precisions() and (config is None or not b.unsupported(config))}
+
+
+def backend_names(peers: tuple[str, ...] = (), config=None) -> list[str]:
+    """FP32 eager, the ONNX engine backends, PyTorch's int8 backends that run `config`'s quantization, then the
+    peers, in the benchmark's order."""
+    return [EAGER, *engine_backends(), *torch_int8_backends(config), *peers]
 
 
 def _file_bytes(onnx_file: Path) -> int:
@@ -115,6 +130,9 @@ class BackendSources:
             sources.graph(precision).parent.mkdir(parents=True, exist_ok=True)
             export_onnx(graph, sample_shape, sources.graph(precision))
         save_diffusion_model(fp_network, scheduler_config, work / FP_MODEL_DIR, overwrite=True)
+        fp_model = DiffusionModel(fp_network, scheduler_config, work / FP_MODEL_DIR, shape=tuple(sample_shape))
+        save_deployment(qgraph, quantized_metadata(qgraph, fp_model), scheduler_config, work / DEPLOYMENT_DIR,
+                        source="benchmark", overwrite=True)
         if calibration is not None:
             calibration.save(work / CALIBRATION_DIR, overwrite=True)
         (work / SOURCES_FILE).write_text(json.dumps({"sample_shape": list(sample_shape)}) + "\n")
@@ -148,6 +166,11 @@ def build_backend(name: str, sources: BackendSources) -> Backend:
         graph = sources.graph(precision)
         return Backend(name, load_engine(engine, graph, sources.threads, float_precision), _file_bytes(graph),
                        fp32_engine=(precision, float_precision) == ("fp32", "fp32"))
+    torch_backends = torch_int8_backends()
+    if name in torch_backends:
+        folder = sources.work / DEPLOYMENT_DIR
+        return Backend(name, load_engine(torch_backends[name], folder, sources.threads),
+                       sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()), fp32_engine=False)
     if name not in PEERS:
         raise QtoolkitError(f"unknown backend {name!r}: choose among {', '.join(backend_names(tuple(PEERS)))}")
     require_calibration((name,), sources.calibration)

@@ -41,7 +41,7 @@ from torch import fx, nn
 from ..agreement import per_timestep_error, sqnr_db
 from ..calibration import CalibrationSet
 from ..errors import QtoolkitError
-from ..graph import QuantizedAttention
+from ..graph import QuantizedAttention, quant_config_of
 from ..graph.patterns import ATTENTION, CONV, LINEAR
 from ..models.loading import DiffusionModel
 from ..progress import progress_bar
@@ -292,7 +292,8 @@ def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | N
             folder = Path(work or stack.enter_context(tempfile.TemporaryDirectory(prefix="qtoolkit-bench-")))
             sources = BackendSources.prepare(model.unet, fp_network, model.scheduler_config, model.sample_shape,
                                              folder, settings.threads, calibration)
-            backends = [build_backend(name, sources) for name in backend_names(settings.peers)]
+            backends = [build_backend(name, sources)
+                        for name in backend_names(settings.peers, quant_config_of(model.unet))]
             macs = unet_macs(model.unet)
             forward = time_forward(backends, model.sample_shape, settings, macs)
             quality = step_quality(backends, model, settings) if settings.quality_num else []
