@@ -84,7 +84,7 @@ def test_export_without_the_exporter_packages_names_the_install_command(tiny_mod
 
 
 def test_unknown_engine_and_bad_threads(tmp_path):
-    with pytest.raises(QtoolkitError, match="unknown backend 'tensorrt': choose one of: onnxruntime, openvino"):
+    with pytest.raises(QtoolkitError, match="unknown backend 'tensorrt': choose one of: fbgemm, onnxruntime, openvino, qnnpack, x86-onednn"):
         load_engine("tensorrt", tmp_path / "model.onnx")
     with pytest.raises(QtoolkitError, match="threads must be at least 1"):
         load_engine("openvino", tmp_path / "model.onnx", threads=0)

@@ -1,0 +1,191 @@
+"""PyTorch's own int8 backends (fbgemm, qnnpack, x86-onednn) and the deployment folder they load.
+
+The model is the tiny test UNet read as an x0 predictor (see test_export.py for why), W8A8 with quantized
+convolution outputs (what fbgemm and qnnpack need), calibrated on its own chain. qnnpack is ARM's engine; it
+runs here on x86 too, slowly, which is enough to test its numerics.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_UNET, fp_graph
+
+from qtoolkit.agreement import per_timestep_error, sqnr_db
+from qtoolkit.calibration import generate_calibration_set
+from qtoolkit.cli import main
+from qtoolkit.deploy import export_deployment, load, lower_graph
+from qtoolkit.engines import load_engine, resolve_backend
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.export.int8_layers import int8_layers
+from qtoolkit.graph import quant_ops, quantize
+from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
+from qtoolkit.ptq import calibrate_and_freeze, save_quantized_pipeline
+from qtoolkit.quant import QuantConfig
+from qtoolkit.sampling import unet_predictor
+
+BACKENDS = ["fbgemm", "qnnpack", "x86-onednn"]
+KERNELS = {"fbgemm": "quantized::conv2d", "qnnpack": "quantized::conv2d", "x86-onednn": "onednn::qconv_pointwise"}
+CONV_OUTPUTS = QuantConfig(quantize_conv_outputs=True)
+
+
+@pytest.fixture(scope="module")
+def fp_model(tmp_path_factory):
+    """(the FP tiny UNet as a model, its captured graph, its calibration set)."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TINY_UNET).eval()
+    fp = DiffusionModel(unet, {**DEFAULT_SCHEDULER_CONFIG, "prediction_type": "sample"},
+                        tmp_path_factory.mktemp("fp") / "model")
+    calibration = generate_calibration_set("uniform", fp, 32, steps=10, seed=0, progress=False)
+    return fp, fp_graph(unet), calibration
+
+
+def _frozen(fp_model, config):
+    fp, graph, calibration = fp_model
+    return calibrate_and_freeze(quantize(graph, config), calibration, progress=False)
+
+
+@pytest.fixture(scope="module")
+def qgraph(fp_model):
+    return _frozen(fp_model, CONV_OUTPUTS)
+
+
+@pytest.fixture(scope="module")
+def deployed(fp_model, qgraph, tmp_path_factory):
+    """The quantized model saved as a run's model folder, and its deployment folder written by the CLI."""
+    root = tmp_path_factory.mktemp("deploy")
+    save_quantized_pipeline(qgraph, fp_model[0], root / "model", provenance={"test": True})
+    assert main(["export", "--model", str(root / "model"), "--format", "torch", "--out", str(root / "deployed")]) == 0
+    return root / "deployed"
+
+
+def _kernel_calls(module, kernel: str, x, t) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        module(x, t)
+    return sum(event.count for event in profile.key_averages() if event.key == kernel)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_quantized_convolution_runs_on_the_backends_int8_kernel(qgraph, backend):
+    quantized = [op for op in quant_ops(qgraph).values() if op.kind == "conv2d"]
+    convolutions = [layer for layer in int8_layers(qgraph).values() if layer.kind == "conv2d"]
+    assert len(convolutions) == len(quantized) > 10
+    lowered = lower_graph(qgraph, backend)
+    float_convs = sum(1 for n in lowered.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    # Only the convolutions that the quantization keeps float by its rules (conv_in, conv_out) stay float.
+    assert float_convs == sum(1 for n in qgraph.graph.nodes if n.target == torch.ops.aten.conv2d.default) - len(quantized)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert _kernel_calls(lowered, KERNELS[backend], x, t) == len(convolutions)
+    # The float weights of the lowered layers are gone: the module holds their int8 codes, packed.
+    assert not {op.weight_target for op in quantized} & {name for name, _ in lowered.named_parameters()}
+
+
+def test_linears_run_on_int8_kernels_where_the_engine_has_a_float_output_one(qgraph):
+    linears = sum(layer.kind == "linear" for layer in int8_layers(qgraph).values())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        fbgemm = _kernel_calls(lower_graph(qgraph, "fbgemm"), "quantized::linear_with_input_q_dq_qweight_dq_output_fp32",
+                               x, t)
+        onednn = _kernel_calls(lower_graph(qgraph, "x86-onednn"), "onednn::qlinear_pointwise", x, t)
+    assert linears > 0 and fbgemm == onednn == linears
+
+
+def test_torch_backends_follow_the_simulation_at_every_timestep(fp_model, qgraph):
+    fp = fp_model[0]
+    candidates = {name: lower_graph(qgraph, name) for name in BACKENDS}
+    result = per_timestep_error(fp, unet_predictor(qgraph), {**candidates, "fp32": unet_predictor(fp.unet)},
+                                steps=10, num=4)
+    against_fp = per_timestep_error(fp, unet_predictor(fp.unet), {"simulation": unet_predictor(qgraph), **candidates},
+                                    steps=10, num=4)
+    report = {name: [round(s, 1) for s in result[name]["sqnr_db"]] for name in [*BACKENDS, "fp32"]}
+    print("SQNR against the simulation per timestep", result["t"], report)
+    simulation_vs_fp = np.array(against_fp["simulation"]["sqnr_db"])
+    for name in BACKENDS:
+        sqnr = np.array(result[name]["sqnr_db"])
+        # Each backend computes the simulation's integer codes but for a few one-code flips (float rounding at a
+        # rounding boundary, amplified by random weights): far closer to it than to FP ...
+        assert sqnr.min() >= 30 and np.median(sqnr) >= np.median(result["fp32"]["sqnr_db"]) + 10, (name, report)
+        # ... and as far from FP as the simulation is.
+        assert np.all(np.abs(np.array(against_fp[name]["sqnr_db"]) - simulation_vs_fp) < 1.5), name
+
+
+def test_deployment_folder_reloads_bit_identically_in_a_fresh_process(qgraph, deployed, tmp_path):
+    description = json.loads((deployed / "deploy.json").read_text())
+    weights = load_file(str(deployed / "model.safetensors"))
+    assert description["int8_layers"] == len(int8_layers(qgraph)) and description["int8_weights"]
+    assert all(weights[key].dtype == torch.int8 for key in description["int8_weights"])
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 500, 999])
+    save_file({"x": x, "t": t}, str(tmp_path / "inputs.safetensors"))
+    # One thread, as this process runs (conftest): float reductions sum in another order on more threads.
+    script = (f"import torch, qtoolkit.deploy; from safetensors.torch import load_file, save_file; "
+              f"torch.set_num_threads(1); "
+              f"i = load_file({str(tmp_path / 'inputs.safetensors')!r}); m = qtoolkit.deploy.load({str(deployed)!r}); "
+              f"save_file({{'y': m(i['x'], i['t']).contiguous(), 'backend': torch.tensor(list(m.backend.encode()))}}, "
+              f"{str(tmp_path / 'out.safetensors')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    fresh = load_file(str(tmp_path / "out.safetensors"))
+    assert bytes(fresh["backend"].tolist()).decode() == "fbgemm"  # auto on x86, for quantized conv outputs
+    with torch.no_grad():
+        here = load(deployed)(x, t)
+        before_saving = lower_graph(qgraph, "fbgemm")(x.contiguous(memory_format=torch.channels_last), t)
+    assert torch.equal(fresh["y"], here.contiguous()) and torch.equal(here, before_saving)
+
+
+def test_a_deployment_folder_with_a_changed_file_is_refused(deployed, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in deployed.rglob("*"):
+        if f.is_file():
+            (damaged / f.relative_to(deployed)).parent.mkdir(parents=True, exist_ok=True)
+            (damaged / f.relative_to(deployed)).write_bytes(f.read_bytes())
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(QtoolkitError, match="model.safetensors does not match the SHA-256 that deploy.json records"):
+        load(damaged)
+    assert main(["sample", "--model", str(damaged), "--engine", "fbgemm", "--out", str(tmp_path / "s")]) == 2
+    assert "does not match the SHA-256" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_sample_cli_draws_from_a_deployment_folder_on_each_torch_backend(deployed, tmp_path):
+    common = ["--steps", "3", "--num", "2", "--batch-size", "2", "--seed", "1"]
+    for engine in ["auto", "fbgemm", "x86-onednn"]:  # qnnpack: its numerics are tested above, its loading is fbgemm's
+        assert main(["sample", "--model", str(deployed), "--engine", engine, *common,
+                     "--out", str(tmp_path / engine)]) == 0
+    reference = np.load(tmp_path / "auto" / "samples.npz")["samples"]
+    assert np.array_equal(np.load(tmp_path / "fbgemm" / "samples.npz")["samples"], reference)  # auto is fbgemm here
+    onednn = np.load(tmp_path / "x86-onednn" / "samples.npz")["samples"]
+    assert sqnr_db(torch.from_numpy(reference), torch.from_numpy(onednn)) > 25
+
+
+def test_auto_follows_the_quantization_and_a_backend_that_cannot_run_it_says_why(fp_model, qgraph, tmp_path):
+    assert resolve_backend("auto", CONV_OUTPUTS, export_format="torch").name == "fbgemm"
+    assert resolve_backend("auto", QuantConfig(), export_format="torch").name == "x86-onednn"  # float conv outputs
+    with pytest.raises(QtoolkitError, match="fbgemm backend cannot run this model: .*set "
+                                            "quantization.quantize_conv_outputs true, or choose x86-onednn"):
+        lower_graph(_frozen(fp_model, QuantConfig()), "fbgemm")
+    with pytest.raises(QtoolkitError, match="openvino backend runs onnx exports and .* is a torch one"):
+        load_engine("openvino", _deployment_of(fp_model, qgraph, tmp_path), threads=1)
+
+
+def _deployment_of(fp_model, qgraph, tmp_path):
+    save_quantized_pipeline(qgraph, fp_model[0], tmp_path / "model", provenance={})
+    export_deployment(tmp_path / "model", tmp_path / "deployed")
+    return tmp_path / "deployed"
+
+
+def test_a_recipe_asking_fbgemm_for_float_convolution_outputs_fails_validation(tiny_model_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"schema_version: 1\ndescription: t\nmodel: {tiny_model_dir}\nbackend: fbgemm\n"
+                      "calibration: {strategy: uniform, size: 8, steps: 4}\n")
+    assert main(["recipe", "validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "backend fbgemm cannot run this recipe's quantization" in err and "quantize_conv_outputs true" in err
+    assert main(["recipe", "validate", str(recipe), "--set", "quantization.quantize_conv_outputs=true"]) == 0
