@@ -53,6 +53,9 @@ def register_backends(register):
     float_precision)` turns a folder written by `qtoolkit export` into a noise predictor eps(x, t);
     `float_precisions()` says which precisions this machine can run the graph's float parts in (empty: the
     backend cannot run here). A recipe names it in `backend`; `qtoolkit bench` times every registered one.
+    A backend with export_format "torch" runs PyTorch deployment folders (qtoolkit.deploy) and gives
+    `lower(frozen quantized graph) -> module` (the fbgemm, qnnpack and x86-onednn plugins); `unsupported(config)`
+    says why a backend cannot run a quantization, so that "auto" passes it over.
     """
 
 

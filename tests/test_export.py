@@ -29,7 +29,7 @@ from qtoolkit.calibration import generate_calibration_set  # noqa: E402
 from qtoolkit.cli import main  # noqa: E402
 from qtoolkit.engines import engine_names, load_engine, resolve_backend  # noqa: E402
 from qtoolkit.engines import memory  # noqa: E402
-from qtoolkit.engines.backends import BackendSources  # noqa: E402
+from qtoolkit.engines.backends import BackendSources, backend_names  # noqa: E402
 from qtoolkit.engines.benchmark import unet_macs  # noqa: E402
 from qtoolkit.engines.peers import PEERS  # noqa: E402
 from qtoolkit.errors import QtoolkitError  # noqa: E402
@@ -528,19 +528,19 @@ def test_bench_smoke(quantized, tmp_path, capsys):
     calibration = tmp_path / "calibration"
     generate_calibration_set("uniform", quantized[0], 16, steps=4, seed=0, progress=False).save(calibration)
     out = tmp_path / "bench.json"
+    onnx_rows = [name for name in backend_names() if name.split("-")[0] in ENGINES]
     save_diffusion_model(quantized[0].unet, quantized[0].scheduler_config, tmp_path / "fp")
     assert main(["bench", "--model", str(quantized[2]), "--fp-model", str(tmp_path / "fp"),
                  "--calibration", str(calibration), "--batch-sizes", "1,2",
                  "--iterations", "2", "--warmup", "1", "--threads", "1", "--quality-steps", "3",
                  "--quality-num", "2", "--sample-steps", "2", "--sample-num", "2", "--sample-iterations", "1",
-                 "--no-memory", "--json", str(out)]) == 0
+                 "--no-memory", "--backends", ",".join(onnx_rows), "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     bf16 = ["openvino-bf16"] * BF16, ["openvino-int8-bf16"] * BF16  # OpenVINO's bf16 float parts, where the CPU has them
-    # fbgemm and qnnpack need quantized convolution outputs, which this (default) quantization has not: x86-onednn
-    # is the PyTorch int8 backend that runs it.
+    # The ONNX engines' rows (the PyTorch int8 backends' are tested in test_torch_int8.py) and the peers.
     backends = ["pytorch-fp32-eager", "onnxruntime-fp32", "openvino-fp32", *bf16[0], "onnxruntime-int8", "openvino-int8",
-                *bf16[1], "torch-int8-x86-onednn", *PEERS]
+                *bf16[1], *PEERS]
     assert [r["backend"] for r in result["forward"]] == backends * 2
     assert [r["batch"] for r in result["forward"]] == [1] * len(backends) + [2] * len(backends)
     assert [r["backend"] for r in result["sampling"]] == backends and all(b in table for b in backends)
@@ -557,8 +557,8 @@ def test_bench_smoke(quantized, tmp_path, capsys):
     quality = {r["backend"]: r for r in result["quality"]}
     # Same float graph: float rounding only. Every int8 recipe: quantization noise, finite but far from FP.
     assert quality["openvino-fp32"]["sqnr_db_min"] > 80 and len(quality["openvino-fp32"]["sqnr_db"]) == 3
-    for name in ["openvino-int8", "onnxruntime-int8", "torch-int8-x86-onednn", "openvino-int8-nncf",
-                 "onnxruntime-int8-static", "pt2e-x86-inductor"]:
+    for name in ["openvino-int8", "onnxruntime-int8", "openvino-int8-nncf", "onnxruntime-int8-static",
+                 "pt2e-x86-inductor"]:
         assert 5 < quality[name]["sqnr_db_median"] < 60, (name, quality[name])
 
 

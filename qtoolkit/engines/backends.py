@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from ..calibration import CalibrationSet
 from ..errors import QtoolkitError
-from ..deploy.folder import save_deployment
+from ..deploy.folder import WEIGHTS_FILE as DEPLOYMENT_WEIGHTS, save_deployment
 from ..export.onnx_graph import export_onnx, network_graph
 from ..graph import quant_ops
 from ..graph.serialization import quantized_metadata
@@ -170,7 +170,7 @@ def build_backend(name: str, sources: BackendSources) -> Backend:
     if name in torch_backends:
         folder = sources.work / DEPLOYMENT_DIR
         return Backend(name, load_engine(torch_backends[name], folder, sources.threads),
-                       sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()), fp32_engine=False)
+                       (folder / DEPLOYMENT_WEIGHTS).stat().st_size, fp32_engine=False)  # the tensors file
     if name not in PEERS:
         raise QtoolkitError(f"unknown backend {name!r}: choose among {', '.join(backend_names(tuple(PEERS)))}")
     require_calibration((name,), sources.calibration)

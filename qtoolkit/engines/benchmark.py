@@ -65,6 +65,7 @@ class BenchSettings:
     quality_steps: int = 20  # DDIM steps of the per-step SQNR chains
     quality_num: int = 8  # held-out chains for the per-step SQNR (0 skips it)
     peers: tuple[str, ...] = tuple(PEERS)
+    backends: tuple[str, ...] = ()  # only these of qtoolkit's own backends (and FP32 eager, always); empty: all
     memory: bool = True  # peak memory of each backend, in a process of its own (Linux)
     seed: int = 0
 
@@ -114,6 +115,9 @@ def _options(defaults: BenchSettings) -> dict[str, tuple[type, Any, Any]]:
         "quality_num": (int, d.quality_num, typer.Option(help="held-out chains of the per-step SQNR (0 skips it)")),
         "peers": (str, ",".join(d.peers), typer.Option(help="the peers' recipes to compare with, comma-separated "
                                                        f"(default: all of {', '.join(PEERS)}; none: --peers '')")),
+        "backends": (str, ",".join(d.backends), typer.Option(help="only these of qtoolkit's backends, comma-separated "
+                                                             "(e.g. torch-int8-fbgemm,openvino-int8; default: all that "
+                                                             "run here); FP32 eager is always timed")),
         "memory": (bool, d.memory, typer.Option("--memory/--no-memory", help="measure each backend's peak memory "
                                                 "(one fresh process per backend, which rebuilds it)")),
         "seed": (int, d.seed, typer.Option(help="seed of the inputs and held-out chains")),
@@ -135,6 +139,7 @@ def bench_options(**defaults):
             values = {name: kwargs.pop(name) for name in options}
             values["batch_sizes"] = tuple(_int_list(values["batch_sizes"]))
             values["peers"] = tuple(_name_list(values["peers"]))
+            values["backends"] = tuple(_name_list(values["backends"]))
             return command(settings=BenchSettings(**values), **kwargs)
 
         with_settings.__name__, with_settings.__doc__ = command.__name__, command.__doc__
@@ -292,8 +297,14 @@ def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | N
             folder = Path(work or stack.enter_context(tempfile.TemporaryDirectory(prefix="qtoolkit-bench-")))
             sources = BackendSources.prepare(model.unet, fp_network, model.scheduler_config, model.sample_shape,
                                              folder, settings.threads, calibration)
-            backends = [build_backend(name, sources)
-                        for name in backend_names(settings.peers, quant_config_of(model.unet))]
+            names = backend_names(settings.peers, quant_config_of(model.unet))
+            unknown = [name for name in settings.backends if name not in names]
+            if unknown:
+                raise QtoolkitError(f"backend {unknown[0]!r} does not run this model here: choose among "
+                                    f"{', '.join(n for n in names if n != EAGER and n not in settings.peers)}")
+            if settings.backends:
+                names = [n for n in names if n == EAGER or n in settings.backends or n in settings.peers]
+            backends = [build_backend(name, sources) for name in names]
             macs = unet_macs(model.unet)
             forward = time_forward(backends, model.sample_shape, settings, macs)
             quality = step_quality(backends, model, settings) if settings.quality_num else []

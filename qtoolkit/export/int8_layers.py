@@ -32,6 +32,7 @@ from ..quant.fake_quant import SplitFakeQuantize
 from ..quant.quantizer import QuantParams
 
 UINT8 = (0, 255)
+LOWERED = "int8"  # where the backend's modules live in a lowered graph: int8.<path>.<kind>
 
 
 @dataclass
@@ -146,7 +147,7 @@ def lower(qgraph: fx.GraphModule, make_module: MakeModule) -> tuple[fx.GraphModu
         op = quant_ops(lowered_graph)[name]
         node = nodes[op.node]
         x = _quantized_arg(node, 0, f"{name}.input")
-        target = f"int8.{name.removeprefix('quantizers.')}"
+        target = f"{LOWERED}.{name.removeprefix('quantizers.')}"
         lowered_graph.add_submodule(target, module)
         last = node
         if op.output is not None:
@@ -172,7 +173,7 @@ def _drop_unused(graph: fx.GraphModule) -> None:
     used_modules = {node.target for node in graph.graph.nodes if node.op == "call_module"}
     for name, _tensor in list(graph.named_parameters()):
         owner, _, attribute = name.rpartition(".")
-        if name not in used_attrs:
+        if name not in used_attrs and not name.startswith(f"{LOWERED}."):  # the backend modules' own are kept
             delattr(graph.get_submodule(owner) if owner else graph, attribute)
     for name, op in list(quant_ops(graph).items()):
         if not any(target == name or target.startswith(name + ".") for target in used_modules):
