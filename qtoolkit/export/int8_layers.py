@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from ..errors import QtoolkitError
 from ..graph import OpQuantizers, copy_graph, quant_ops
-from ..graph.patterns import CONV, LINEAR
+from ..graph.patterns import conv_args
+from ..graph.quantize import quantizer_node
 from ..quant.fake_quant import SplitFakeQuantize
 from ..quant.quantizer import QuantParams
 
@@ -53,23 +53,6 @@ class Int8Layer:
     dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.weight_codes.float() * self.weight_scale.reshape(-1, *[1] * (self.weight_codes.ndim - 1))
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """What the simulation computes, from these numbers: the float form a backend's module is checked against."""
-        q = torch.clamp(torch.round(x / self.input_scale) + self.input_zero_point, *UINT8)
-        x = (q - self.input_zero_point) * self.input_scale
-        if self.kind == "conv2d":
-            y = nn.functional.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
-                                     self.dilation, self.groups)
-        else:
-            y = nn.functional.linear(x, self.dequantized_weight(), self.bias)
-        if self.output is None:
-            return y
-        scale, zero_point = self.output
-        return (torch.clamp(torch.round(y / scale) + zero_point, *UINT8) - zero_point) * scale
-
 
 MakeModule = Callable[[Int8Layer], "nn.Module | None"]
 
@@ -88,10 +71,8 @@ def _arg(node: fx.Node, index: int):
 
 def _quantized_arg(node: fx.Node, index: int, target: str) -> fx.Node | None:
     """The float tensor node behind the quantizer `target` at argument `index` of the op, if that quantizer is there."""
-    arg = _arg(node, index)
-    if isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target == target:
-        return arg.args[0]
-    return None
+    quantizer = quantizer_node(node, index, target)
+    return None if quantizer is None else quantizer.args[0]
 
 
 def int8_layers(qgraph: fx.GraphModule) -> dict[str, Int8Layer]:
@@ -127,7 +108,7 @@ def _layer(qgraph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node, i
     layer = Int8Layer(name, op.path, op.kind, codes, scale, float(input_params.scale), int(input_params.zero_point),
                       bias, output)
     if op.kind == "conv2d":
-        args = tuple(node.args) + (None, None, None, [1, 1], [0, 0], [1, 1], 1)[len(node.args):]
+        args = conv_args(node)
         layer.stride, layer.padding, layer.dilation = (tuple(args[i]) for i in (3, 4, 5))
         layer.groups = args[6]
     return layer

@@ -43,6 +43,8 @@ from torch import fx, nn
 
 from ..errors import QtoolkitError
 from ..graph import OpQuantizers, QuantizedAttention, copy_graph, quant_ops
+from ..graph.patterns import conv_args
+from ..graph.quantize import quantizer_node
 from ..graph.quantized_ops import ATTENTION_OPERANDS
 from ..quant.fake_quant import SplitFakeQuantize
 from ..quant.quantizer import QuantParams
@@ -135,18 +137,12 @@ def qdq_graph(qgraph: fx.GraphModule) -> fx.GraphModule:
     return exported.eval()
 
 
-def _quantizer_node(op_node: fx.Node, index: int, target: str) -> fx.Node | None:
-    """The quantizer node `target` feeding argument `index` of the op, if there is one."""
-    arg = op_node.args[index] if len(op_node.args) > index else None
-    return arg if isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target == target else None
-
-
 def _rewrite_layer(graph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node) -> None:
     """Stand in export modules for the quantizers of a convolution or linear op; split the op for a split input."""
     if op.output is not None:
         op.output = QuantizeDequantize(op.output.params, op.path, "output")
     if op.bias is not None:
-        bias = graph.get_parameter(_quantizer_node(node, 2, f"{name}.bias").args[0].target)
+        bias = graph.get_parameter(quantizer_node(node, 2, f"{name}.bias").args[0].target)
         _stand_in(graph, node, 2, f"{name}.bias", Dequantize(_codes(op.bias.params, bias, torch.int32), op.bias.params,
                                                                op.path, "bias"))
     weight_codes = None
@@ -164,7 +160,7 @@ def _rewrite_layer(graph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.
 
 def _stand_in(graph: fx.GraphModule, op_node: fx.Node, index: int, target: str, module: Dequantize) -> None:
     """The quantizer node `target` (reading a float parameter) becomes a call of `module`, which holds the codes."""
-    quantizer = _quantizer_node(op_node, index, target)
+    quantizer = quantizer_node(op_node, index, target)
     graph.add_submodule(target, module)
     quantizer.args = ()
 
@@ -175,12 +171,12 @@ def _split_convolution(graph: fx.GraphModule, name: str, op: OpQuantizers, node:
     each part's own input parameters and its half of the weight codes."""
     if node.target != CONV:
         raise QtoolkitError(f"{op.path!r}: only a convolution's input can be exported split in two parts")
-    _input, weight, bias, stride, padding, dilation, groups = _conv_args(node)
+    _input, weight, bias, stride, padding, dilation, groups = conv_args(node)
     if groups != 1:
         raise QtoolkitError(f"{op.path!r} has a split input and a grouped convolution, which int8 export cannot "
                             "split: exclude it from quantization (QuantConfig.exclude) or turn split_shortcuts off")
     k, params = op.input.split, op.input.params
-    input_node = _quantizer_node(node, 0, f"{name}.input")
+    input_node = quantizer_node(node, 0, f"{name}.input")
     graph.add_submodule(f"{name}.input", nn.ModuleList(
         QuantizeDequantize(_part(params, channel), op.path, "input") for channel in (0, k)))
     if weight_codes is not None:
@@ -203,12 +199,6 @@ def _split_convolution(graph: fx.GraphModule, name: str, op: OpQuantizers, node:
     node.replace_all_uses_with(total)
     graph.graph.erase_node(node)
     graph.graph.erase_node(input_node)  # the weight quantizer node, now without users, goes with the dead code
-
-
-def _conv_args(node: fx.Node) -> tuple:
-    """aten.conv2d's seven arguments, with its defaults for those the node leaves out."""
-    defaults = (None, None, None, [1, 1], [0, 0], [1, 1], 1)
-    return tuple(node.args) + defaults[len(node.args):]
 
 
 def _part(params: QuantParams, channel: int) -> QuantParams:

@@ -38,6 +38,13 @@ NORMS = {torch.ops.aten.group_norm.default, torch.ops.aten.layer_norm.default,
 OP_KINDS = {CONV: "conv2d", LINEAR: "linear", ATTENTION: "attention"}
 
 
+def conv_args(node: fx.Node) -> tuple:
+    """aten.conv2d's seven arguments (input, weight, bias, stride, padding, dilation, groups), with its defaults
+    for those the node leaves out."""
+    defaults = (None, None, None, [1, 1], [0, 0], [1, 1], 1)
+    return tuple(node.args) + defaults[len(node.args):]
+
+
 
 @dataclass(frozen=True)
 class GraphOp:

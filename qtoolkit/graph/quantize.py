@@ -146,6 +146,13 @@ def quant_ops(graph: fx.GraphModule) -> dict[str, OpQuantizers]:
     return {name: m for name, m in graph.named_modules() if isinstance(m, OpQuantizers)}
 
 
+def quantizer_node(op_node: fx.Node, index: int, target: str) -> fx.Node | None:
+    """The quantizer node `target` (a call of quantizers.<path>.<kind>.<role>) feeding argument `index` of a
+    quantized op's node, if there is one."""
+    arg = op_node.args[index] if len(op_node.args) > index else None
+    return arg if isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target == target else None
+
+
 def quant_config_of(graph: fx.GraphModule) -> QuantConfig:
     config = graph.meta.get(CONFIG_META)
     if config is None:
