@@ -11,7 +11,10 @@ quantization, on this machine.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import sys
 
 import torch
 from torch import fx, nn
@@ -63,7 +66,22 @@ def load(folder: str | os.PathLike, backend: str | None = None) -> DeployedModel
     for a model whose convolution outputs are not quantized), ready to call; refuses damaged folders."""
     qgraph, description, scheduler_config = rebuild_frozen_graph(folder)
     chosen = torch_backend(backend or AUTO, QuantConfig.from_dict(description["quantized_model"]["quant_config"]))
-    return DeployedModel(chosen.lower(qgraph), chosen.name, description["sample_shape"], scheduler_config).eval()
+    model = DeployedModel(chosen.lower(qgraph), chosen.name, description["sample_shape"], scheduler_config).eval()
+    del qgraph
+    release_freed_memory()
+    return model
+
+
+def release_freed_memory() -> None:
+    """Give the float copies that rebuilding the graph made back to the OS: glibc keeps freed heap memory in the
+    process (the deployed model's resident memory stayed 0.5 GB above FP32 eager's on the CIFAR-10
+    architecture without this)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library (musl): nothing to trim
+            pass
 
 
 __all__ = ["DeployedModel", "export_deployment", "is_deployment_folder", "load", "lower_graph", "read_deployment",
