@@ -360,7 +360,7 @@ def _model_and_predictor(model_arg: str, engine: str, threads: int | None, float
     from .models import load_diffusion_model
 
     if engine == TORCH_ENGINE:
-        backends = " or --engine ".join(engine_names())
+        backends = " or --engine ".join(n for n in engine_names() if plugins.backend(n).export_format == "onnx")
         if threads is not None:
             raise QtoolkitError("--threads sets the threads of a backend engine; the torch engine follows "
                                 "OMP_NUM_THREADS")
@@ -445,9 +445,11 @@ def export(
     t0 = time.perf_counter()
     if format == TORCH_FORMAT:
         description = export_deployment(model, out, overwrite)
+        engines = [name for name in plugins.names("register_backends")
+                   if plugins.backend(name).export_format == TORCH_FORMAT]
         print(f"int8 deployment folder of {description['int8_layers']} int8 layers written to {out} in "
               f"{time.perf_counter() - t0:.0f} s; load it with `qtoolkit.deploy.load({str(out)!r})` or sample it with "
-              f"`qtoolkit sample --model {out} --engine fbgemm` (or qnnpack, x86-onednn)")
+              f"`qtoolkit sample --model {out} --engine auto` (or {', '.join(engines)})")
         return
     description = export_model(load_diffusion_model(model), out, overwrite)
     quantization = description["quantization"]
@@ -455,8 +457,10 @@ def export(
         f"int8 QDQ graph of {quantization['quantized_layers']} quantized layers "
         f"({description['quantize_linear_nodes']} QuantizeLinear, {description['dequantize_linear_nodes']} "
         "DequantizeLinear)")
+    onnx_engines = [name for name in plugins.names("register_backends")
+                    if plugins.backend(name).export_format != TORCH_FORMAT]
     print(f"{what} written to {out} in {time.perf_counter() - t0:.0f} s; sample it with "
-          f"`qtoolkit sample --model {out} --engine {' or '.join(plugins.names('register_backends'))}`")
+          f"`qtoolkit sample --model {out} --engine {' or '.join(onnx_engines)}`")
 
 
 @app.command()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_UNET, fp_graph
 
 from qtoolkit import hookimpl, plugins
-from qtoolkit.agreement import per_timestep_error, sqnr_db
+from qtoolkit.agreement import per_timestep_error
 from qtoolkit.calibration import generate_calibration_set
 from qtoolkit.cli import main
 from qtoolkit.deploy import export_deployment, load, lower_graph

@@ -2,7 +2,9 @@
 (`qtoolkit bench`, benchmarks/int8_speed.py).
 
 Backends: PyTorch FP32 eager; the float graph (qtoolkit.export of the FP32 network) on ONNX Runtime and on
-OpenVINO; qtoolkit's int8 QDQ graph on ONNX Runtime and on OpenVINO; and the peers of qtoolkit.engines.peers
+OpenVINO; qtoolkit's int8 QDQ graph on ONNX Runtime and on OpenVINO; its int8 deployment folder on PyTorch's own
+kernels (torch-int8-fbgemm, torch-int8-qnnpack, torch-int8-x86-onednn: those that run the model's quantization);
+`--backends` keeps only some of these; and the peers of qtoolkit.engines.peers
 (torch.compile BF16, NNCF, ORT quantize_static, PT2E), calibrated on the same inputs as qtoolkit. Three
 measurements:
 
