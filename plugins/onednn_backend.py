@@ -27,7 +27,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.q
 from torch import nn
 
 from qtoolkit import hookimpl
-from qtoolkit.deploy import load as load_deployment
+from qtoolkit.deploy import load as load_deployment, release_freed_memory
 from qtoolkit.export.int8_layers import UINT8, Int8Layer, lower
 from qtoolkit.registry import Backend
 from qtoolkit.sampling import NoisePredictor
@@ -73,11 +73,16 @@ class CompiledInt8Graph(nn.Module):
         super().__init__()
         self.reference = reference  # the lowered GraphModule, as written
         self.compiled = torch.compile(reference, dynamic=False)
+        self.compiled_shapes: set[tuple[int, ...]] = set()
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         with torch._inductor.config.patch(freezing=True):
-            return self.compiled(sample, timestep)
+            noise = self.compiled(sample, timestep)
+        if sample.shape not in self.compiled_shapes:  # it compiled: give the compiler's freed memory back
+            self.compiled_shapes.add(sample.shape)
+            release_freed_memory()
+        return noise
 
 
 def _unsupported(config) -> str | None:
