@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -65,3 +66,18 @@ class _AtomicDir:
         return False
 
 
+
+
+def read_description(path: Path, format: str, version: int, how_to_fix: str) -> dict:
+    """A folder's JSON description that names its `format` and `format_version`, checked: unreadable, another
+    format or another version is one line ending in `how_to_fix`."""
+    try:
+        description = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QtoolkitError(f"{path} is corrupt ({e}): {how_to_fix}") from None
+    if not isinstance(description, dict) or description.get("format") != format:
+        raise QtoolkitError(f"{path} is not a {format} description: {how_to_fix}")
+    if description.get("format_version") != version:
+        raise QtoolkitError(f"{Path(path).parent} was written in format version {description.get('format_version')!r}; "
+                            f"this qtoolkit reads version {version}: {how_to_fix}")
+    return description

@@ -35,6 +35,21 @@ def fp():
     return fp_graph(UNet2DModel(**TINY_UNET).eval())
 
 
+@pytest.fixture(scope="session")
+def fp_model(tmp_path_factory):
+    """(the FP tiny UNet as a model read as an x0 predictor, its captured graph, its calibration set: 32 inputs of
+    its own DDIM-10 chain), made once for the export and int8 backend tests. As x0 prediction its chain stays
+    in a few units, like a trained model's (test_export.py says why that matters)."""
+    from qtoolkit.calibration import generate_calibration_set
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**TINY_UNET).eval()
+    fp = DiffusionModel(unet, {**DEFAULT_SCHEDULER_CONFIG, "prediction_type": "sample"},
+                        tmp_path_factory.mktemp("fp") / "model")
+    calibration = generate_calibration_set("uniform", fp, 32, steps=10, seed=0, progress=False)
+    return fp, fp_graph(unet), calibration
+
+
 def frozen_copy(fp, config, inputs):
     """A quantized copy of the FP graph `fp` (or of a float network's graph), calibrated on `inputs` in one
     batch and frozen."""

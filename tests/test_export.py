@@ -59,18 +59,6 @@ MIN_STEP_SQNR_DB = 30.0
 MIN_MEDIAN_SQNR_DB = 60.0
 
 
-@pytest.fixture(scope="module")
-def fp_model(tmp_path_factory):
-    """(the FP tiny UNet as a model, its captured graph, its calibration set): captured once for every
-    quantization of this module."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(**TINY_UNET).eval()
-    fp = DiffusionModel(unet, {**DEFAULT_SCHEDULER_CONFIG, "prediction_type": "sample"},
-                        tmp_path_factory.mktemp("fp") / "model")
-    calibration = generate_calibration_set("uniform", fp, 32, steps=10, seed=0, progress=False)
-    return fp, fp_graph(unet), calibration
-
-
 def _quantized(fp_model, config: QuantConfig, folder=None):
     """(FP model, frozen quantized graph as a DiffusionModel): the default W8A8 calibrated on the tiny UNet's own
     chain; saved as a pipeline folder at `folder`, if given."""

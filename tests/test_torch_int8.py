@@ -1,6 +1,6 @@
 """PyTorch's own int8 backends (fbgemm, qnnpack, x86-onednn) and the deployment folder they load.
 
-The model is the tiny test UNet read as an x0 predictor (see test_export.py for why), W8A8 with quantized
+The model is the tiny test UNet read as an x0 predictor (conftest's fp_model), W8A8 with quantized
 convolution outputs (what fbgemm and qnnpack need), calibrated on its own chain. qnnpack is ARM's engine; it
 runs here on x86 too, slowly, which is enough to test its numerics.
 """
@@ -12,21 +12,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
-
-from conftest import TINY_UNET, fp_graph
 
 from qtoolkit import hookimpl, plugins
 from qtoolkit.agreement import per_timestep_error
-from qtoolkit.calibration import generate_calibration_set
 from qtoolkit.cli import main
 from qtoolkit.deploy import export_deployment, load, lower_graph
 from qtoolkit.engines import load_engine, resolve_backend
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.export.int8_layers import int8_layers
 from qtoolkit.graph import quant_ops, quantize
-from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel, save_diffusion_model
+from qtoolkit.models.loading import save_diffusion_model
 from qtoolkit.plugins import PluginInfo
 from qtoolkit.ptq import calibrate_and_freeze, save_quantized_pipeline
 from qtoolkit.quant import QuantConfig
@@ -36,17 +32,6 @@ from qtoolkit.sampling import unet_predictor
 BACKENDS = ["fbgemm", "qnnpack", "x86-onednn"]
 KERNELS = {"fbgemm": "quantized::conv2d", "qnnpack": "quantized::conv2d", "x86-onednn": "onednn::qconv_pointwise"}
 CONV_OUTPUTS = QuantConfig(quantize_conv_outputs=True)
-
-
-@pytest.fixture(scope="module")
-def fp_model(tmp_path_factory):
-    """(the FP tiny UNet as a model, its captured graph, its calibration set)."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(**TINY_UNET).eval()
-    fp = DiffusionModel(unet, {**DEFAULT_SCHEDULER_CONFIG, "prediction_type": "sample"},
-                        tmp_path_factory.mktemp("fp") / "model")
-    calibration = generate_calibration_set("uniform", fp, 32, steps=10, seed=0, progress=False)
-    return fp, fp_graph(unet), calibration
 
 
 def _frozen(fp_model, config):

@@ -31,7 +31,7 @@ from ..errors import QtoolkitError
 from ..export.int8_layers import int8_layers
 from ..graph import quant_ops
 from ..graph.serialization import check_quantized_metadata, read_quantized_metadata, rebuild_quantized
-from ..io import atomic_dir
+from ..io import atomic_dir, read_description
 from ..models.loading import load_diffusion_model, load_safetensors, locate_folders
 
 DESCRIPTION_FILE = "deploy.json"
@@ -102,15 +102,7 @@ def read_deployment(folder: str | os.PathLike) -> dict:
     how_to_fix = f"re-export it with `qtoolkit export --model RUN_FOLDER --format torch --out {folder}`"
     if not is_deployment_folder(folder):
         raise QtoolkitError(f"{folder} is not a torch deployment folder (no {DESCRIPTION_FILE}): {how_to_fix}")
-    try:
-        description = json.loads((folder / DESCRIPTION_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QtoolkitError(f"{folder / DESCRIPTION_FILE} is corrupt ({e}): {how_to_fix}") from None
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise QtoolkitError(f"{folder / DESCRIPTION_FILE} is not a qtoolkit deployment description: {how_to_fix}")
-    if description.get("format_version") != FORMAT_VERSION:
-        raise QtoolkitError(f"{folder} was written in format version {description.get('format_version')!r}; this "
-                            f"qtoolkit reads version {FORMAT_VERSION}: {how_to_fix}")
+    description = read_description(folder / DESCRIPTION_FILE, FORMAT, FORMAT_VERSION, how_to_fix)
     files = description.get("files")
     if not isinstance(files, dict) or set(files) != {WEIGHTS_FILE, SCHEDULER_FILE}:
         raise QtoolkitError(f"{folder / DESCRIPTION_FILE} records no hashes for {WEIGHTS_FILE} and "

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler
 from .. import __version__
 from ..errors import QtoolkitError
 from ..graph import quant_config_of, quant_ops
-from ..io import atomic_dir
+from ..io import atomic_dir, read_description
 from ..models.loading import DiffusionModel
 from .onnx_graph import BATCH, export_onnx, graph_summary, network_graph, require_exporter
 
@@ -128,15 +128,10 @@ def load_exported(folder: str | os.PathLike) -> ExportedModel:
     if not is_exported_folder(folder):
         raise QtoolkitError(f"{folder} is not an exported model folder (no {DESCRIPTION_FILE}): {how_to_fix}")
     try:
-        description = json.loads((folder / DESCRIPTION_FILE).read_text())
         scheduler = json.loads((folder / SCHEDULER_FILE).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QtoolkitError(f"{folder} is incomplete or corrupt ({e}): {how_to_fix}") from None
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise QtoolkitError(f"{folder / DESCRIPTION_FILE} is not a qtoolkit export description: {how_to_fix}")
-    if description.get("format_version") != FORMAT_VERSION:
-        raise QtoolkitError(f"{folder} was exported in format version {description.get('format_version')!r}; this "
-                          f"qtoolkit reads version {FORMAT_VERSION}: {how_to_fix}")
+    description = read_description(folder / DESCRIPTION_FILE, FORMAT, FORMAT_VERSION, how_to_fix)
     exported = ExportedModel(folder, description, {k: v for k, v in scheduler.items() if not k.startswith("_")})
     if not exported.onnx_file.is_file():
         raise QtoolkitError(f"{folder} has no {exported.onnx_file.name}: {how_to_fix}")
