@@ -97,7 +97,7 @@ def test_plugins_json_lists_the_built_ins(capsys):
                   for key in ("calibration_strategies", "rounding_methods", "backends")}
     assert {"ndtc", "uniform", "first-n", "random", "real-data"} <= registered["calibration_strategies"]
     assert {"nearest", "adaround", "brecq"} <= registered["rounding_methods"]
-    assert {"openvino", "onnxruntime"} <= registered["backends"]
+    assert {"openvino", "onnxruntime", "fbgemm", "qnnpack", "x86-onednn"} <= registered["backends"]
     assert main(["plugins"]) == 0
     table = capsys.readouterr().out
     assert all(p["name"] in table for p in listed)
