@@ -10,6 +10,7 @@ without a single network evaluation; `run(job, out)` then does the work and writ
     export/           what the backend runs (not with backend: none): the ONNX export, or for a PyTorch int8
                       backend (fbgemm, qnnpack, x86-onednn) the deployment folder (qtoolkit.deploy)
     report.md report.json per_timestep_sqnr.png samples_*.png  (qtoolkit.report)
+    speed.md speed.json   the int8 model's UNet forward against FP32 eager at batch 1 and 16 (not with backend: none)
 
 `qtoolkit run` and `qtoolkit quantize` (which builds a recipe from its flags) both come here.
 """
@@ -30,6 +31,7 @@ from torch import fx
 from . import __version__, plugins
 from .deploy import TORCH_FORMAT, export_deployment
 from .engines import FLOAT_PRECISIONS, load_engine, resolve_backend
+from .engines.benchmark import forward_speed, forward_table
 from .errors import QtoolkitError
 from .export import export_model
 from .graph.listing import counts_line, planned_ops, quantization_listing
@@ -124,10 +126,28 @@ def run(job: Job, out: Path, *, overwrite: bool = False, command: str = "") -> s
             results = compare_to_fp(job.model, {name: eps}, job.report, tmp, plan=job.plan)
             text = write_report(results, tmp, f"qtoolkit report: {name} on {job.recipe.model}, sampled on {where}",
                                 command, quantized_ops=listing)
+        if job.backend is not None:
+            text = (text or "") + "\n" + _speed_table(job, eps, qgraph, tmp)
         resolved = job.recipe.model_copy(update={"backend": job.backend.name if job.backend else NO_BACKEND})
         (tmp / "recipe.yaml").write_text(resolved.to_yaml())
         (tmp / "versions.json").write_text(json.dumps(versions(job, strategy_of(calibration)), indent=2) + "\n")
     return text
+
+
+def _speed_table(job: Job, eps, qgraph: fx.GraphModule, tmp: Path) -> str:
+    """The int8 model's UNet forward against FP32 eager, side by side (speed.md, speed.json): a quick look;
+    `qtoolkit bench` is the full benchmark."""
+    size = sum(f.stat().st_size for f in (tmp / "export").rglob("*.safetensors")) or \
+        sum(f.stat().st_size for f in (tmp / "export").glob("model.onnx*"))
+    with progress_bar(1, f"speed: {job.backend.name} against FP32 eager", unit="table") as bar:
+        rows = forward_speed(job.model.denoiser(), job.backend.name, eps, size, job.model.sample_shape, qgraph)
+        bar.advance()
+    table = "\n".join([f"UNet forward on {job.backend.name} against PyTorch FP32 eager, {torch.get_num_threads()} "
+                        "threads, median of 5, random inputs (`qtoolkit bench --model RUN_FOLDER` for the full "
+                        "benchmark):", "", *forward_table(rows)]) + "\n"
+    (tmp / "speed.md").write_text(table)
+    (tmp / "speed.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return table
 
 
 def versions(job: Job, strategy: str) -> dict:

@@ -122,7 +122,7 @@ def test_a_recipe_runs_end_to_end_on_the_backend_and_records_what_ran(tiny_model
     out = tmp_path / "run"
     args = ["run", str(FMNIST), *sets(f"model={tiny_model_dir}", *SMALL), "--out", str(out)]
     assert main(args) == 0
-    for name in ("model", "calibration", "ptq.json", "export", "report.md", "per_timestep_sqnr.png"):
+    for name in ("model", "calibration", "ptq.json", "export", "report.md", "per_timestep_sqnr.png", "speed.md"):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     assert len(report["per_timestep"]["t"]) == 4
@@ -139,6 +139,10 @@ def test_a_recipe_runs_end_to_end_on_the_backend_and_records_what_ran(tiny_model
     # Only the plugins the run used, with their versions: ndtc's, and the one that provides the backend (fbgemm, auto's
     # choice on x86 for the recipe's quantized convolution outputs, comes with its ARM sibling qnnpack).
     assert ran.backend == "fbgemm" and used == {"ndtc", "fbgemm", "qnnpack"}
+    speed = json.loads((out / "speed.json").read_text())  # the run ends with its int8 model against FP32 eager
+    assert [(r["backend"], r["batch"]) for r in speed] == [(name, batch) for batch in (1, 16)
+                                                          for name in ("pytorch-fp32-eager", "fbgemm")]
+    assert "| fbgemm | 16 |" in capsys.readouterr().out
     assert all(p["version"] for p in versions["plugins"])
 
     assert main(args) == 2  # a run folder is never replaced without --overwrite

@@ -47,7 +47,7 @@ from ..graph import QuantizedAttention, quant_config_of
 from ..graph.patterns import ATTENTION, CONV, LINEAR
 from ..models.loading import DiffusionModel
 from ..progress import progress_bar
-from ..sampling import sample
+from ..sampling import sample, unet_predictor
 from . import memory, resolve_backend
 from .backends import (EAGER, Backend, BackendSources, backend_names, build_backend, engine_backends,
                        require_calibration)
@@ -332,6 +332,30 @@ def _speedup(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def forward_table(rows: list[dict]) -> list[str]:
+    """The forward-latency rows as a Markdown table."""
+    lines = ["| backend | batch | median ms | IQR ms | vs FP32 eager | vs best FP32 engine | GOP/s | SQNR vs FP32 dB "
+             "| size MB | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
+                     f"{_speedup(r['speedup_vs_eager'])} | {_speedup(r['speedup_vs_best_fp32_engine'])} | "
+                     f"{r['gops']:.0f} | {r['sqnr_db_vs_fp32']:.1f} | {r['size_mb']:.2f} | {peak} |")
+    return lines
+
+
+def forward_speed(fp_network: nn.Module, name: str, eps, size_bytes: int, sample_shape: tuple[int, ...],
+                  graph: fx.GraphModule, batch_sizes: tuple[int, ...] = (1, 16), iterations: int = 5) -> list[dict]:
+    """The quick side-by-side `qtoolkit run` ends with: the UNet forward of backend `name` (noise predictor `eps`)
+    against PyTorch FP32 eager on `fp_network`, at `batch_sizes`, in this process's threads."""
+    eager = Backend(EAGER, unet_predictor(fp_network), sum(t.numel() * t.element_size()
+                                                           for t in fp_network.state_dict().values()), False)
+    settings = BenchSettings(batch_sizes=batch_sizes, iterations=iterations, threads=torch.get_num_threads(),
+                             peers=())
+    return time_forward([eager, Backend(name, eps, size_bytes, False)], sample_shape, settings, unet_macs(graph))
+
+
 def format_tables(result: dict) -> str:
     """The results as two Markdown tables (forward latency, then sampling)."""
     lines = [f"UNet forward, {result['settings']['threads']} threads, median of {result['settings']['iterations']} "
@@ -339,14 +363,7 @@ def format_tables(result: dict) -> str:
              f"Work: {result['macs_per_sample'] / 1e9:.3g} G multiply-accumulates per sample; SQNR on "
              "random inputs; peak MiB: the backend alone in a fresh process, resident memory above the bare "
              f"process's ({result['memory_note'] or 'measured'})", "",
-             "| backend | batch | median ms | IQR ms | vs FP32 eager | vs best FP32 engine | GOP/s | SQNR vs FP32 dB "
-             "| size MB | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["forward"]:
-        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
-        lines.append(f"| {r['backend']} | {r['batch']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
-                     f"{_speedup(r['speedup_vs_eager'])} | {_speedup(r['speedup_vs_best_fp32_engine'])} | "
-                     f"{r['gops']:.0f} | {r['sqnr_db_vs_fp32']:.1f} | {r['size_mb']:.2f} | {peak} |")
+             *forward_table(result["forward"])]
     if result["quality"]:
         first = result["quality"][0]
         lines += ["", f"Noise-prediction SQNR against PyTorch FP32 at each step of {first['num']} held-out FP "
