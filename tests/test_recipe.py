@@ -162,9 +162,12 @@ def run_cifar_recipe(config: dict, tmp_path, capsys) -> dict:
     save_diffusion_model(UNet2DModel(**config).eval(), dict(DEFAULT_SCHEDULER_CONFIG), model)
     out = tmp_path / "run"
     small = ["calibration.size=8", "calibration.steps=4", "calibration.inputs_per_chain=4", "bias_correction.samples=8",
-             "report.num=2", "report.steps=4", "report.error_num=2", "backend=none"]
+             "report.num=2", "report.steps=4", "report.error_num=2"]
     assert main(["run", str(RECIPES / "ddim_cifar_w8a8.yaml"), *sets(f"model={model}", *small), "--out", str(out)]) == 0
     capsys.readouterr()
+    # The recipe's backend (auto) is PyTorch's int8 engine here: the run ends with that int8 model and its speed table.
+    assert load_recipe(out / "recipe.yaml").backend == "fbgemm" and (out / "export" / "deploy.json").is_file()
+    assert [r["backend"] for r in json.loads((out / "speed.json").read_text())] == ["pytorch-fp32-eager", "fbgemm"] * 2
     return json.loads((out / "report.json").read_text())
 
 
