@@ -27,10 +27,9 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.q
 from torch import nn
 
 from qtoolkit import hookimpl
-from qtoolkit.deploy import load as load_deployment, release_freed_memory
-from qtoolkit.export.int8_layers import UINT8, Int8Layer, lower
+from qtoolkit.deploy import loader, release_freed_memory
+from qtoolkit.export.int8_layers import UINT8, Int8Layer, int8_kernel_problem, lower
 from qtoolkit.registry import Backend
-from qtoolkit.sampling import NoisePredictor
 
 NAME = "x86-onednn"
 INT8 = (-128, 127)
@@ -85,14 +84,6 @@ class CompiledInt8Graph(nn.Module):
         return noise
 
 
-def _unsupported(config) -> str | None:
-    if config.activation_bits != 8 or config.activation_symmetric:
-        return "its int8 kernels take 8-bit asymmetric (uint8) activations: set activation_bits 8"
-    if config.weight_bits is None or not config.weight_symmetric:
-        return "its int8 kernels take symmetric integer weights: set weight_bits (8 or fewer), weight_symmetric true"
-    return None
-
-
 def float_precisions() -> tuple[str, ...]:
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return ("fp32",) if x86 and torch.backends.mkldnn.is_available() else ()
@@ -102,16 +93,10 @@ def lower_graph(qgraph) -> nn.Module:
     return CompiledInt8Graph(lower(qgraph, ReferenceInt8Layer)[0])
 
 
-def load(folder, threads: int | None = None, float_precision: str = "fp32") -> NoisePredictor:
-    if threads is not None:
-        torch.set_num_threads(threads)  # PyTorch's thread pool is per process
-    return load_deployment(folder, backend=NAME)
-
-
 @hookimpl
 def register_backends(register):
-    register(Backend(name=NAME, load=load, float_precisions=float_precisions, export_format="torch",
+    register(Backend(name=NAME, load=loader(NAME), float_precisions=float_precisions, export_format="torch",
                      auto_priority=20, runtime_version=lambda: torch.__version__, runtime="torch", lower=lower_graph,
-                     unsupported=_unsupported,
+                     unsupported=int8_kernel_problem,
                      description="PyTorch int8 (oneDNN, x86, torch.compile): int8 convolutions and linears on plain "
                                  "uint8/int8 tensors; takes float convolution outputs; compiles once per batch size"))

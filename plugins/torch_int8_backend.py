@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from qtoolkit import hookimpl
-from qtoolkit.deploy import load as load_deployment
-from qtoolkit.export.int8_layers import Int8Layer, lower
+from qtoolkit.deploy import loader
+from qtoolkit.export.int8_layers import Int8Layer, int8_kernel_problem, lower
 from qtoolkit.registry import Backend
-from qtoolkit.sampling import NoisePredictor
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
 ARM = platform.machine().lower() in ("aarch64", "arm64")
@@ -95,11 +94,7 @@ def _make_module(engine: str):
     return make
 
 
-def _unsupported(config) -> str | None:
-    if config.activation_bits != 8 or config.activation_symmetric:
-        return "its int8 kernels take 8-bit asymmetric (uint8) activations: set activation_bits 8"
-    if config.weight_bits is None or not config.weight_symmetric:
-        return "its int8 kernels take symmetric integer weights: set weight_bits (8 or fewer), weight_symmetric true"
+def _conv_outputs_problem(config) -> str | None:
     if not config.quantize_conv_outputs:
         return ("its int8 convolutions return int8, so they need quantized convolution outputs: set "
                 "quantization.quantize_conv_outputs true, or choose x86-onednn or openvino, which take float outputs")
@@ -113,14 +108,10 @@ def _backend(engine: str, auto_priority: int, description: str) -> Backend:
     def lower_graph(qgraph):
         return lower(qgraph, _make_module(engine))[0]
 
-    def load(folder, threads: int | None = None, float_precision: str = "fp32") -> NoisePredictor:
-        if threads is not None:
-            torch.set_num_threads(threads)  # PyTorch's thread pool is per process
-        return load_deployment(folder, backend=engine)
-
-    return Backend(name=engine, load=load, float_precisions=float_precisions, description=description,
+    return Backend(name=engine, load=loader(engine), float_precisions=float_precisions, description=description,
                    export_format="torch", auto_priority=auto_priority, runtime_version=lambda: torch.__version__,
-                   runtime="torch", lower=lower_graph, unsupported=_unsupported)
+                   runtime="torch", lower=lower_graph,
+                   unsupported=lambda config: int8_kernel_problem(config) or _conv_outputs_problem(config))
 
 
 @hookimpl

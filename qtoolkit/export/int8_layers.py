@@ -57,6 +57,15 @@ class Int8Layer:
 MakeModule = Callable[[Int8Layer], "nn.Module | None"]
 
 
+def int8_kernel_problem(config) -> str | None:
+    """Why a model quantized with `config` (a QuantConfig) has no layer an int8 kernel takes as it is, or None."""
+    if config.activation_bits != 8 or config.activation_symmetric:
+        return "its int8 kernels take 8-bit asymmetric (uint8) activations: set activation_bits 8"
+    if config.weight_bits is None or not config.weight_symmetric:
+        return "its int8 kernels take symmetric integer weights: set weight_bits (8 or fewer), weight_symmetric true"
+    return None
+
+
 def _is_uint8(params: QuantParams) -> bool:
     return params.axis is None and (params.qmin, params.qmax) == UINT8
 
