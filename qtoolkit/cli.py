@@ -354,13 +354,13 @@ def sample(
 def _model_and_predictor(model_arg: str, engine: str, threads: int | None, float_precision: str):
     """What `sample` draws from: a model on torch, an exported folder on a registered backend, or a deployment
     folder on a PyTorch int8 backend."""
-    from .deploy import is_deployment_folder, load as load_deployment
-    from .engines import AUTO, engine_names, load_engine
+    from .deploy import is_deployment_folder, loader
+    from .engines import AUTO, ONNX_FORMAT, engine_names, load_engine
     from .export import is_exported_folder, load_exported
     from .models import load_diffusion_model
 
     if engine == TORCH_ENGINE:
-        backends = " or --engine ".join(n for n in engine_names() if plugins.backend(n).export_format == "onnx")
+        backends = " or --engine ".join(n for n in engine_names() if plugins.backend(n).export_format == ONNX_FORMAT)
         if threads is not None:
             raise QtoolkitError("--threads sets the threads of a backend engine; the torch engine follows "
                                 "OMP_NUM_THREADS")
@@ -373,11 +373,7 @@ def _model_and_predictor(model_arg: str, engine: str, threads: int | None, float
     if is_deployment_folder(model_arg):  # `qtoolkit export --format torch`: PyTorch's own int8 kernels
         if float_precision != "fp32":
             raise QtoolkitError(f"{model_arg} is a PyTorch int8 deployment folder, whose float parts run in fp32")
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-        deployed = load_deployment(model_arg, None if engine == AUTO else engine)
+        deployed = loader(None if engine == AUTO else engine)(model_arg, threads)
         return deployed, deployed
     if not is_exported_folder(model_arg):
         raise QtoolkitError(f"--engine {engine} runs a folder written by `qtoolkit export`, and {model_arg} is not one: "

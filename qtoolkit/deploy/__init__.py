@@ -19,13 +19,10 @@ import sys
 import torch
 from torch import fx, nn
 
-from ..engines import AUTO, resolve_backend
+from ..engines import AUTO, TORCH_FORMAT, resolve_backend
 from ..errors import QtoolkitError
 from ..quant import QuantConfig
 from .folder import export_deployment, is_deployment_folder, read_deployment, rebuild_frozen_graph
-
-TORCH_FORMAT = "torch"
-
 
 class DeployedModel(nn.Module):
     """A lowered int8 graph called as `model(sample, timestep) -> noise`, with what sampling needs besides
@@ -72,8 +69,9 @@ def load(folder: str | os.PathLike, backend: str | None = None) -> DeployedModel
     return model
 
 
-def loader(backend: str):
-    """A torch backend's Backend.load: (deployment folder, threads, float_precision "fp32") -> the model on it."""
+def loader(backend: str | None):
+    """A torch backend's Backend.load: (deployment folder, threads, float_precision "fp32") -> the model on it
+    (backend None: load's choice for the folder's quantization)."""
     def load_folder(folder: str | os.PathLike, threads: int | None = None, float_precision: str = "fp32"):
         if threads is not None:
             torch.set_num_threads(threads)  # PyTorch's thread pool is per process

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 AUTO = "auto"
 BACKENDS_HOOK = "register_backends"
+ONNX_FORMAT, TORCH_FORMAT = "onnx", "torch"  # Backend.export_format: an ONNX export, or a deployment folder
 FLOAT_PRECISIONS = ("fp32", "bf16")  # the precisions qtoolkit knows names for, FP32 (the default) first
 
 
@@ -90,7 +91,7 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
     if threads is not None and threads < 1:
         raise QtoolkitError(f"threads must be at least 1, got {threads}")
     target = graph_file(exported)
-    export_format = "torch" if target.is_dir() else "onnx"  # graph_file gives a folder for deployment folders only
+    export_format = TORCH_FORMAT if target.is_dir() else ONNX_FORMAT  # a folder: graph_file's deployment folder
     backend = resolve_backend(engine, export_format=export_format)
     if backend.export_format != export_format:
         raise QtoolkitError(f"the {backend.name} backend runs {backend.export_format} exports and {exported} is a "
@@ -107,4 +108,4 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
     return backend.load(target, threads, float_precision)
 
 
-__all__ = ["AUTO", "FLOAT_PRECISIONS", "engine_names", "graph_file", "load_engine", "resolve_backend"]
+__all__ = ["AUTO", "FLOAT_PRECISIONS", "ONNX_FORMAT", "TORCH_FORMAT", "engine_names", "graph_file", "load_engine", "resolve_backend"]

@@ -29,8 +29,7 @@ from ..graph import quant_ops
 from ..graph.serialization import quantized_metadata
 from ..models.loading import DiffusionModel, load_diffusion_model, save_diffusion_model
 from ..sampling import NoisePredictor, unet_predictor
-from . import engine_names, load_engine, resolve_backend
-from ..deploy import TORCH_FORMAT
+from . import ONNX_FORMAT, TORCH_FORMAT, engine_names, load_engine, resolve_backend
 from .peers import PEERS
 
 EAGER = "pytorch-fp32-eager"
@@ -54,7 +53,7 @@ def engine_backends() -> dict[str, tuple[str, str, str]]:
     """Engine backend name -> (engine, graph precision, float precision): the float graph, then the int8 graph, on
     every ONNX engine that can run here with FP32 float parts, then with each other float precision it offers."""
     engines = {name: resolve_backend(name).float_precisions() for name in engine_names()
-               if resolve_backend(name).export_format == "onnx"}
+               if resolve_backend(name).export_format == ONNX_FORMAT}
     engines = {name: precisions for name, precisions in engines.items() if precisions}  # runnable here
     backends = {}
     for graph in PRECISIONS:
