@@ -354,8 +354,8 @@ def sample(
 def _model_and_predictor(model_arg: str, engine: str, threads: int | None, float_precision: str):
     """What `sample` draws from: a model on torch, an exported folder on a registered backend, or a deployment
     folder on a PyTorch int8 backend."""
-    from .deploy import is_deployment_folder, loader
-    from .engines import AUTO, ONNX_FORMAT, engine_names, load_engine
+    from .deploy import is_deployment_folder
+    from .engines import ONNX_FORMAT, engine_names, load_engine
     from .export import is_exported_folder, load_exported
     from .models import load_diffusion_model
 
@@ -371,9 +371,7 @@ def _model_and_predictor(model_arg: str, engine: str, threads: int | None, float
             raise QtoolkitError(f"{model_arg} holds an exported ONNX graph: sample it with --engine {backends}")
         return load_diffusion_model(model_arg), None
     if is_deployment_folder(model_arg):  # `qtoolkit export --format torch`: PyTorch's own int8 kernels
-        if float_precision != "fp32":
-            raise QtoolkitError(f"{model_arg} is a PyTorch int8 deployment folder, whose float parts run in fp32")
-        deployed = loader(None if engine == AUTO else engine)(model_arg, threads)
+        deployed = load_engine(engine, model_arg, threads, float_precision)
         return deployed, deployed
     if not is_exported_folder(model_arg):
         raise QtoolkitError(f"--engine {engine} runs a folder written by `qtoolkit export`, and {model_arg} is not one: "

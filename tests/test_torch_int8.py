@@ -180,6 +180,18 @@ def test_auto_follows_the_quantization_and_a_backend_that_cannot_run_it_says_why
         load_engine("openvino", _deployment_of(fp_model, qgraph, tmp_path), threads=1)
 
 
+def test_auto_on_a_deployment_folder_reads_the_folders_quantization(fp_model, tmp_path, capsys):
+    # A model with float convolution outputs: auto must not pick fbgemm, which cannot run it.
+    folder = _deployment_of(fp_model, _frozen(fp_model, QuantConfig()), tmp_path)
+    assert load_engine("auto", folder, threads=1).backend == "x86-onednn"
+    with pytest.raises(QtoolkitError, match="fbgemm backend cannot run this model"):
+        load_engine("fbgemm", folder, threads=1)
+    assert main(["sample", "--model", str(folder), "--engine", "auto", "--float-precision", "bf16",
+                 "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "runs the float parts in fp32 here, not 'bf16'" in err and "openvino" not in err  # no ONNX engine offered
+
+
 def _deployment_of(fp_model, qgraph, tmp_path):
     save_quantized_pipeline(qgraph, fp_model[0], tmp_path / "model", provenance={})
     export_deployment(tmp_path / "model", tmp_path / "deployed")

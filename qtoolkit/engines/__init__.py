@@ -92,7 +92,13 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
         raise QtoolkitError(f"threads must be at least 1, got {threads}")
     target = graph_file(exported)
     export_format = TORCH_FORMAT if target.is_dir() else ONNX_FORMAT  # a folder: graph_file's deployment folder
-    backend = resolve_backend(engine, export_format=export_format)
+    config = None
+    if export_format == TORCH_FORMAT:  # auto: among the torch backends, one that runs the model's quantization
+        from ..deploy.folder import read_deployment  # deploy builds on this package: import on use
+        from ..quant import QuantConfig
+
+        config = QuantConfig.from_dict(read_deployment(target)["quantized_model"]["quant_config"])
+    backend = resolve_backend(engine, config, export_format=export_format)
     if backend.export_format != export_format:
         raise QtoolkitError(f"the {backend.name} backend runs {backend.export_format} exports and {exported} is a "
                             f"{export_format} one: re-export it with `qtoolkit export --format {backend.export_format}`"
@@ -102,7 +108,8 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
         raise QtoolkitError(f"the {backend.name} backend cannot run on this machine: its runtime is not installed "
                             f"(for the built-in backends: {INSTALL_HINT})")
     if float_precision not in precisions:
-        able = [name for name in engine_names() if float_precision in plugins.backend(name).float_precisions()]
+        able = [name for name in engine_names() if plugins.backend(name).export_format == export_format
+                and float_precision in plugins.backend(name).float_precisions()]
         raise QtoolkitError(f"the {backend.name} backend runs the float parts in {', '.join(precisions)} here, not "
                             f"{float_precision!r}" + (f": use the {' or '.join(able)} backend" if able else ""))
     return backend.load(target, threads, float_precision)
