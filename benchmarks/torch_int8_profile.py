@@ -1,6 +1,7 @@
 """Where fbgemm's time goes on the CIFAR-10 architecture: torch.profiler's per-op table of one UNet forward on the
-fbgemm backend and on PyTorch FP32 eager, and the attention kernel both run in float, timed as SDPA against
-matmul + softmax (the alternative tried for it).
+fbgemm backend and on PyTorch FP32 eager, the same graph packed for torch's plain `fbgemm` engine instead of its
+`x86` engine (the backend's choice), and the attention kernel both run in float, timed as SDPA against matmul +
+softmax (the alternative tried for it).
 
     python benchmarks/torch_int8_profile.py --batch 16          # 2 threads, about 2 minutes
 
@@ -20,19 +21,24 @@ from qtoolkit.deploy import lower_graph  # first: qtoolkit quiets torchao's impo
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
 from qtoolkit.ptq import calibrate_and_freeze, quantized_graph
 from qtoolkit.quant import QuantConfig
+from qtoolkit_plugins.torch_int8_backend import lower_on_engine
 
 from int8_speed import CIFAR10_DDPM, calibration_inputs  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 
 
-def _best_ms(fn, repeats: int = 5) -> float:
+def _times(fn, repeats: int) -> list[float]:
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    return times
+
+
+def _best_ms(fn, repeats: int = 5) -> float:
+    return min(_times(fn, repeats)) * 1e3
 
 
 def main(batch: Annotated[int, typer.Option(help="batch size of the profiled forward")] = 16,
@@ -44,15 +50,22 @@ def main(batch: Annotated[int, typer.Option(help="batch size of the profiled for
     model = DiffusionModel(unet, dict(DEFAULT_SCHEDULER_CONFIG), "cifar10-ddpm-random")
     _, qgraph = quantized_graph(model, QuantConfig(quantize_conv_outputs=True))
     qgraph = calibrate_and_freeze(qgraph, calibration_inputs((3, 32, 32), 64, 0), batch_size=16, progress=False)
-    fbgemm = lower_graph(qgraph, "fbgemm")
+    fbgemm, plain_fbgemm = lower_graph(qgraph, "fbgemm"), lower_on_engine(qgraph, "fbgemm")
     x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
     x_last = x.contiguous(memory_format=torch.channels_last)  # as qtoolkit.deploy.DeployedModel passes it
-    runs = {"pytorch-fp32-eager": lambda: unet(x, t), "fbgemm": lambda: fbgemm(x_last, t)}
+    runs = {"pytorch-fp32-eager": lambda: unet(x, t), "fbgemm": lambda: fbgemm(x_last, t),
+            "fbgemm, torch's plain fbgemm engine": lambda: plain_fbgemm(x_last, t)}
     with torch.no_grad():
-        for name, run in runs.items():
-            print(f"{name}: best of 5 forwards at batch {batch}, {threads} threads: {_best_ms(run):.1f} ms")
+        times = {name: [] for name in runs}
+        for _ in range(3):  # alternating rounds: the machine's drift falls on every run alike
+            for name, run in runs.items():
+                times[name] += _times(run, 2)
+        for name in runs:
+            print(f"{name}: best of 6 forwards at batch {batch}, {threads} threads: {min(times[name]) * 1e3:.1f} ms")
+        for name in ["pytorch-fp32-eager", "fbgemm"]:
             with torch.profiler.profile() as profile:
-                run()
+                runs[name]()
+            print(f"{name}:")
             print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
         heads = CIFAR10_DDPM["block_out_channels"][1] // 8  # diffusers' default attention_head_dim 8
         q, k, v = (torch.randn(batch, heads, 16 * 16, 8) for _ in range(3))

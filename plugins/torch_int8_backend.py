@@ -75,7 +75,9 @@ class QuantizedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8)
-        return torch.ops.quantized.conv2d(q, self.packed, self.output_scale, self.output_zero_point).dequantize()
+        y = torch.ops.quantized.conv2d(q, self.packed, self.output_scale, self.output_zero_point)
+        del q  # freed before the float output exists: the peak memory of a forward is made of such moments
+        return y.dequantize()
 
 
 class QuantizedLinear(nn.Module):
@@ -92,12 +94,13 @@ class QuantizedLinear(nn.Module):
             x, self.input_scale, self.input_zero_point, self.packed)
 
 
-def _make_module(engine: str):
+def lower_on_engine(qgraph, engine: str) -> nn.Module:
+    """The frozen graph with its int8 layers packed for torch's quantized `engine` (benchmarks compare engines)."""
     def make(layer: Int8Layer) -> nn.Module | None:
         if layer.kind == "conv2d":
             return QuantizedConv2d(layer, engine) if layer.output is not None else None
         return QuantizedLinear(layer, engine) if engine != "qnnpack" else None
-    return make
+    return lower(qgraph, make)[0]
 
 
 def x86_engine() -> str:
@@ -116,12 +119,9 @@ def _backend(name: str, engine: str, auto_priority: int, description: str) -> Ba
     def float_precisions() -> tuple[str, ...]:
         return ("fp32",) if engine in torch.backends.quantized.supported_engines else ()
 
-    def lower_graph(qgraph):
-        return lower(qgraph, _make_module(engine))[0]
-
     return Backend(name=name, load=loader(name), float_precisions=float_precisions, description=description,
                    export_format="torch", auto_priority=auto_priority, runtime_version=lambda: torch.__version__,
-                   runtime="torch", lower=lower_graph,
+                   runtime="torch", lower=lambda qgraph: lower_on_engine(qgraph, engine),
                    unsupported=lambda config: int8_kernel_problem(config) or _conv_outputs_problem(config))
 
 
