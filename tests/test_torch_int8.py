@@ -28,9 +28,14 @@ from qtoolkit.ptq import calibrate_and_freeze, save_quantized_pipeline
 from qtoolkit.quant import QuantConfig
 from qtoolkit.registry import Backend
 from qtoolkit.sampling import unet_predictor
+from qtoolkit_plugins.torch_int8_backend import lower_on_engine
 
 BACKENDS = ["fbgemm", "qnnpack", "x86-onednn"]
-KERNELS = {"fbgemm": "quantized::conv2d", "qnnpack": "quantized::conv2d", "x86-onednn": "onednn::qconv_pointwise"}
+# The fbgemm backend packs for torch's x86 engine; a torch build without it gets the plain fbgemm engine.
+PLAIN_FBGEMM = "fbgemm on the plain fbgemm engine"
+LOWERINGS = [*BACKENDS, PLAIN_FBGEMM]
+KERNELS = {"fbgemm": "quantized::conv2d", "qnnpack": "quantized::conv2d", "x86-onednn": "onednn::qconv_pointwise",
+           PLAIN_FBGEMM: "quantized::conv2d"}
 CONV_OUTPUTS = QuantConfig(quantize_conv_outputs=True)
 
 
@@ -48,7 +53,7 @@ def qgraph(fp_model):
 def lowered(qgraph):
     """The graph on each backend, lowered once: x86-onednn compiles once per batch size, so the tests below call
     every backend at one batch size, BATCH."""
-    return {name: lower_graph(qgraph, name) for name in BACKENDS}
+    return {**{name: lower_graph(qgraph, name) for name in BACKENDS}, PLAIN_FBGEMM: lower_on_engine(qgraph, "fbgemm")}
 
 
 BATCH = 4
@@ -75,7 +80,7 @@ def _kernel_calls(module, kernel: str, x, t) -> int:
     return sum(event.count for event in profile.key_averages() if event.key == kernel)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOWERINGS)
 def test_every_quantized_convolution_runs_on_the_backends_int8_kernel(qgraph, lowered, backend):
     quantized = [op for op in quant_ops(qgraph).values() if op.kind == "conv2d"]
     convolutions = [layer for layer in int8_layers(qgraph).values() if layer.kind == "conv2d"]
@@ -105,15 +110,15 @@ def test_linears_run_on_int8_kernels_where_the_engine_has_a_float_output_one(qgr
 
 def test_torch_backends_follow_the_simulation_at_every_timestep(fp_model, qgraph, lowered):
     fp = fp_model[0]
-    candidates = {name: lowered[name] for name in BACKENDS}
+    candidates = {name: lowered[name] for name in LOWERINGS}
     result = per_timestep_error(fp, unet_predictor(qgraph), {**candidates, "fp32": unet_predictor(fp.unet)},
                                 steps=10, num=BATCH)
     against_fp = per_timestep_error(fp, unet_predictor(fp.unet), {"simulation": unet_predictor(qgraph), **candidates},
                                     steps=10, num=BATCH)
-    report = {name: [round(s, 1) for s in result[name]["sqnr_db"]] for name in [*BACKENDS, "fp32"]}
+    report = {name: [round(s, 1) for s in result[name]["sqnr_db"]] for name in [*LOWERINGS, "fp32"]}
     print("SQNR against the simulation per timestep", result["t"], report)
     simulation_vs_fp = np.array(against_fp["simulation"]["sqnr_db"])
-    for name in BACKENDS:
+    for name in LOWERINGS:
         sqnr = np.array(result[name]["sqnr_db"])
         # Each backend computes the simulation's integer codes but for a few one-code flips (float rounding at a
         # rounding boundary, amplified by random weights): far closer to it than to FP ...
