@@ -33,6 +33,7 @@ from ..graph import quant_ops
 from ..graph.serialization import check_quantized_metadata, read_quantized_metadata, rebuild_quantized
 from ..io import atomic_dir, read_description
 from ..models.loading import load_diffusion_model, load_safetensors, locate_folders
+from ..quant import QuantConfig
 
 DESCRIPTION_FILE = "deploy.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -96,10 +97,22 @@ def save_deployment(qgraph: fx.GraphModule, metadata: dict, scheduler_config: di
     return description
 
 
+def _how_to_fix(folder: Path) -> str:
+    return f"re-export it with `qtoolkit export --model RUN_FOLDER --format torch --out {folder}`"
+
+
+def deployment_quant_config(folder: str | os.PathLike) -> QuantConfig:
+    """The quantization a deployment folder's model was made with, from deploy.json alone (what `auto` needs to
+    choose a backend; loading checks the files' hashes)."""
+    folder = Path(folder)
+    description = read_description(folder / DESCRIPTION_FILE, FORMAT, FORMAT_VERSION, _how_to_fix(folder))
+    return QuantConfig.from_dict(description["quantized_model"]["quant_config"])
+
+
 def read_deployment(folder: str | os.PathLike) -> dict:
     """The checked description of a deployment folder: format, version, and every file's hash."""
     folder = Path(folder)
-    how_to_fix = f"re-export it with `qtoolkit export --model RUN_FOLDER --format torch --out {folder}`"
+    how_to_fix = _how_to_fix(folder)
     if not is_deployment_folder(folder):
         raise QtoolkitError(f"{folder} is not a torch deployment folder (no {DESCRIPTION_FILE}): {how_to_fix}")
     description = read_description(folder / DESCRIPTION_FILE, FORMAT, FORMAT_VERSION, how_to_fix)

@@ -94,10 +94,9 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
     export_format = TORCH_FORMAT if target.is_dir() else ONNX_FORMAT  # a folder: graph_file's deployment folder
     config = None
     if export_format == TORCH_FORMAT:  # auto: among the torch backends, one that runs the model's quantization
-        from ..deploy.folder import read_deployment  # deploy builds on this package: import on use
-        from ..quant import QuantConfig
+        from ..deploy.folder import deployment_quant_config  # deploy builds on this package: import on use
 
-        config = QuantConfig.from_dict(read_deployment(target)["quantized_model"]["quant_config"])
+        config = deployment_quant_config(target)
     backend = resolve_backend(engine, config, export_format=export_format)
     if backend.export_format != export_format:
         raise QtoolkitError(f"the {backend.name} backend runs {backend.export_format} exports and {exported} is a "
