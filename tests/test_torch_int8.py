@@ -8,6 +8,7 @@ runs here on x86 too, slowly, which is enough to test its numerics.
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from qtoolkit import hookimpl, plugins
 from qtoolkit.agreement import per_timestep_error
 from qtoolkit.cli import main
-from qtoolkit.deploy import export_deployment, load, lower_graph
+from qtoolkit.deploy import export_deployment, in_own_arena, load, lower_graph
 from qtoolkit.engines import load_engine, resolve_backend
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.export.int8_layers import int8_layers
@@ -106,6 +107,27 @@ def test_linears_run_on_int8_kernels_where_the_engine_has_a_float_output_one(qgr
     # the identical input quantization of to_q, to_k and to_v into one node, whose three linears then run in float
     # on dequantized weights (the same numbers, not int8).
     assert 0 < onednn < linears
+
+
+def test_x86_onednn_runs_float_linears_unpacked(lowered):
+    # Inductor's freezing would repack each float linear (the timestep path's) for MKL into 5.6 MiB, whatever
+    # its size, once per batch size compiled; the backend keeps them out of its reach.
+    x, t = torch.randn(BATCH, 1, 8, 8), torch.tensor([10, 900, 3, 500])
+    float_linears = sum(n.target == torch.ops.qtoolkit.float_linear.default for n in _graph_of(lowered["x86-onednn"]).nodes)
+    with torch.no_grad():
+        assert _kernel_calls(lowered["x86-onednn"], "qtoolkit::float_linear", x, t) == float_linears > 0
+        assert _kernel_calls(lowered["x86-onednn"], "mkl::_mkl_linear", x, t) == 0
+
+
+def test_building_in_its_own_arena_returns_or_raises_as_the_caller_would():
+    caller, threads = threading.get_ident(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert in_own_arena(lambda: (threading.get_ident() != caller, torch.get_num_threads())) == (True, 1)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(QtoolkitError, match="bad folder"):
+        in_own_arena(lambda: (_ for _ in ()).throw(QtoolkitError("bad folder")))
 
 
 def test_torch_backends_follow_the_simulation_at_every_timestep(fp_model, qgraph, lowered):
