@@ -55,6 +55,9 @@ def probe(work: Path, backend: str, batch_sizes: list[int], threads: int, seed: 
     for name in engine_names():
         if resolve_backend(name).float_precisions():
             resolve_backend(name).runtime_version()
+    # So does torch's compiler, the runtime of the rows that compile (the PT2E peer, torch.compile): 116 MiB of
+    # Python modules on import, on the CIFAR-10 architecture more than the int8 weights.
+    import torch._inductor.compile_fx  # noqa: F401
     torch.set_num_threads(threads)
     sources = BackendSources.reopen(work, threads)
     baseline = _status_mib("VmRSS")
