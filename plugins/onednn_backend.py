@@ -74,7 +74,6 @@ class CompiledInt8Graph(nn.Module):
         self.compiled = torch.compile(reference, dynamic=False)
         self.compiled_shapes: set[tuple[int, ...]] = set()
 
-    @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         if sample.shape in self.compiled_shapes:
             return self._run(sample, timestep)
@@ -85,6 +84,7 @@ class CompiledInt8Graph(nn.Module):
         return noise
 
     def _run(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        # no_grad here, not on forward: grad mode is per thread, and the first call of a batch size runs in another
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             return self.compiled(sample, timestep)
 

@@ -29,6 +29,7 @@ from .folder import export_deployment, is_deployment_folder, read_deployment, re
 
 T = TypeVar("T")
 
+
 class DeployedModel(nn.Module):
     """A lowered int8 graph called as `model(sample, timestep) -> noise`, with what sampling needs besides
     (`sample_shape`, `scheduler_config`: qtoolkit.sampling.sample(model, ..., eps=model) draws from it)."""
@@ -119,4 +120,4 @@ def release_freed_memory() -> None:
 
 
 __all__ = ["DeployedModel", "export_deployment", "is_deployment_folder", "load", "loader", "lower_graph",
-           "read_deployment", "TORCH_FORMAT", "in_own_arena", "release_freed_memory"]
+           "read_deployment", "TORCH_FORMAT", "in_own_arena"]
