@@ -8,31 +8,50 @@ int8 tensors (no deprecated quantized dtypes),
     y = conv2d(x, dequantize_per_channel(W_int8, s_w, 0, axis 0), bias)             (or linear)
     [y = dequantize_per_tensor(quantize_per_tensor(y, s_out, z_out))]              with quantize_conv_outputs
 
-and torch.compile with freezing (the weights become constants) lets Inductor's x86 quantization passes replace
-each pattern with `onednn.qconv_pointwise` / `qlinear_pointwise` on the prepacked int8 weights, fusing the
+and Inductor compiles it with freezing (the weights become constants): its x86 quantization passes replace each
+pattern with `onednn.qconv_pointwise` / `qlinear_pointwise` on the prepacked int8 weights, fusing the
 quantization of an input into the op that produces it. The other way, calling those oneDNN ops eagerly
 from Python (what torchao's lowering writes before compiling), was measured slower on the CIFAR-10
 architecture (README): every quantize and layout conversion is then a pass of its own.
 
-Compiling takes about a minute per batch size for the CIFAR-10 architecture on 2 cores, once per process
-(one static graph per batch size, like the pt2e-x86-inductor peer). Everything else stays float.
+Compiled ahead of time (AOTInductor), once per model and machine, for every batch size: the graph is exported
+with a dynamic batch and compiled in a child process into a package of native code, which this process loads.
+So the process that runs the model holds none of the compiler's objects (torch.compile in the process kept
+47 MiB of them, plus one set of packed weights per batch size it compiled). The package is cached under
+CACHE_DIR, keyed by a hash of the exported graph, its weights, torch's version and the CPU's instruction set,
+and the next load of the same model takes a second instead of the compile's minute or more. The deployment
+folder itself stays data: the native code is built on the machine that runs it, from the folder's tensors.
+Everything else stays float.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
-from torch import nn
+from torch import fx, nn
 
 from qtoolkit import hookimpl
-from qtoolkit.deploy import in_own_arena, loader
+from qtoolkit.deploy import loader
+from qtoolkit.errors import QtoolkitError
 from qtoolkit.export.int8_layers import UINT8, Int8Layer, int8_kernel_problem, lower
+from qtoolkit.graph.capture import SAMPLE_SHAPE_META, example_inputs, torch_pytree_warning_hidden
+from qtoolkit.progress import progress_bar
 from qtoolkit.registry import Backend
 
 NAME = "x86-onednn"
 INT8 = (-128, 127)
+CACHE_DIR = Path.home() / ".cache" / "qtoolkit" / NAME
+# Part of the cache key: raise it when what gets compiled changes while the exported graph does not (the compile
+# settings, the reference form's lowering), so that no package compiled the old way is loaded again.
+PACKAGE_FORMAT = 1
 _decomposed = torch.ops.quantized_decomposed
 
 
@@ -66,50 +85,100 @@ class ReferenceInt8Layer(nn.Module):
 
 
 class CompiledInt8Graph(nn.Module):
-    """The reference-form graph under torch.compile with freezing: one static graph per batch size."""
+    """The reference-form graph compiled ahead of time by AOTInductor: one package of native code that runs every
+    batch size, called as `(sample, timestep) -> noise`."""
 
-    def __init__(self, reference: nn.Module):
+    def __init__(self, package: Path, sample_shape: tuple[int, ...]):
         super().__init__()
-        self.reference = reference  # the lowered GraphModule, as written
-        self.compiled = torch.compile(reference, dynamic=False)
-        self.compiled_shapes: set[tuple[int, ...]] = set()
+        self.package, self.sample_shape = package, tuple(sample_shape)
+        self.compiled = torch._inductor.aoti_load_package(str(package))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if sample.shape in self.compiled_shapes:
-            return self._run(sample, timestep)
-        # A new batch size compiles: in a thread of its own, so that the compiler's temporaries leave no holes
-        # in the heap the forwards allocate from (qtoolkit.deploy.in_own_arena).
-        noise = in_own_arena(lambda: self._run(sample, timestep))
-        self.compiled_shapes.add(sample.shape)
-        return noise
-
-    def _run(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        # no_grad here, not on forward: grad mode is per thread, and the first call of a batch size runs in another
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
-            return self.compiled(sample, timestep)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
+        # The native code trusts its inputs' shapes and dtypes (a wrong one reads out of bounds): check them here.
+        if sample.dtype != torch.float32 or tuple(sample.shape[1:]) != self.sample_shape or sample.dim() < 2:
+            raise QtoolkitError(f"the {NAME} model takes float32 samples of shape (batch, "
+                                f"{', '.join(map(str, self.sample_shape))}), not {sample.dtype} {tuple(sample.shape)}")
+        with torch.no_grad():
+            return self.compiled(_compiled_layout(sample), _integer_timesteps(timestep, len(sample)))
 
 
-@torch.library.custom_op("qtoolkit::float_linear", mutates_args=())
-def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A float linear layer that Inductor calls as it is instead of repacking its weight (see _keep_float_linears)."""
-    return torch.nn.functional.linear(x, weight, bias)
+def _compiled_layout(sample: torch.Tensor) -> torch.Tensor:
+    """The sample in the memory layout the package was compiled for: channels-last, as the int8 convolutions run."""
+    return sample.contiguous(memory_format=torch.channels_last) if sample.dim() == 4 else sample.contiguous()
 
 
-@float_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _integer_timesteps(timestep: torch.Tensor | int, batch: int) -> torch.Tensor:
+    """One int64 timestep per sample (what the graph was captured with; a scalar serves the whole batch)."""
+    timestep = torch.as_tensor(timestep)
+    if timestep.dim() == 0:
+        timestep = timestep.expand(batch)
+    if timestep.shape != (batch,):
+        raise QtoolkitError(f"the {NAME} model takes one timestep per sample or one for all, not timesteps of shape "
+                            f"{tuple(timestep.shape)} for a batch of {batch}")
+    if timestep.is_floating_point() and not torch.equal(timestep, timestep.round()):
+        raise QtoolkitError(f"the {NAME} model takes integer timesteps (it was compiled for them), not {timestep}")
+    return timestep.to(torch.int64).contiguous()
 
 
-def _keep_float_linears(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Hide the float linears (the timestep embedding's) from Inductor's weight packing: freezing repacks each for
-    MKL into a buffer of 5.6 MiB whatever the weight's size (0.25-1 MiB here), for every batch size compiled:
-    134 MiB per batch size for the 24 of the CIFAR-10 architecture, for products of (batch x 512) rows."""
-    for node in graph.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
-            node.target = torch.ops.qtoolkit.float_linear.default
-            node.args = tuple(node.args) + (None,) * (3 - len(node.args))
-    graph.recompile()
-    return graph
+def compiled_package(reference: fx.GraphModule, sample_shape: tuple[int, ...]) -> Path:
+    """The AOTInductor package of the reference-form graph for this machine: from CACHE_DIR, or compiled now."""
+    sample, timestep = example_inputs(sample_shape, batch=2)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad(), torch_pytree_warning_hidden():
+        program = torch.export.export(reference, (_compiled_layout(sample), timestep),
+                                      dynamic_shapes=({0: batch}, {0: batch}))
+    package = CACHE_DIR / f"{_fingerprint(program)}.pt2"
+    if not package.is_file():
+        _compile_in_child(program, package)
+    return package
+
+
+def _fingerprint(program: torch.export.ExportedProgram) -> str:
+    """A hash of everything the compiled code depends on: the graph (the scales are literals in it), its tensors,
+    the batch range, how it is compiled, torch's version and the instruction set the code is compiled for."""
+    digest = hashlib.sha256()
+    for text in (str(PACKAGE_FORMAT), torch.__version__, platform.machine(), torch.backends.cpu.get_cpu_capability(), str(program.graph),
+                 str(program.range_constraints)):
+        digest.update(text.encode() + b"\0")
+    tensors = {**program.state_dict, **program.constants}
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:32]
+
+
+def _compile_in_child(program: torch.export.ExportedProgram, package: Path) -> None:
+    """Compile in a child process, so that this one keeps none of the compiler's objects; the package lands in
+    the cache whole or not at all."""
+    try:
+        package.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QtoolkitError(f"cannot create {NAME}'s package cache {package.parent} ({e.strerror}): make it "
+                            "writable, or choose another backend") from None
+    with tempfile.TemporaryDirectory(dir=package.parent, prefix=".compiling-") as work:
+        program_file, package_file = Path(work, "program.pt2"), Path(work, "package.pt2")
+        with torch_pytree_warning_hidden():
+            torch.export.save(program, program_file)
+        child = f"import sys; from {__name__} import compile_exported; compile_exported(*sys.argv[1:])"
+        # The child imports what this process imports, from where it imports it.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        with progress_bar(None, f"compile for {NAME} (once per model and machine)", transient=True):
+            done = subprocess.run([sys.executable, "-c", child, str(program_file), str(package_file)], env=env,
+                                  capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            last_line = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            raise QtoolkitError(f"compiling the model for {NAME} failed: {last_line} (choose another backend)")
+        os.replace(package_file, package)
+
+
+def compile_exported(program_file: str, package_file: str) -> None:
+    """The child's work: the exported program compiled with freezing into an AOTInductor package."""
+    with torch_pytree_warning_hidden():
+        program = torch.export.load(program_file)  # written by the parent a moment ago, in its private directory
+    # Inductor's x86 quantization passes run only outside autograd
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        torch._inductor.aoti_compile_and_package(program, package_path=package_file)
 
 
 def float_precisions() -> tuple[str, ...]:
@@ -117,8 +186,14 @@ def float_precisions() -> tuple[str, ...]:
     return ("fp32",) if x86 and torch.backends.mkldnn.is_available() else ()
 
 
-def lower_graph(qgraph) -> nn.Module:
-    return CompiledInt8Graph(_keep_float_linears(lower(qgraph, ReferenceInt8Layer)[0]))
+def reference_graph(qgraph: fx.GraphModule) -> fx.GraphModule:
+    """The frozen graph with each int8 layer in PT2E's reference form, the graph that is compiled."""
+    return lower(qgraph, ReferenceInt8Layer)[0]
+
+
+def lower_graph(qgraph: fx.GraphModule) -> nn.Module:
+    sample_shape = qgraph.meta[SAMPLE_SHAPE_META]
+    return CompiledInt8Graph(compiled_package(reference_graph(qgraph), sample_shape), sample_shape)
 
 
 @hookimpl
@@ -126,5 +201,6 @@ def register_backends(register):
     register(Backend(name=NAME, load=loader(NAME), float_precisions=float_precisions, export_format="torch",
                      auto_priority=20, runtime_version=lambda: torch.__version__, runtime="torch", lower=lower_graph,
                      unsupported=int8_kernel_problem,
-                     description="PyTorch int8 (oneDNN, x86, torch.compile): int8 convolutions and linears on plain "
-                                 "uint8/int8 tensors; takes float convolution outputs; compiles once per batch size"))
+                     description="PyTorch int8 (oneDNN, x86, AOTInductor): int8 convolutions and linears on plain "
+                                 "uint8/int8 tensors; takes float convolution outputs; compiled once per model and "
+                                 "machine, then cached"))

@@ -16,6 +16,17 @@ TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channel
                  norm_num_groups=4, attention_head_dim=8)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onednn_package_cache(tmp_path_factory):
+    """The x86-onednn backend's compiled packages go to a folder of this session, not the user's cache: every
+    run compiles what it tests."""
+    import qtoolkit_plugins.onednn_backend as onednn
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onednn, "CACHE_DIR", tmp_path_factory.mktemp("x86-onednn-cache"))
+        yield onednn.CACHE_DIR
+
+
 def calibration_inputs(num, seed):
     """(x_t, t) network inputs of the tiny UNet: Gaussian images, random timesteps."""
     g = torch.Generator().manual_seed(seed)

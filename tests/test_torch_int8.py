@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -23,12 +24,15 @@ from qtoolkit.engines import load_engine, resolve_backend
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.export.int8_layers import int8_layers
 from qtoolkit.graph import quant_ops, quantize
+from qtoolkit.graph.capture import copy_graph
 from qtoolkit.models.loading import save_diffusion_model
 from qtoolkit.plugins import PluginInfo
 from qtoolkit.ptq import calibrate_and_freeze, save_quantized_pipeline
 from qtoolkit.quant import QuantConfig
 from qtoolkit.registry import Backend
 from qtoolkit.sampling import unet_predictor
+from qtoolkit_plugins import onednn_backend
+from qtoolkit_plugins.onednn_backend import CompiledInt8Graph, reference_graph
 from qtoolkit_plugins.torch_int8_backend import lower_on_engine
 
 BACKENDS = ["fbgemm", "qnnpack", "x86-onednn"]
@@ -37,6 +41,9 @@ PLAIN_FBGEMM = "fbgemm on the plain fbgemm engine"
 LOWERINGS = [*BACKENDS, PLAIN_FBGEMM]
 KERNELS = {"fbgemm": "quantized::conv2d", "qnnpack": "quantized::conv2d", "x86-onednn": "onednn::qconv_pointwise",
            PLAIN_FBGEMM: "quantized::conv2d"}
+# The names AOTInductor's C shim gives the oneDNN ops (the `tensor` overloads, which take the scales as tensors).
+SHIM_CALLS = {"onednn::qconv_pointwise": "aoti_torch_cpu__qconv_pointwise_tensor(",
+              "onednn::qlinear_pointwise": "aoti_torch_cpu__qlinear_pointwise_tensor(", "mkldnn::_linear_pointwise": "aoti_torch_cpu__linear_pointwise(", "mkl::_mkl_linear": "mkl_linear"}
 CONV_OUTPUTS = QuantConfig(quantize_conv_outputs=True)
 
 
@@ -52,17 +59,16 @@ def qgraph(fp_model):
 
 @pytest.fixture(scope="module")
 def lowered(qgraph):
-    """The graph on each backend, lowered once: x86-onednn compiles once per batch size, so the tests below call
-    every backend at one batch size, BATCH."""
+    """The graph on each backend, lowered once (x86-onednn compiles it, in a child process)."""
     return {**{name: lower_graph(qgraph, name) for name in BACKENDS}, PLAIN_FBGEMM: lower_on_engine(qgraph, "fbgemm")}
 
 
 BATCH = 4
 
 
-def _graph_of(module) -> torch.fx.Graph:
-    """The FX graph a lowered module runs (x86-onednn's is inside its compiled wrapper)."""
-    return getattr(module, "reference", module).graph
+def _graph_of(qgraph, lowered, backend) -> torch.fx.Graph:
+    """The FX graph a backend runs (x86-onednn's: the one it compiles)."""
+    return reference_graph(qgraph).graph if backend == "x86-onednn" else lowered[backend].graph
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,13 @@ def deployed(fp_model, qgraph, tmp_path_factory):
 
 
 def _kernel_calls(module, kernel: str, x, t) -> int:
-    module(x, t)  # x86-onednn compiles on its first call for a batch size, which runs kernels of its own
+    """How many times one forward calls `kernel`: as the profiler counts it, or for x86-onednn's compiled code,
+    whose calls into oneDNN go through AOTInductor's C shim out of the profiler's sight, its call sites in the
+    package's C++ wrapper (straight-line code: one forward runs each once)."""
+    if isinstance(module, CompiledInt8Graph) and kernel in SHIM_CALLS:
+        with zipfile.ZipFile(module.package) as package:
+            (wrapper,) = [name for name in package.namelist() if name.endswith(".wrapper.cpp")]
+            return package.read(wrapper).decode().count(SHIM_CALLS[kernel])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         module(x, t)
     return sum(event.count for event in profile.key_averages() if event.key == kernel)
@@ -86,7 +98,7 @@ def test_every_quantized_convolution_runs_on_the_backends_int8_kernel(qgraph, lo
     quantized = [op for op in quant_ops(qgraph).values() if op.kind == "conv2d"]
     convolutions = [layer for layer in int8_layers(qgraph).values() if layer.kind == "conv2d"]
     assert len(convolutions) == len(quantized) > 10
-    float_convs = sum(1 for n in _graph_of(lowered[backend]).nodes if n.target == torch.ops.aten.conv2d.default)
+    float_convs = sum(1 for n in _graph_of(qgraph, lowered, backend).nodes if n.target == torch.ops.aten.conv2d.default)
     # Only the convolutions that the quantization keeps float by its rules (conv_in, conv_out) stay float.
     assert float_convs == sum(1 for n in qgraph.graph.nodes if n.target == torch.ops.aten.conv2d.default) - len(quantized)
     x, t = torch.randn(BATCH, 1, 8, 8), torch.tensor([10, 900, 3, 500])
@@ -109,14 +121,64 @@ def test_linears_run_on_int8_kernels_where_the_engine_has_a_float_output_one(qgr
     assert 0 < onednn < linears
 
 
-def test_x86_onednn_runs_float_linears_unpacked(lowered):
-    # Inductor's freezing would repack each float linear (the timestep path's) for MKL into 5.6 MiB, whatever
-    # its size, once per batch size compiled; the backend keeps them out of its reach.
+def test_x86_onednn_runs_float_linears_on_onednn_not_mkl_packed(lowered):
+    # Compiled for one static batch size, Inductor's freezing repacked each float linear (the timestep path's) for
+    # MKL into 5.6 MiB whatever its size; compiled for every batch size, it calls oneDNN's linear instead.
     x, t = torch.randn(BATCH, 1, 8, 8), torch.tensor([10, 900, 3, 500])
-    float_linears = sum(n.target == torch.ops.qtoolkit.float_linear.default for n in _graph_of(lowered["x86-onednn"]).nodes)
+    assert _kernel_calls(lowered["x86-onednn"], "mkldnn::_linear_pointwise", x, t) > 0
+    assert _kernel_calls(lowered["x86-onednn"], "mkl::_mkl_linear", x, t) == 0
+
+
+def test_x86_onednn_runs_every_batch_size_from_one_cached_package(qgraph, lowered, onednn_package_cache, monkeypatch):
+    compiled = lowered["x86-onednn"]
+    assert compiled.package.parent == onednn_package_cache and compiled.package.is_file()
+
+    def no_compiling(program, package):
+        raise AssertionError(f"compiled again: {package}")
+    monkeypatch.setattr(onednn_backend, "_compile_in_child", no_compiling)
+    again = lower_graph(qgraph, "x86-onednn")  # the same model: the cached package, no compile
+    assert again.package == compiled.package
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        assert _kernel_calls(lowered["x86-onednn"], "qtoolkit::float_linear", x, t) == float_linears > 0
-        assert _kernel_calls(lowered["x86-onednn"], "mkl::_mkl_linear", x, t) == 0
+        for batch in (1, 7, 33):  # one package, exported with a dynamic batch dimension
+            x, t = torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+            y, simulated = again(x, t), qgraph(x, t)
+            sqnr = 10 * torch.log10(simulated.pow(2).mean() / (y - simulated).pow(2).mean())
+            assert y.shape == simulated.shape and sqnr > 30, (batch, sqnr)
+        assert torch.equal(again(x, 500), again(x, torch.full((batch,), 500.0)))  # one timestep for all
+    # Another model (one float weight changed) is another package: the cache key covers the weights.
+    changed = copy_graph(qgraph)
+    with torch.no_grad():
+        next(changed.parameters()).add_(0.5)
+    with pytest.raises(AssertionError, match="compiled again"):
+        lower_graph(changed, "x86-onednn")
+
+
+def test_x86_onednn_refuses_inputs_its_native_code_was_not_compiled_for(lowered):
+    compiled = lowered["x86-onednn"]
+    with pytest.raises(QtoolkitError, match=r"takes float32 samples of shape \(batch, 1, 8, 8\), not torch.float32 "
+                                            r"\(2, 1, 16, 16\)"):
+        compiled(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]))
+    with pytest.raises(QtoolkitError, match="takes float32 samples"):
+        compiled(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 2]))
+    with pytest.raises(QtoolkitError, match=r"one timestep per sample or one for all, not timesteps of shape \(3,\)"):
+        compiled(torch.randn(2, 1, 8, 8), torch.tensor([1, 2, 3]))
+    with pytest.raises(QtoolkitError, match="takes integer timesteps"):
+        compiled(torch.randn(2, 1, 8, 8), torch.tensor([1.5, 2.0]))
+
+
+def test_a_failed_x86_onednn_compile_says_why_in_one_line_and_caches_nothing(qgraph, onednn_package_cache,
+                                                                            monkeypatch):
+    before = set(onednn_package_cache.iterdir())
+    changed = copy_graph(qgraph)
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)  # not in the cache yet
+    failed = subprocess.CompletedProcess([], 1, "", "Traceback ...\nRuntimeError: no C++ compiler found")
+    monkeypatch.setattr(onednn_backend.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(QtoolkitError, match="compiling the model for x86-onednn failed: RuntimeError: no C\\+\\+ "
+                                            "compiler found \\(choose another backend\\)"):
+        lower_graph(changed, "x86-onednn")
+    assert set(onednn_package_cache.iterdir()) == before  # no package, no leftover work folder
 
 
 def test_building_in_its_own_arena_returns_or_raises_as_the_caller_would():
@@ -207,9 +269,13 @@ def test_auto_follows_the_quantization_and_a_backend_that_cannot_run_it_says_why
         load_engine("openvino", _deployment_of(fp_model, qgraph, tmp_path), threads=1)
 
 
-def test_auto_on_a_deployment_folder_reads_the_folders_quantization(fp_model, tmp_path, capsys):
+def test_auto_on_a_deployment_folder_reads_the_folders_quantization(fp_model, lowered, tmp_path, capsys,
+                                                                   monkeypatch):
     # A model with float convolution outputs: auto must not pick fbgemm, which cannot run it.
     folder = _deployment_of(fp_model, _frozen(fp_model, QuantConfig()), tmp_path)
+    # The choice is what this test is about: x86-onednn loads an already compiled package instead of compiling
+    # this model (a minute); test_x86_onednn_runs_every_batch_size_from_one_cached_package tests the compile.
+    monkeypatch.setattr(onednn_backend, "compiled_package", lambda reference, shape: lowered["x86-onednn"].package)
     assert load_engine("auto", folder, threads=1).backend == "x86-onednn"
     with pytest.raises(QtoolkitError, match="fbgemm backend cannot run this model"):
         load_engine("fbgemm", folder, threads=1)
