@@ -9,6 +9,7 @@ As x0 prediction the chain stays in a few units, like a trained model's, and W8A
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -568,12 +569,21 @@ def test_peak_memory_of_each_backend_in_its_own_process(bench_sources):
     """Each probe rebuilds its backend from the sources on disk; what a forward holds grows with the batch."""
     sources = bench_sources[0]
     backends = ["pytorch-fp32-eager", "openvino-int8"]
-    peaks = memory.measure(sources.work, backends, [1, 1024], threads=1, seed=0)
+    peaks = memory.measure(sources.work, backends, [1, 1024], threads=1, seed=0, repeats=2)
     assert set(peaks) == {(name, batch) for name in backends for batch in (1, 1024)}
     # Batch 1024 of the 8x8 tiny UNet: its largest activations are 1024 x 32 x 8 x 8 float32 = 8 MiB each.
     for name in backends:
         assert peaks[(name, 1)] > 0, peaks
         assert peaks[(name, 1024)] > peaks[(name, 1)] + 8, peaks
+
+
+def test_peak_memory_is_the_median_of_its_fresh_processes(monkeypatch):
+    # One fresh process measures a backend's peak some 15% off the next: the benchmark reports the median.
+    measured = iter([10.0, 40.0, 20.0, 5.0, 6.0, 7.0])
+    monkeypatch.setattr(memory, "_probe_in_child",
+                        lambda work, name, batch_sizes, threads, seed: {(name, 1): next(measured)})
+    assert memory.measure(Path("work"), ["a", "b"], [1], threads=1, seed=0, repeats=3) == {("a", 1): 20.0,
+                                                                                             ("b", 1): 6.0}
 
 
 def test_benchmark_compares_with_the_model_it_was_quantized_from(bench_sources, fp_model, quantized, capsys):

@@ -69,12 +69,13 @@ class BenchSettings:
     peers: tuple[str, ...] = tuple(PEERS)
     backends: tuple[str, ...] = ()  # only these of qtoolkit's own backends (and FP32 eager, always); empty: all
     memory: bool = True  # peak memory of each backend, in a process of its own (Linux)
+    memory_repeats: int = 3  # fresh processes per backend; the median is reported
     seed: int = 0
 
     def __post_init__(self) -> None:
         positive = {"batch size": min(self.batch_sizes, default=0), "iterations": self.iterations,
                     "threads": self.threads, "sample num": self.sample_num,
-                    "sample iterations": self.sample_iterations}
+                    "sample iterations": self.sample_iterations, "memory repeats": self.memory_repeats}
         for what, value in positive.items():
             if value < 1:
                 raise QtoolkitError(f"{what} must be at least 1, got {value}")
@@ -122,6 +123,8 @@ def _options(defaults: BenchSettings) -> dict[str, tuple[type, Any, Any]]:
                                                              "run here); FP32 eager is always timed")),
         "memory": (bool, d.memory, typer.Option("--memory/--no-memory", help="measure each backend's peak memory "
                                                 "(one fresh process per backend, which rebuilds it)")),
+        "memory_repeats": (int, d.memory_repeats, typer.Option(help="fresh processes per backend for the peak "
+                                                               "memory; the median is reported")),
         "seed": (int, d.seed, typer.Option(help="seed of the inputs and held-out chains")),
     }
 
@@ -277,9 +280,9 @@ def peak_memory(forward: list[dict], sources: BackendSources, settings: BenchSet
     if not memory.supported():
         return "peak memory needs Linux's /proc (not available here)"
     names = list(dict.fromkeys(r["backend"] for r in forward))
-    with progress_bar(len(names), "peak memory", unit="backend") as progress:
+    with progress_bar(len(names) * settings.memory_repeats, "peak memory", unit="process") as progress:
         peaks = memory.measure(sources.work, names, list(settings.batch_sizes), settings.threads, settings.seed,
-                               progress)
+                               progress, repeats=settings.memory_repeats)
     for r in forward:
         r["peak_mib"] = peaks[(r["backend"], r["batch"])]
     return None
@@ -358,11 +361,12 @@ def forward_speed(fp_network: nn.Module, name: str, eps, size_bytes: int, sample
 
 def format_tables(result: dict) -> str:
     """The results as two Markdown tables (forward latency, then sampling)."""
+    memory_note = result["memory_note"] or f"median of {result['settings']['memory_repeats']} processes"
     lines = [f"UNet forward, {result['settings']['threads']} threads, median of {result['settings']['iterations']} "
              f"(IQR = q3 - q1), model {result['model']}", "",
              f"Work: {result['macs_per_sample'] / 1e9:.3g} G multiply-accumulates per sample; SQNR on "
              "random inputs; peak MiB: the backend alone in a fresh process, resident memory above the bare "
-             f"process's ({result['memory_note'] or 'measured'})", "",
+             f"process's ({memory_note})", "",
              *forward_table(result["forward"])]
     if result["quality"]:
         first = result["quality"][0]
