@@ -95,7 +95,7 @@ class CompiledInt8Graph(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
         # The native code trusts its inputs' shapes and dtypes (a wrong one reads out of bounds): check them here.
-        if sample.dtype != torch.float32 or tuple(sample.shape[1:]) != self.sample_shape or sample.dim() < 2:
+        if sample.dtype != torch.float32 or tuple(sample.shape[1:]) != self.sample_shape:
             raise QtoolkitError(f"the {NAME} model takes float32 samples of shape (batch, "
                                 f"{', '.join(map(str, self.sample_shape))}), not {sample.dtype} {tuple(sample.shape)}")
         with torch.no_grad():
@@ -137,8 +137,8 @@ def _fingerprint(program: torch.export.ExportedProgram) -> str:
     """A hash of everything the compiled code depends on: the graph (the scales are literals in it), its tensors,
     the batch range, how it is compiled, torch's version and the instruction set the code is compiled for."""
     digest = hashlib.sha256()
-    for text in (str(PACKAGE_FORMAT), torch.__version__, platform.machine(), torch.backends.cpu.get_cpu_capability(), str(program.graph),
-                 str(program.range_constraints)):
+    for text in (str(PACKAGE_FORMAT), torch.__version__, platform.machine(), torch.backends.cpu.get_cpu_capability(),
+                 str(program.graph), str(program.range_constraints)):
         digest.update(text.encode() + b"\0")
     tensors = {**program.state_dict, **program.constants}
     for name in sorted(tensors):

@@ -43,7 +43,8 @@ KERNELS = {"fbgemm": "quantized::conv2d", "qnnpack": "quantized::conv2d", "x86-o
            PLAIN_FBGEMM: "quantized::conv2d"}
 # The names AOTInductor's C shim gives the oneDNN ops (the `tensor` overloads, which take the scales as tensors).
 SHIM_CALLS = {"onednn::qconv_pointwise": "aoti_torch_cpu__qconv_pointwise_tensor(",
-              "onednn::qlinear_pointwise": "aoti_torch_cpu__qlinear_pointwise_tensor(", "mkldnn::_linear_pointwise": "aoti_torch_cpu__linear_pointwise(", "mkl::_mkl_linear": "mkl_linear"}
+              "onednn::qlinear_pointwise": "aoti_torch_cpu__qlinear_pointwise_tensor(",
+              "mkldnn::_linear_pointwise": "aoti_torch_cpu__linear_pointwise(", "mkl::_mkl_linear": "mkl_linear"}
 CONV_OUTPUTS = QuantConfig(quantize_conv_outputs=True)
 
 
@@ -98,7 +99,8 @@ def test_every_quantized_convolution_runs_on_the_backends_int8_kernel(qgraph, lo
     quantized = [op for op in quant_ops(qgraph).values() if op.kind == "conv2d"]
     convolutions = [layer for layer in int8_layers(qgraph).values() if layer.kind == "conv2d"]
     assert len(convolutions) == len(quantized) > 10
-    float_convs = sum(1 for n in _graph_of(qgraph, lowered, backend).nodes if n.target == torch.ops.aten.conv2d.default)
+    float_convs = sum(1 for n in _graph_of(qgraph, lowered, backend).nodes
+                      if n.target == torch.ops.aten.conv2d.default)
     # Only the convolutions that the quantization keeps float by its rules (conv_in, conv_out) stay float.
     assert float_convs == sum(1 for n in qgraph.graph.nodes if n.target == torch.ops.aten.conv2d.default) - len(quantized)
     x, t = torch.randn(BATCH, 1, 8, 8), torch.tensor([10, 900, 3, 500])
