@@ -18,9 +18,10 @@ Compiled ahead of time (AOTInductor), once per model and machine, for every batc
 with a dynamic batch and compiled in a child process into a package of native code, which this process loads.
 So the process that runs the model holds none of the compiler's objects (torch.compile in the process kept
 47 MiB of them, plus one set of packed weights per batch size it compiled). The package is cached under
-CACHE_DIR, keyed by a hash of the exported graph, its weights, torch's version and the CPU's instruction set,
-and the next load of the same model takes a second instead of the compile's minute or more. The deployment
-folder itself stays data: the native code is built on the machine that runs it, from the folder's tensors.
+CACHE_DIR, keyed by a hash of the exported graph, its weights, torch's version, the CPU's instruction set and the
+number of threads (the compiled loops are laid out for it), and the next load of the same model takes seconds
+instead of the compile's minute or more. The deployment folder itself stays data: the native code is built on
+the machine that runs it, from the folder's tensors.
 Everything else stays float.
 """
 
@@ -50,8 +51,9 @@ NAME = "x86-onednn"
 INT8 = (-128, 127)
 CACHE_DIR = Path.home() / ".cache" / "qtoolkit" / NAME
 # Part of the cache key: raise it when what gets compiled changes while the exported graph does not (the compile
-# settings, the reference form's lowering), so that no package compiled the old way is loaded again.
-PACKAGE_FORMAT = 1
+# settings, the reference form's lowering, the example batch), so that no package compiled the old way is loaded
+# again.
+PACKAGE_FORMAT = 2
 _decomposed = torch.ops.quantized_decomposed
 
 
@@ -121,24 +123,36 @@ def _integer_timesteps(timestep: torch.Tensor | int, batch: int) -> torch.Tensor
 
 
 def compiled_package(reference: fx.GraphModule, sample_shape: tuple[int, ...]) -> Path:
-    """The AOTInductor package of the reference-form graph for this machine: from CACHE_DIR, or compiled now."""
-    sample, timestep = example_inputs(sample_shape, batch=2)
+    """The AOTInductor package of the reference-form graph for this machine and this process's number of threads:
+    from CACHE_DIR, or compiled now."""
+    threads = torch.get_num_threads()
+    sample, timestep = example_inputs(sample_shape, batch=_example_batch(threads))
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad(), torch_pytree_warning_hidden():
         program = torch.export.export(reference, (_compiled_layout(sample), timestep),
                                       dynamic_shapes=({0: batch}, {0: batch}))
-    package = CACHE_DIR / f"{_fingerprint(program)}.pt2"
+    package = CACHE_DIR / f"{_fingerprint(program, threads)}.pt2"
     if not package.is_file():
-        _compile_in_child(program, package)
+        _compile_in_child(program, package, threads)
     return package
 
 
-def _fingerprint(program: torch.export.ExportedProgram) -> str:
+def _example_batch(threads: int) -> int:
+    """The batch size the graph is exported with. Inductor takes it as the batch's typical size when it decides how
+    many loop levels of each kernel to share out among the threads: the batch alone when the example equals the
+    number of threads or is at least twice it, which leaves threads idle at smaller batches (batch 1 ran on one
+    of two threads, about 10% slower on the CIFAR-10 architecture). One more than the number of threads makes it
+    share out the batch and the next level together (channel groups, pixels), which serves every batch size."""
+    return threads + 1
+
+
+def _fingerprint(program: torch.export.ExportedProgram, threads: int) -> str:
     """A hash of everything the compiled code depends on: the graph (the scales are literals in it), its tensors,
-    the batch range, how it is compiled, torch's version and the instruction set the code is compiled for."""
+    the batch range, how it is compiled, torch's version, the instruction set the code is compiled for and the
+    number of threads its loops are laid out for."""
     digest = hashlib.sha256()
     for text in (str(PACKAGE_FORMAT), torch.__version__, platform.machine(), torch.backends.cpu.get_cpu_capability(),
-                 str(program.graph), str(program.range_constraints)):
+                 str(threads), str(program.graph), str(program.range_constraints)):
         digest.update(text.encode() + b"\0")
     tensors = {**program.state_dict, **program.constants}
     for name in sorted(tensors):
@@ -148,9 +162,10 @@ def _fingerprint(program: torch.export.ExportedProgram) -> str:
     return digest.hexdigest()[:32]
 
 
-def _compile_in_child(program: torch.export.ExportedProgram, package: Path) -> None:
+def _compile_in_child(program: torch.export.ExportedProgram, package: Path, threads: int) -> None:
     """Compile in a child process, so that this one keeps none of the compiler's objects; the package lands in
-    the cache whole or not at all."""
+    the cache whole or not at all. The child compiles for this process's number of threads, not its own default:
+    Inductor lays out its loops for the number it compiles with."""
     try:
         package.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -164,16 +179,17 @@ def _compile_in_child(program: torch.export.ExportedProgram, package: Path) -> N
         # The child imports what this process imports, from where it imports it.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
         with progress_bar(None, f"compile for {NAME} (once per model and machine)", transient=True):
-            done = subprocess.run([sys.executable, "-c", child, str(program_file), str(package_file)], env=env,
-                                  capture_output=True, text=True, check=False)
+            done = subprocess.run([sys.executable, "-c", child, str(program_file), str(package_file), str(threads)],
+                                  env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             last_line = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
             raise QtoolkitError(f"compiling the model for {NAME} failed: {last_line} (choose another backend)")
         os.replace(package_file, package)
 
 
-def compile_exported(program_file: str, package_file: str) -> None:
-    """The child's work: the exported program compiled with freezing into an AOTInductor package."""
+def compile_exported(program_file: str, package_file: str, threads: str) -> None:
+    """The child's work: the exported program compiled with freezing into an AOTInductor package, for `threads`."""
+    torch.set_num_threads(int(threads))
     with torch_pytree_warning_hidden():
         program = torch.export.load(program_file)  # written by the parent a moment ago, in its private directory
     # Inductor's x86 quantization passes run only outside autograd

@@ -135,7 +135,7 @@ def test_x86_onednn_runs_every_batch_size_from_one_cached_package(qgraph, lowere
     compiled = lowered["x86-onednn"]
     assert compiled.package.parent == onednn_package_cache and compiled.package.is_file()
 
-    def no_compiling(program, package):
+    def no_compiling(program, package, threads):
         raise AssertionError(f"compiled again: {package}")
     monkeypatch.setattr(onednn_backend, "_compile_in_child", no_compiling)
     again = lower_graph(qgraph, "x86-onednn")  # the same model: the cached package, no compile
@@ -154,6 +154,14 @@ def test_x86_onednn_runs_every_batch_size_from_one_cached_package(qgraph, lowere
         next(changed.parameters()).add_(0.5)
     with pytest.raises(AssertionError, match="compiled again"):
         lower_graph(changed, "x86-onednn")
+    # So is the same model in a process with another number of threads: the compiled loops are laid out for it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(AssertionError, match="compiled again"):
+            lower_graph(qgraph, "x86-onednn")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_x86_onednn_refuses_inputs_its_native_code_was_not_compiled_for(lowered):
@@ -176,11 +184,13 @@ def test_a_failed_x86_onednn_compile_says_why_in_one_line_and_caches_nothing(qgr
     with torch.no_grad():
         next(changed.parameters()).add_(1.0)  # not in the cache yet
     failed = subprocess.CompletedProcess([], 1, "", "Traceback ...\nRuntimeError: no C++ compiler found")
-    monkeypatch.setattr(onednn_backend.subprocess, "run", lambda *args, **kwargs: failed)
+    commands = []
+    monkeypatch.setattr(onednn_backend.subprocess, "run", lambda command, **kwargs: commands.append(command) or failed)
     with pytest.raises(QtoolkitError, match="compiling the model for x86-onednn failed: RuntimeError: no C\\+\\+ "
                                             "compiler found \\(choose another backend\\)"):
         lower_graph(changed, "x86-onednn")
     assert set(onednn_package_cache.iterdir()) == before  # no package, no leftover work folder
+    assert commands[0][-1] == str(torch.get_num_threads())  # the child compiles for this process's threads
 
 
 def test_building_in_its_own_arena_returns_or_raises_as_the_caller_would():
