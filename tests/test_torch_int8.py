@@ -134,6 +134,11 @@ def test_x86_onednn_runs_float_linears_on_onednn_not_mkl_packed(lowered):
 def test_x86_onednn_runs_every_batch_size_from_one_cached_package(qgraph, lowered, onednn_package_cache, monkeypatch):
     compiled = lowered["x86-onednn"]
     assert compiled.package.parent == onednn_package_cache and compiled.package.is_file()
+    # The weights are a file of their own beside the compiled library: inside it, the pages the loader copied
+    # them from stayed resident.
+    with zipfile.ZipFile(compiled.package) as package:
+        blobs = [info.file_size for info in package.infolist() if info.filename.endswith("_weights.blob")]
+    assert len(blobs) == 1 and blobs[0] >= sum(layer.weight_codes.numel() for layer in int8_layers(qgraph).values())
 
     def no_compiling(program, package, threads):
         raise AssertionError(f"compiled again: {package}")
