@@ -533,10 +533,11 @@ def _bench(quantized, tmp_path, capsys, backends: list[str], peers: list[str]) -
     return json.loads(out.read_text()), capsys.readouterr().out
 
 
-def _rows_in_order(result: dict, backends: list[str]) -> None:
+def _rows_in_order(result: dict, table: str, backends: list[str]) -> None:
+    """Every row of `backends`, in order, at both batch sizes, in the JSON and the printed tables."""
     assert [r["backend"] for r in result["forward"]] == backends * 2
     assert [r["batch"] for r in result["forward"]] == [1] * len(backends) + [2] * len(backends)
-    assert [r["backend"] for r in result["sampling"]] == backends
+    assert [r["backend"] for r in result["sampling"]] == backends and all(b in table for b in backends)
     assert [r["backend"] for r in result["quality"]] == backends[1:]
     assert all(r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in result["forward"])
 
@@ -550,8 +551,7 @@ def test_bench_smoke(quantized, tmp_path, capsys):
     # The ONNX engines' rows (the PyTorch int8 backends' are tested in test_torch_int8.py) and the peers.
     backends = ["pytorch-fp32-eager", "onnxruntime-fp32", "openvino-fp32", *bf16[0], "onnxruntime-int8", "openvino-int8",
                 *bf16[1], *peers]
-    _rows_in_order(result, backends)
-    assert all(b in table for b in backends)
+    _rows_in_order(result, table, backends)
     rows = {(r["backend"], r["batch"]): r for r in result["forward"]}
     assert rows[("pytorch-fp32-eager", 1)]["speedup_vs_eager"] == 1.0
     assert {r["backend"] for r in result["forward"] if r["fp32_engine"]} == {"onnxruntime-fp32", "openvino-fp32"}
@@ -572,8 +572,7 @@ def test_bench_smoke_of_the_compiling_peers(quantized, tmp_path, capsys):
     """The peers that torch.compile, beside qtoolkit's int8 on OpenVINO: timed, sized and scored like the rest."""
     result, table = _bench(quantized, tmp_path, capsys, ["openvino-int8"], COMPILING_PEERS)
     backends = ["pytorch-fp32-eager", "openvino-int8", *COMPILING_PEERS]
-    _rows_in_order(result, backends)
-    assert all(b in table for b in backends)
+    _rows_in_order(result, table, backends)
     rows = {(r["backend"], r["batch"]): r for r in result["forward"]}
     assert rows[("pt2e-x86-inductor", 2)]["size_mb"] < rows[("pytorch-fp32-eager", 2)]["size_mb"]
     quality = {r["backend"]: r for r in result["quality"]}
