@@ -7,9 +7,16 @@ same libraries, notes its resident memory (the baseline), rebuilds the backend f
 BackendSources, and for each batch size (ascending) runs one warm-up forward (graph compilation and
 first-call allocations), resets the kernel's high-water mark of resident memory, and runs one more. The
 figure is that high-water mark minus the baseline: what serving the model at that batch size holds at its
-peak, weights, engine buffers and activations together, as `ps` or a container limit would see it. It varies
-from one fresh process to the next (by up to 15% on the CIFAR-10 architecture: where glibc and the thread
-pools happen to place each buffer), so the benchmark runs each probe several times and reports the median.
+peak, weights, engine buffers and activations together, as `ps` or a container limit would see it.
+
+Before anything else the probe holds glibc's mmap threshold at its default starting value (128 KiB), so that
+every buffer from there up is mapped when allocated and unmapped when freed. Left to adapt, as it does by
+default, glibc raises the threshold to the largest buffer freed so far (up to 32 MiB), after which such
+buffers come from the heap, and what a freed one leaves resident depends on the order of earlier frees: the
+same forward of FP32 eager at batch 64 on the CIFAR-10 architecture peaked anywhere from 694 to 987 MiB from
+one fresh process to the next. With the threshold held, three processes agree within 3% (665 MiB), and the
+figure is the memory the backend holds rather than what the allocator happened to keep. The benchmark still
+runs each probe several times and reports the median.
 
 Linux only (/proc/self/status and /proc/self/clear_refs); elsewhere the column is left out.
 
@@ -19,6 +26,7 @@ Linux only (/proc/self/status and /proc/self/clear_refs); elsewhere the column i
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import re
 import statistics
@@ -31,6 +39,8 @@ from ..errors import QtoolkitError
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 RESULT_PREFIX = "qtoolkit-memory: "
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h; setting it also stops the threshold from adapting
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value
 
 
 def supported() -> bool:
@@ -42,12 +52,19 @@ def _status_mib(field: str) -> float:
     return int(kib.group(1)) / 1024
 
 
+def _hold_mmap_threshold() -> bool:
+    """Hold glibc's mmap threshold fixed (the module docstring says why); False where the C library is not glibc."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+
+
 def _reset_peak() -> None:
     CLEAR_REFS.write_text("5")  # "5" resets the peak resident set size (VmHWM) to the current one
 
 
 def probe(work: Path, backend: str, batch_sizes: list[int], threads: int, seed: int) -> dict[int, float]:
     """In this process: peak resident MiB above the baseline while `backend` serves each batch size."""
+    _hold_mmap_threshold()
     import torch
 
     from . import engine_names, resolve_backend
