@@ -10,6 +10,7 @@ As x0 prediction the chain stays in a few units, like a trained model's, and W8A
 import copy
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from qtoolkit.calibration import generate_calibration_set  # noqa: E402
 from qtoolkit.cli import main  # noqa: E402
 from qtoolkit.engines import engine_names, load_engine, resolve_backend  # noqa: E402
 from qtoolkit.engines import memory  # noqa: E402
-from qtoolkit.engines.backends import BackendSources, backend_names  # noqa: E402
+from qtoolkit.engines.backends import BackendSources, backend_names, build_backend, onnx_graphs_of  # noqa: E402
 from qtoolkit.engines.benchmark import unet_macs  # noqa: E402
 from qtoolkit.engines.peers import PEERS  # noqa: E402
 from qtoolkit.errors import QtoolkitError  # noqa: E402
@@ -602,7 +603,7 @@ def test_peak_memory_of_each_backend_in_its_own_process(bench_sources):
     """Each probe rebuilds its backend from the sources on disk; what a forward holds grows with the batch."""
     sources = bench_sources[0]
     backends = ["pytorch-fp32-eager", "openvino-int8"]
-    peaks = memory.measure(sources.work, backends, [1, 1024], threads=1, seed=0, repeats=2)
+    peaks = memory.measure(sources.work, backends, [1, 1024], threads=1, seed=0)
     assert set(peaks) == {(name, batch) for name in backends for batch in (1, 1024)}
     # Batch 1024 of the 8x8 tiny UNet: its largest activations are 1024 x 32 x 8 x 8 float32 = 8 MiB each.
     for name in backends:
@@ -664,6 +665,25 @@ def test_benchmark_compares_with_the_model_it_was_quantized_from(bench_sources, 
     # The test pipeline has no ptq.json (a `qtoolkit quantize` run folder has one, naming its base model).
     assert main(["bench", "--model", str(folder), "--peers", ""]) == 2
     assert "pass --fp-model" in capsys.readouterr().err
+
+
+def test_the_benchmark_exports_only_the_onnx_graphs_its_backends_are_built_from(bench_sources, quantized, tmp_path):
+    """An ONNX export is most of what preparing the sources costs: a run of the PyTorch backends and PT2E needs none."""
+    assert onnx_graphs_of(["pytorch-fp32-eager", "torch-int8-fbgemm", "pt2e-x86-inductor"]) == ()
+    assert onnx_graphs_of(["pytorch-fp32-eager", "openvino-int8-bf16"]) == ("int8",)
+    assert onnx_graphs_of(["onnxruntime-fp32", "onnxruntime-int8-static"]) == ("fp32",)
+    assert onnx_graphs_of(["openvino-int8", "openvino-int8-nncf"]) == ("fp32", "int8")
+    # Preparing again in a folder that holds an earlier run's graphs removes those: none is built from a stale one.
+    (sources, corrected), (fp, qmodel, _folder) = bench_sources, quantized
+    work = tmp_path / "work"
+    shutil.copytree(sources.work, work)
+    assert sources.graph("fp32").is_file() and sources.graph("int8").is_file()
+    again = BackendSources.prepare(corrected, fp.unet, qmodel.scheduler_config, qmodel.sample_shape, work, threads=1,
+                                   onnx_graphs=())
+    assert not again.graph("fp32").exists() and not again.graph("int8").exists()
+    assert (work / "torch-int8" / "deploy.json").is_file()  # what the PyTorch int8 backends load
+    x, t = example_inputs(qmodel.sample_shape, 2)
+    assert build_backend("pytorch-fp32-eager", again).eps(x, t).shape == x.shape
 
 
 def test_benchmark_sources_are_checked_before_a_probe_builds_anything(tmp_path):

@@ -6,8 +6,9 @@ other float precision the engine can run the graph's float parts in here (e.g. b
 "openvino-bf16" is the float graph in bf16, a float baseline beside torch.compile BF16, and
 "openvino-int8-bf16" qtoolkit's int8 graph with its unquantized parts in bf16.
 
-A backend is built from the FP32 network the quantized graph was made from, the two exported graphs (the
-float network's captured graph and qtoolkit's int8 QDQ form of the quantized graph) and, for the peers' int8
+A backend is built from the FP32 network the quantized graph was made from, the two exported ONNX graphs (the
+float network's captured graph and qtoolkit's int8 QDQ form of the quantized graph; each written only when a
+chosen backend is built from it), the deployment folder of the PyTorch int8 backends and, for the peers' int8
 recipes, the calibration set qtoolkit was calibrated on. BackendSources keeps all of them in one work folder,
 so that a fresh process can rebuild any single backend from it: the memory probe (qtoolkit.engines.memory)
 measures each backend alone in its own process, where nothing the other backends hold counts against it.
@@ -16,6 +17,7 @@ measures each backend alone in its own process, where nothing the other backends
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from ..graph.serialization import quantized_metadata
 from ..models.loading import DiffusionModel, load_diffusion_model, save_diffusion_model
 from ..sampling import NoisePredictor, unet_predictor
 from . import ONNX_FORMAT, TORCH_FORMAT, engine_names, load_engine, resolve_backend
-from .peers import PEERS
+from .peers import PEERS, PEERS_OF_THE_FP32_GRAPH
 
 EAGER = "pytorch-fp32-eager"
 TORCH_INT8 = "torch-int8"
@@ -80,6 +82,14 @@ def backend_names(peers: tuple[str, ...] = (), config=None) -> list[str]:
     return [EAGER, *engine_backends(), *torch_int8_backends(config), *peers]
 
 
+def onnx_graphs_of(names: list[str]) -> tuple[str, ...]:
+    """The exported ONNX graphs (of PRECISIONS) that the backends `names` are built from."""
+    engines = engine_backends()
+    needed = {engines[name][1] for name in names if name in engines}
+    needed |= {"fp32"} if set(names) & set(PEERS_OF_THE_FP32_GRAPH) else set()
+    return tuple(precision for precision in PRECISIONS if precision in needed)
+
+
 def _file_bytes(onnx_file: Path) -> int:
     """The graph plus its external weights file, if it has one."""
     return sum(f.stat().st_size for f in onnx_file.parent.glob(onnx_file.name + "*"))
@@ -106,8 +116,11 @@ class BackendSources:
     @classmethod
     def prepare(cls, qgraph: fx.GraphModule, fp_network: nn.Module, scheduler_config: dict,
                 sample_shape: tuple[int, ...], work: Path, threads: int,
-                calibration: CalibrationSet | None = None) -> "BackendSources":
-        """Write the FP32 network, both graphs and the calibration set under `work` (overwriting a previous run's).
+                calibration: CalibrationSet | None = None,
+                onnx_graphs: tuple[str, ...] = PRECISIONS) -> "BackendSources":
+        """Write the FP32 network, the deployment folder, the exported ONNX graphs of `onnx_graphs` (onnx_graphs_of
+        the backends to build: an export takes most of the time here) and the calibration set under `work`,
+        overwriting a previous run's and removing its other graphs, so that no backend is built from a stale one.
 
         `fp_network` is the network the frozen quantized graph `qgraph` was made from: the FP32 reference and what
         the peers quantize. (The quantized graph's own float weights are no stand-in for it: bias correction and
@@ -124,8 +137,12 @@ class BackendSources:
             raise QtoolkitError(f"the full-precision model ({type(fp_network).__name__}) does not have the quantized "
                                 "model's architecture: give the model it was quantized from")
         sources = cls(work, tuple(sample_shape), threads, calibration, fp_network.eval())
-        fp_graph = network_graph(DiffusionModel(fp_network, scheduler_config, work, shape=tuple(sample_shape)))
-        for precision, graph in zip(PRECISIONS, (fp_graph, qgraph)):
+        for precision in PRECISIONS:
+            if precision not in onnx_graphs:
+                shutil.rmtree(sources.graph(precision).parent, ignore_errors=True)
+                continue
+            graph = qgraph if precision == "int8" else network_graph(
+                DiffusionModel(fp_network, scheduler_config, work, shape=tuple(sample_shape)))
             sources.graph(precision).parent.mkdir(parents=True, exist_ok=True)
             export_onnx(graph, sample_shape, sources.graph(precision))
         save_diffusion_model(fp_network, scheduler_config, work / FP_MODEL_DIR, overwrite=True)

@@ -49,7 +49,7 @@ from ..models.loading import DiffusionModel
 from ..progress import progress_bar
 from ..sampling import sample, unet_predictor
 from . import memory, resolve_backend
-from .backends import (EAGER, Backend, BackendSources, backend_names, build_backend, engine_backends,
+from .backends import (EAGER, Backend, BackendSources, backend_names, build_backend, engine_backends, onnx_graphs_of,
                        require_calibration)
 from .optional import import_optional
 from .peers import PEERS
@@ -299,9 +299,6 @@ def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | N
     torch.set_num_threads(settings.threads)
     try:
         with contextlib.ExitStack() as stack:
-            folder = Path(work or stack.enter_context(tempfile.TemporaryDirectory(prefix="qtoolkit-bench-")))
-            sources = BackendSources.prepare(model.unet, fp_network, model.scheduler_config, model.sample_shape,
-                                             folder, settings.threads, calibration)
             names = backend_names(settings.peers, quant_config_of(model.unet))
             unknown = [name for name in settings.backends if name not in names]
             if unknown:
@@ -309,6 +306,9 @@ def run_benchmark(model: DiffusionModel, settings: BenchSettings, work: Path | N
                                     f"{', '.join(n for n in names if n != EAGER and n not in settings.peers)}")
             if settings.backends:
                 names = [n for n in names if n == EAGER or n in settings.backends or n in settings.peers]
+            folder = Path(work or stack.enter_context(tempfile.TemporaryDirectory(prefix="qtoolkit-bench-")))
+            sources = BackendSources.prepare(model.unet, fp_network, model.scheduler_config, model.sample_shape,
+                                             folder, settings.threads, calibration, onnx_graphs_of(names))
             backends = [build_backend(name, sources) for name in names]
             macs = unet_macs(model.unet)
             forward = time_forward(backends, model.sample_shape, settings, macs)

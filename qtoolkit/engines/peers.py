@@ -165,3 +165,5 @@ PEERS: dict[str, Callable[[BackendSources], tuple[NoisePredictor, int]]] = {
     "onnxruntime-int8-static": onnxruntime_static,
     "pt2e-x86-inductor": pt2e_x86_inductor,
 }
+# The peers that quantize the exported FP32 ONNX graph (BackendSources writes it only when a backend needs it).
+PEERS_OF_THE_FP32_GRAPH = ("openvino-int8-nncf", "onnxruntime-int8-static")
