@@ -86,7 +86,8 @@ def onnx_graphs_of(names: list[str]) -> tuple[str, ...]:
     """The exported ONNX graphs (of PRECISIONS) that the backends `names` are built from."""
     engines = engine_backends()
     needed = {engines[name][1] for name in names if name in engines}
-    needed |= {"fp32"} if set(names) & set(PEERS_OF_THE_FP32_GRAPH) else set()
+    if set(names) & set(PEERS_OF_THE_FP32_GRAPH):
+        needed.add("fp32")
     return tuple(precision for precision in PRECISIONS if precision in needed)
 
 

@@ -14,7 +14,7 @@ every buffer from there up is mapped when allocated and unmapped when freed. Lef
 default, glibc raises the threshold to the largest buffer freed so far (up to 32 MiB), after which such
 buffers come from the heap, and what a freed one leaves resident depends on the order of earlier frees: the
 same forward of FP32 eager at batch 64 on the CIFAR-10 architecture peaked anywhere from 694 to 987 MiB from
-one fresh process to the next. With the threshold held, three processes agree within 3% (665 MiB), and the
+one fresh process to the next. With the threshold held, three processes agree within 1% (647 MiB), and the
 figure is the memory the backend holds rather than what the allocator happened to keep. The benchmark still
 runs each probe several times and reports the median.
 
