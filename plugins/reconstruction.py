@@ -356,8 +356,9 @@ def reconstruct(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple[
 
     qgraph: the output of freeze(qgraph) (scales fixed); fp_graph: the captured FP graph it was quantized from;
     inputs: the calibration inputs as the graphs' positional arguments, samples in dim 0 ((x_t, t)). Each
-    summary has the unit's name, its ops' module paths ("layers"), and its outputs' mean squared error on the
-    reconstruction inputs with round-to-nearest and with the learned rounding.
+    summary has the unit's name, its ops' module paths ("layers"), its outputs' mean squared error on the
+    reconstruction inputs with round-to-nearest and with the learned rounding, and which of the two the unit kept
+    ("kept": the learned rounding where it is the better one there, else round-to-nearest).
     """
     settings = settings or ReconstructionSettings()
     units = reconstruction_units(qgraph, settings.granularity, settings.blocks)
@@ -383,9 +384,20 @@ def reconstruct(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple[
             fp_values = node_values(fp_graph, inputs, twins)
             targets = [fp_values[twin] for twin in twins]
             nearest = _mean_squared_error(graph.module, values, per_sample, targets)
+            weights = {op: qgraph.get_parameter(op.weight_target) for op in unit.ops}
+            float_weights = {op: weight.detach().clone() for op, weight in weights.items()}
             _reconstruct_unit(qgraph, graph.module, unit.ops, values, per_sample, targets, settings, generator)
+            learned = _mean_squared_error(graph.module, values, per_sample, targets)
+            # The learned rounding minimises a regularised loss on mini-batches: on a unit where it ends no better
+            # than round-to-nearest on the whole reconstruction set, round-to-nearest stays (on the grid, as the
+            # learned rounding leaves every other weight).
+            kept = "learned" if learned < nearest else "nearest"
+            if kept == "nearest":
+                with torch.no_grad():
+                    for op, weight in weights.items():
+                        weight.copy_(op.weight(float_weights[op]))
             summaries.append({"unit": unit.name, "layers": [op.path for op in unit.ops], "mse_nearest": nearest,
-                              "mse_learned": _mean_squared_error(graph.module, values, per_sample, targets)})
+                              "mse_learned": learned, "kept": kept})
     finally:
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)

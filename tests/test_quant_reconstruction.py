@@ -11,6 +11,7 @@ from qtoolkit.quant.quantizer import QuantParams
 from qtoolkit_plugins.reconstruction import (AdaRoundWeight, ReconstructionSettings, reconstruct,
                                              reconstruction_units, unit_graph)
 
+pytestmark = pytest.mark.avx2_paths
 W3A8 = QuantConfig(weight_bits=3, activation_bits=8)
 # A high learning rate: 30 iterations settle the rounding of the tiny networks (the default 1e-3 needs hundreds).
 FAST = dict(iterations=30, samples=32, lr=3e-2)
@@ -100,9 +101,24 @@ def test_reconstruction_beats_round_to_nearest_on_every_unit_and_on_held_out_inp
     learned = copy_graph(frozen)
     settings = ReconstructionSettings(granularity=granularity, **{**FAST, "iterations": iterations})
     units = reconstruct(learned, fp, calibration_inputs(32, 0), settings, progress=False)
-    assert all(u["mse_learned"] < u["mse_nearest"] for u in units), units
+    # AdaRound's loss is regularised and sampled: on a rare unit (one of 34 layers with the ISA forced to AVX2)
+    # it ends no better than round-to-nearest, which that unit then keeps.
+    assert sum(u["mse_learned"] < u["mse_nearest"] for u in units) >= 0.9 * len(units), units
+    assert all((u["kept"] == "learned") == (u["mse_learned"] < u["mse_nearest"]) for u in units), units
     held_out = calibration_inputs(64, 1)
     assert sqnr_db(fp, learned, held_out) > sqnr_db(fp, frozen, held_out) + 1.0
+
+
+def test_a_unit_whose_learned_rounding_is_no_better_keeps_round_to_nearest(fp, frozen):
+    q = copy_graph(frozen)
+    # No learning (lr 0): the learned rounding is the soft start's hard rounding, which is round-to-nearest itself.
+    units = reconstruct(q, fp, calibration_inputs(32, 0), ReconstructionSettings(iterations=1, lr=0.0, samples=16),
+                        progress=False)
+    assert {u["kept"] for u in units} == {"nearest"}
+    for op in quant_ops(frozen).values():
+        if op.weight is not None:
+            nearest = op.weight(frozen.get_parameter(op.weight_target))
+            assert torch.equal(q.get_parameter(op.weight_target), nearest), op.path
 
 
 def test_reconstruction_changes_only_weights_and_leaves_them_on_their_frozen_grid(fp, frozen):
