@@ -32,6 +32,7 @@ model is kept, so that memory holds one copy of the weights.
 from __future__ import annotations
 
 import functools
+import os
 import importlib.util
 from pathlib import Path
 
@@ -48,8 +49,17 @@ from qtoolkit.sampling import NoisePredictor
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, which OpenVINO's CPU plugin honours) below the first with bf16 kernels.
+_ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 @functools.cache  # the CPU's capabilities do not change while a process runs
 def _cpu_has_bf16() -> bool:
+    """Whether OpenVINO can run float parts in bf16 here. OpenVINO reads BF16 from the CPU itself, but its oneDNN
+    kernels obey ONEDNN_MAX_CPU_ISA: capped below bf16 (e.g. AVX2, to run the AVX2 paths on a newer CPU), it
+    still reports BF16 and then fails to compile a bf16 softmax."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     ov = import_optional("openvino", "the openvino engine")
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
