@@ -116,13 +116,15 @@ def _conv_outputs_problem(config) -> str | None:
 
 
 def _backend(name: str, engine: str, auto_priority: int, description: str) -> Backend:
+    # qnnpack's kernels widen u8 and s8 to int16 before multiplying: no int16 pair sum, exact on every CPU.
     def float_precisions() -> tuple[str, ...]:
         return ("fp32",) if engine in torch.backends.quantized.supported_engines else ()
 
     return Backend(name=name, load=loader(name), float_precisions=float_precisions, description=description,
                    export_format="torch", auto_priority=auto_priority, runtime_version=lambda: torch.__version__,
                    runtime="torch", lower=lambda qgraph: lower_on_engine(qgraph, engine),
-                   unsupported=lambda config: int8_kernel_problem(config) or _conv_outputs_problem(config))
+                   unsupported=lambda config: int8_kernel_problem(config) or _conv_outputs_problem(config),
+                   saturates_without_vnni=engine != "qnnpack")
 
 
 @hookimpl

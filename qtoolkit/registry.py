@@ -69,6 +69,9 @@ class Backend:
     (qtoolkit.deploy), and lower(frozen quantized graph) -> the module `(sample, timestep) -> noise` on the
     backend's int8 kernels. unsupported(QuantConfig) -> why the backend cannot run models quantized that way
     (e.g. kernels that need quantized convolution outputs), or None; "auto" skips such backends.
+    saturates_without_vnni: whether its x86 int8 kernels add pairs of u8 x s8 products in a saturating int16 on
+    CPUs without VNNI (fbgemm, oneDNN, ONNX Runtime and OpenVINO do; qnnpack does not): loading a model quantized
+    with overflow_fix "none" on such a CPU then warns (qtoolkit.quant.overflow).
     """
 
     name: str
@@ -81,6 +84,7 @@ class Backend:
     runtime: str = ""
     lower: Callable[..., Any] | None = None
     unsupported: Callable[[Any], str | None] = lambda config: None
+    saturates_without_vnni: bool = True
 
 
 @dataclass(frozen=True)

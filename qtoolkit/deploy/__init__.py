@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 from torch import fx, nn
 
-from ..engines import AUTO, TORCH_FORMAT, resolve_backend
+from ..engines import AUTO, TORCH_FORMAT, resolve_backend, warn_if_saturating
 from ..errors import QtoolkitError
 from ..quant import QuantConfig
 from .folder import export_deployment, is_deployment_folder, read_deployment, rebuild_frozen_graph
@@ -69,7 +69,9 @@ def load(folder: str | os.PathLike, backend: str | None = None) -> DeployedModel
     for a model whose convolution outputs are not quantized), ready to call; refuses damaged folders."""
     def build() -> DeployedModel:
         qgraph, description, scheduler_config = rebuild_frozen_graph(folder)
-        chosen = torch_backend(backend or AUTO, QuantConfig.from_dict(description["quantized_model"]["quant_config"]))
+        config = QuantConfig.from_dict(description["quantized_model"]["quant_config"])
+        chosen = torch_backend(backend or AUTO, config)
+        warn_if_saturating(config, chosen)
         return DeployedModel(chosen.lower(qgraph), chosen.name, description["sample_shape"], scheduler_config).eval()
     return in_own_arena(build)
 

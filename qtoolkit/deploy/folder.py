@@ -34,6 +34,7 @@ from ..graph.serialization import check_quantized_metadata, read_quantized_metad
 from ..io import atomic_dir, read_description
 from ..models.loading import load_diffusion_model, load_safetensors, locate_folders
 from ..quant import QuantConfig
+from ..quant.overflow import int8_arithmetic
 
 DESCRIPTION_FILE = "deploy.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -74,6 +75,7 @@ def save_deployment(qgraph: fx.GraphModule, metadata: dict, scheduler_config: di
         raise QtoolkitError(f"{source} has no layer an int8 kernel can run (they need 8-bit asymmetric "
                             "activations and symmetric weights: the default QuantConfig)")
     ops = quant_ops(qgraph)
+    config = QuantConfig.from_dict(metadata["quant_config"])
     state = {key: tensor.detach().contiguous() for key, tensor in qgraph.state_dict().items()}
     int8_weights = {}
     for name, layer in layers.items():
@@ -88,6 +90,7 @@ def save_deployment(qgraph: fx.GraphModule, metadata: dict, scheduler_config: di
             "sample_shape": list(metadata["sample_shape"]),
             "int8_layers": len(layers),
             "int8_weights": int8_weights,  # weight -> its per-channel scale
+            "int8_arithmetic": int8_arithmetic(config.overflow_fix, config.weight_bits, config.activation_bits),
             "quantized_model": metadata,
             "files": {name: _sha256(tmp / name) for name in (WEIGHTS_FILE, SCHEDULER_FILE)},
             "source_model": source,

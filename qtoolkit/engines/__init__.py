@@ -18,6 +18,7 @@ runtime is missing cannot run here, and asking for it is a clear QtoolkitError.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,8 @@ from .optional import INSTALL_HINT
 if TYPE_CHECKING:
     from ..registry import Backend
     from ..sampling import NoisePredictor
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 BACKENDS_HOOK = "register_backends"
@@ -74,6 +77,17 @@ def graph_file(exported: str | Path) -> Path:
     return load_exported(exported).onnx_file if is_exported_folder(exported) else exported
 
 
+def exported_quant_config(exported: str | Path):
+    """The QuantConfig an ONNX export folder records (None for a bare graph file, or a float export)."""
+    from ..export.folder import is_exported_folder, load_exported
+    from ..quant import QuantConfig
+
+    if not is_exported_folder(exported):
+        return None
+    quantization = load_exported(exported).description.get("quantization")
+    return None if quantization is None else QuantConfig.from_dict(quantization["quant_config"])
+
+
 def backend_for_runtime(runtime: str) -> Backend:
     """The installed backend that drives the runtime package `runtime` (e.g. "onnxruntime"): what runs another
     tool's output made for that runtime."""
@@ -81,6 +95,17 @@ def backend_for_runtime(runtime: str) -> Backend:
     if not found:
         raise QtoolkitError(f"no installed backend runs {runtime} models: install a backend plugin for {runtime}")
     return max(found, key=lambda b: b.auto_priority)
+
+
+def warn_if_saturating(config, backend: Backend) -> None:
+    """One warning line when `backend` would run a model quantized with `config` (a QuantConfig) with int8 products
+    that saturate on this CPU (qtoolkit.quant.overflow): its outputs would not be the model that was measured."""
+    from ..quant.overflow import saturation_warning
+
+    if config is not None and backend.saturates_without_vnni:
+        message = saturation_warning(config.overflow_fix, config.weight_bits, config.activation_bits, backend.name)
+        if message:
+            log.warning(message)
 
 
 def load_engine(engine: str, exported: str | Path, threads: int | None = None,
@@ -98,6 +123,8 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
 
         config = deployment_quant_config(target)
     backend = resolve_backend(engine, config, export_format=export_format)
+    if export_format == ONNX_FORMAT:  # a torch backend's load (qtoolkit.deploy.load) warns itself
+        warn_if_saturating(exported_quant_config(exported), backend)
     if backend.export_format != export_format:
         raise QtoolkitError(f"the {backend.name} backend runs {backend.export_format} exports and {exported} is a "
                             f"{export_format} one: re-export it with `qtoolkit export --format {backend.export_format}`"
@@ -114,4 +141,5 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
     return backend.load(target, threads, float_precision)
 
 
-__all__ = ["AUTO", "FLOAT_PRECISIONS", "ONNX_FORMAT", "TORCH_FORMAT", "engine_names", "graph_file", "load_engine", "resolve_backend"]
+__all__ = ["AUTO", "FLOAT_PRECISIONS", "ONNX_FORMAT", "TORCH_FORMAT", "engine_names", "graph_file", "load_engine",
+           "resolve_backend", "warn_if_saturating"]

@@ -44,6 +44,8 @@ def scheme(config: QuantConfig, planned: PlannedOp) -> str:
     parts = [f"W{config.weight_bits or 'fp'}{activations}"]
     if config.weight_bits is not None:
         parts.append(f"{config.weight_granularity.replace('_', '-')} weights")
+    if config.weight_grid_bits != config.weight_bits:
+        parts.append(f"weights on the {config.weight_grid_bits}-bit grid (overflow_fix {config.overflow_fix})")
     if planned.op.kind == "conv2d" and config.quantize_conv_outputs:
         parts.append("output quantized")
     if planned.split is not None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import QtoolkitError
 from .observers import observer_for
+from .overflow import FIXED_WEIGHT_BITS, WEIGHTS_7BIT, check_choice, resolve_overflow_fix
 from .quantizer import check_bits
 
 GRANULARITIES = ("per_channel", "per_tensor")
@@ -58,6 +59,14 @@ class QuantConfig:
     keep_float: the graph rules whose ops stay in full precision (FLOAT_RULES; default all of them, less
         "shortcut" with split_shortcuts, which quantizes those convolutions per part); [] to quantize every op
         the patterns select, as PTQ4DM's code did.
+    overflow_fix: "auto" (default), "none" or "weights-7bit": whether 8-bit weights use the 7-bit grid [-63, 63], so
+        that x86 CPUs without VNNI, whose int8 kernels add pairs of u8 x s8 products in a saturating int16, compute
+        the deployed model exactly (qtoolkit.quant.overflow says why). "auto" is resolved on construction from
+        target_cpu; the resolved value is what the config holds, saves and reports. Only W8A8 can saturate:
+        any other quantization resolves to "none".
+    target_cpu: for "auto": "host" (default: the CPU this runs on, including FBGEMM_ENABLE_INSTRUCTIONS /
+        ONEDNN_MAX_CPU_ISA forcing its AVX2 code), "any" (right on every CPU: the fix) or "vnni" (VNNI/AMX CPUs
+        and ARM only: no fix).
     include / exclude: fnmatch patterns on the module path of each op (e.g. "down_blocks.*.resnets.*.conv1";
         an attention's path is its attention module's). An op is quantized when its path matches an include
         pattern, no exclude pattern, and no keep_float rule matches it. Every pattern must match an op.
@@ -75,6 +84,8 @@ class QuantConfig:
     quantize_attention_matmuls: bool = False
     quantize_conv_outputs: bool = False
     split_shortcuts: bool = False
+    overflow_fix: str = "auto"  # resolved on construction: "none" or "weights-7bit"
+    target_cpu: str = "host"
     keep_float: list[str] | None = None  # None: default_keep_float(split_shortcuts)
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
@@ -82,7 +93,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.activation_bits, "activation_bits")
-        _check_choice(self.weight_granularity, GRANULARITIES, "weight_granularity")
+        check_choice(self.weight_granularity, GRANULARITIES, "weight_granularity")
+        self.overflow_fix = resolve_overflow_fix(self.overflow_fix, self.target_cpu, self.weight_bits,
+                                                 self.activation_bits)
         self.weight_observer = observer_for("weight", self.weight_observer).name
         self.activation_observer = observer_for("activation", self.activation_observer).name
         for name in ("weight_symmetric", "activation_symmetric", "quantize_attention_matmuls", "quantize_conv_outputs",
@@ -115,6 +128,12 @@ class QuantConfig:
                 raise QtoolkitError(f"{name} = {patterns!r} must be a list of non-empty name patterns, e.g. ['conv_in']")
             setattr(self, name, list(patterns))
 
+    @property
+    def weight_grid_bits(self) -> int | None:
+        """The bits of the weights' integer grid: weight_bits, or 7 where overflow_fix keeps 8-bit weights off
+        the values that saturate."""
+        return FIXED_WEIGHT_BITS if self.overflow_fix == WEIGHTS_7BIT else self.weight_bits
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -122,6 +141,9 @@ class QuantConfig:
     def from_dict(cls, data: dict) -> "QuantConfig":
         if not isinstance(data, dict):
             raise QtoolkitError(f"a quantization config must be a JSON object, got {type(data).__name__}")
+        # A config saved before overflow_fix existed was quantized on full 8-bit grids: "auto" could resolve to
+        # another grid than its frozen scales were computed on.
+        data = {"overflow_fix": "none", **data}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -138,8 +160,3 @@ class QuantConfig:
         except json.JSONDecodeError as e:
             raise QtoolkitError(f"quantization config is not valid JSON ({e})") from None
         return cls.from_dict(data)
-
-
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
-    if value not in choices:
-        raise QtoolkitError(f"{name} = {value!r} is not known: choose one of {', '.join(choices)}")

@@ -134,4 +134,5 @@ def weight_quantizer(config: QuantConfig, out_channels: int) -> FakeQuantize | N
         return None
     per_channel = config.weight_granularity == "per_channel"
     observer = make_weight_observer(config, 0 if per_channel else None)
-    return FakeQuantize(observer, config.weight_bits, config.weight_symmetric, out_channels if per_channel else None)
+    return FakeQuantize(observer, config.weight_grid_bits, config.weight_symmetric,
+                        out_channels if per_channel else None)

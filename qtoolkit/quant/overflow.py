@@ -1,0 +1,142 @@
+"""The int8 arithmetic of x86 CPUs without VNNI, and the quantization grid that keeps it exact.
+
+An int8 convolution or linear multiplies uint8 activation codes by int8 weight codes and sums the products in int32.
+CPUs with VNNI (AVX-512 VNNI, AMX) do that in one instruction, exactly. Without VNNI (AVX2-only CPUs such as AMD
+Zen 2/3 and older Intel; AVX-512 without VNNI, such as Skylake-SP), fbgemm, oneDNN, ONNX Runtime and OpenVINO use
+`vpmaddubsw`, which adds each *pair* of products into a saturating int16 first: 255 x 127 x 2 = 64,770 does not fit
+in 32,767, so a layer whose activations and weights both use their full 8-bit range clips silently, and the deployed
+model is no longer the model the fake-quant simulation measured (10-20 dB of per-step SQNR on test UNets).
+
+The fix is part of the quantization, so the simulation models it exactly (QuantConfig.overflow_fix):
+
+- "weights-7bit": 8-bit weights on the 7-bit grid [-63, 63]: 255 x 63 x 2 = 32,130 fits, on every x86 CPU. The
+  codes are still stored as int8, so every backend runs them unchanged. NNCF's OverflowFix and OpenVINO's
+  documented workaround do the same; measured on the bundled model and on pulfer-fmnist it costs less than 7-bit
+  activations (PyTorch's and ONNX Runtime's `reduce_range`), which is why it is the fix qtoolkit offers.
+- "none": full 8-bit grids: exact on CPUs with VNNI and on ARM (qnnpack and ARM int8 kernels widen before adding).
+- "auto" (the default) chooses from QuantConfig.target_cpu: "host" (the CPU the job runs on), "any" (a model that
+  must be right everywhere: always the fix) or "vnni" (a model for VNNI/AMX CPUs only: never the fix).
+
+`int8_products_saturate()` reads the host from /proc/cpuinfo's flags, and from the two variables that force the
+int8 libraries onto their AVX2 code on any CPU (FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), so that a VNNI or
+AMX machine can reproduce what an AVX2 user gets.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+from ..errors import QtoolkitError
+
+AUTO = "auto"
+NONE = "none"
+WEIGHTS_7BIT = "weights-7bit"
+OVERFLOW_FIXES = (AUTO, NONE, WEIGHTS_7BIT)
+TARGET_CPUS = ("host", "any", "vnni")
+# The weight grid that cannot saturate a u8 x s8 pair sum in int16: 255 x 63 x 2 <= 32,767.
+FIXED_WEIGHT_BITS = 7
+
+# The CPU flags (Linux /proc/cpuinfo names) of an int8 dot product that accumulates in int32 without an int16 step.
+# AVX-VNNI (avx_vnni, 256-bit, Alder Lake and later) is not among them: fbgemm has no kernel for it and uses
+# vpmaddubsw there, so those CPUs count as saturating (the fix costs little; a wrong model costs much more).
+VNNI_FLAGS = ("avx512_vnni", "amx_int8")
+# The values of the libraries' ISA-forcing variables that select code without VNNI (case-insensitive).
+FBGEMM_ENV, ONEDNN_ENV = "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA"
+FBGEMM_WITHOUT_VNNI = ("AVX2", "AVX512", "AVX512_256")
+ONEDNN_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+FORCED_AVX2 = {FBGEMM_ENV: "AVX2", ONEDNN_ENV: "AVX2"}  # what a VNNI/AMX machine sets to run the AVX2 paths
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or None where there is none to read (macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def int8_capability() -> tuple[bool, str]:
+    """(whether the host's x86 int8 kernels saturate u8 x s8 pair sums in int16, the capability in words)."""
+    if not _is_x86():
+        return False, f"{platform.machine()} (no x86 int16 pair step)"
+    forced = [f"{name}={os.environ[name]}" for name, values in ((FBGEMM_ENV, FBGEMM_WITHOUT_VNNI),
+                                                                 (ONEDNN_ENV, ONEDNN_WITHOUT_VNNI))
+              if os.environ.get(name, "").upper() in values]
+    if forced:
+        return True, f"int8 kernels forced onto code without VNNI by {' and '.join(forced)}"
+    flags = _cpu_flags()
+    if flags is None:  # no flags to read: assume the common case without VNNI, which the fix makes exact
+        return True, f"{_aten_capability()} (VNNI unknown: no /proc/cpuinfo)"
+    vnni = [flag for flag in VNNI_FLAGS if flag in flags]
+    if vnni:
+        return False, f"{_aten_capability()} with {', '.join(vnni)}"
+    return True, f"{_aten_capability()} without VNNI"
+
+
+def _aten_capability() -> str:
+    import torch  # torch's own reading of the CPU, for the message only
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def int8_products_saturate() -> bool:
+    """Whether this CPU's x86 int8 kernels saturate full-range 8-bit products (see the module docstring)."""
+    return int8_capability()[0]
+
+
+def check_choice(value, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise QtoolkitError(f"{name} = {value!r} is not known: choose one of {', '.join(choices)}")
+
+
+def resolve_overflow_fix(fix: str, target_cpu: str, weight_bits: int | None, activation_bits: int | None) -> str:
+    """The overflow fix that `fix` means for this quantization and target CPU: "auto" becomes "weights-7bit" where
+    the target's kernels would saturate full 8-bit grids, else "none". A quantization that cannot saturate (weights
+    or activations below 8 bits, or not quantized: 255 x 127 x 2 needs both at 8) needs no fix."""
+    check_choice(fix, OVERFLOW_FIXES, "overflow_fix")
+    check_choice(target_cpu, TARGET_CPUS, "target_cpu")
+    if weight_bits != 8 or activation_bits != 8:
+        return NONE
+    if fix != AUTO:
+        return fix
+    saturates = {"host": int8_products_saturate, "any": lambda: True, "vnni": lambda: False}[target_cpu]()
+    return WEIGHTS_7BIT if saturates else NONE
+
+
+def int8_arithmetic(overflow_fix: str, weight_bits: int | None, activation_bits: int | None) -> str:
+    """What a deployed model quantized with these settings assumes of the CPU's int8 arithmetic, in words (the
+    deployment folder and the ONNX export record it)."""
+    if overflow_fix == WEIGHTS_7BIT:
+        return ("8-bit weights on the 7-bit grid [-63, 63] (overflow_fix weights-7bit): no u8 x s8 pair sum can "
+                "saturate int16, exact on every CPU")
+    if weight_bits == 8 and activation_bits == 8:
+        return ("full 8-bit weights and activations (overflow_fix none): exact on CPUs with AVX-512 VNNI or AMX and "
+                "on ARM; x86 CPUs without VNNI saturate u8 x s8 pair sums in int16 (fbgemm, oneDNN, ONNX Runtime, "
+                "OpenVINO; not qnnpack)")
+    return ("weights or activations below 8 bits, or in float: no u8 x s8 pair sum can saturate int16, exact on "
+            "every CPU")
+
+
+def saturation_warning(overflow_fix: str, weight_bits: int | None, activation_bits: int | None,
+                       backend: str) -> str | None:
+    """One line for a user about to run a model quantized with these settings on this CPU through an int8 backend
+    that saturates without VNNI, when its products would clip here; None when the model is exact here."""
+    saturates, capability = int8_capability()
+    if overflow_fix != NONE or weight_bits != 8 or activation_bits != 8 or not saturates:
+        return None
+    return (f"this model assumes int8 products that cannot saturate (quantization.overflow_fix: none), but on this CPU "
+            f"({capability}) {backend}'s int8 kernels saturate them: its outputs will differ from the model that was "
+            "measured; re-quantize it with quantization.overflow_fix: auto (or weights-7bit, or target_cpu: any)")

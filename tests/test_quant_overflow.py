@@ -1,0 +1,205 @@
+"""The overflow fix: int8 products that x86 CPUs without VNNI saturate, and the 7-bit weight grid that avoids them.
+
+The kernel test runs in a child process with the int8 libraries forced onto their AVX2 code, so that a VNNI or
+AMX machine shows what an AVX2 user gets (and so that the forced-AVX2 agreement run, `make test`'s second stage,
+is known to force something).
+"""
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import calibration_inputs, frozen_copy
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.graph import quant_ops
+from qtoolkit.quant import QuantConfig
+from qtoolkit.quant import overflow
+from qtoolkit.quant.overflow import FORCED_AVX2, int8_capability, saturation_warning
+
+pytestmark = pytest.mark.avx2_paths
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+FORCING = (overflow.FBGEMM_ENV, overflow.ONEDNN_ENV)
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """Set the host's CPU flags and ISA-forcing variables as a test says: host(flags, **env)."""
+    def set_host(flags, **env):
+        for name in FORCING:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(overflow, "_cpu_flags", lambda: None if flags is None else frozenset(flags))
+        monkeypatch.setattr(overflow, "_is_x86", lambda: True)
+    return set_host
+
+
+@pytest.mark.parametrize("flags, env, saturates", [
+    ({"avx2", "avx512f", "avx512_vnni"}, {}, False),
+    ({"avx2", "amx_int8"}, {}, False),
+    ({"avx2"}, {}, True),                               # AMD Zen 2/3, Intel before Cascade Lake
+    ({"avx2", "avx512f"}, {}, True),                    # Skylake-SP: AVX-512 without VNNI
+    ({"avx2", "avx_vnni"}, {}, True),                   # AVX-VNNI only: fbgemm has no kernel for it
+    ({"avx512_vnni"}, {"FBGEMM_ENABLE_INSTRUCTIONS": "avx2"}, True),
+    ({"avx512_vnni"}, {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX512"}, True),
+    ({"avx512_vnni"}, {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX512_E1"}, False),
+    ({"avx512_vnni"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, True),
+    ({"avx512_vnni"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, False),
+    (None, {}, True),                                   # no /proc/cpuinfo: assume the common case
+])
+def test_the_host_saturates_where_its_int8_kernels_have_no_vnni(host, flags, env, saturates):
+    host(flags, **env)
+    assert int8_capability()[0] is saturates
+    assert QuantConfig().overflow_fix == ("weights-7bit" if saturates else "none")
+
+
+def test_an_arm_host_never_saturates(monkeypatch):
+    monkeypatch.setattr(overflow, "_is_x86", lambda: False)
+    assert int8_capability()[0] is False and QuantConfig().overflow_fix == "none"
+
+
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx512_vnni"}])
+def test_target_cpu_any_and_vnni_decide_whatever_the_host(host, flags):
+    host(flags)
+    assert QuantConfig(target_cpu="any").overflow_fix == "weights-7bit"
+    assert QuantConfig(target_cpu="vnni").overflow_fix == "none"
+    assert QuantConfig(overflow_fix="weights-7bit", target_cpu="vnni").overflow_fix == "weights-7bit"
+    assert QuantConfig(overflow_fix="none", target_cpu="any").overflow_fix == "none"
+
+
+@pytest.mark.parametrize("bits", [(4, 8), (8, 6), (8, None), (None, 8)])
+def test_only_w8a8_can_saturate_so_other_bit_widths_need_no_fix(bits):
+    config = QuantConfig(weight_bits=bits[0], activation_bits=bits[1], overflow_fix="weights-7bit")
+    assert config.overflow_fix == "none" and config.weight_grid_bits == bits[0]
+
+
+@pytest.mark.parametrize("field, value", [("overflow_fix", "weights-6bit"), ("target_cpu", "avx2")])
+def test_an_unknown_setting_is_refused_with_the_choices(field, value):
+    with pytest.raises(QtoolkitError, match=f"{field} = '{value}' is not known: choose one of"):
+        QuantConfig(**{field: value})
+
+
+def test_a_saved_config_keeps_its_grid_on_any_host(host):
+    host({"avx2"})
+    fixed = QuantConfig.from_dict(QuantConfig(target_cpu="any").to_dict())
+    assert (fixed.overflow_fix, fixed.weight_grid_bits) == ("weights-7bit", 7)
+    # A config saved before the setting existed was frozen on the full 8-bit grid: it stays there, whatever
+    # "auto" would choose on this host.
+    older = {k: v for k, v in QuantConfig(overflow_fix="none").to_dict().items()
+             if k not in ("overflow_fix", "target_cpu")}
+    assert QuantConfig.from_dict(older).overflow_fix == "none"
+
+
+def test_weights_7bit_puts_every_weight_on_the_7bit_grid_and_leaves_activations_at_8(fp):
+    inputs = calibration_inputs(16, 0)
+    fixed = frozen_copy(fp, QuantConfig(target_cpu="any"), inputs)
+    full = frozen_copy(fp, QuantConfig(target_cpu="vnni"), inputs)
+    for name, op in quant_ops(fixed).items():
+        if op.weight is not None:
+            codes = op.weight.params.quantize(fixed.get_parameter(op.weight_target))
+            assert (op.weight.params.qmin, op.weight.params.qmax) == (-63, 63)
+            assert codes.abs().max() == 63, op.path  # the grid's ends are used: the range search ran at 7 bits
+            assert quant_ops(full)[name].weight.params.qmax == 127
+        if op.input is not None:
+            assert (op.input.params.qmin, op.input.params.qmax) == (0, 255)
+
+
+@pytest.mark.parametrize("fix, bits, warns", [("none", 8, True), ("weights-7bit", 8, False), ("none", 4, False)])
+def test_the_saturation_warning_names_the_cpu_and_the_setting(host, fix, bits, warns):
+    host({"avx2"})
+    message = saturation_warning(fix, bits, 8, "fbgemm")
+    assert (message is not None) is warns
+    if warns:
+        assert "without VNNI" in message and "overflow_fix: auto" in message and "\n" not in message
+    host({"avx512_vnni"})
+    assert saturation_warning(fix, bits, 8, "fbgemm") is None
+
+
+# One 3x3 convolution, 64 to 64 channels, inputs and weights over their full grids: the layer that saturates.
+KERNEL_PROBE = """
+import json, sys, torch
+from torch.ao.nn.quantized import Conv2d
+torch.backends.quantized.engine = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+codes_x = torch.randint(0, 256, (1, 64, 8, 8), generator=g)
+errors = {}
+for qmax in (127, 63):
+    codes_w = torch.randint(-qmax, qmax + 1, (64, 64, 3, 3), generator=g).float()
+    x = torch._make_per_tensor_quantized_tensor(codes_x.to(torch.uint8), 1.0, 0)
+    w = torch.quantize_per_channel(codes_w, torch.ones(64, dtype=torch.double), torch.zeros(64, dtype=torch.long), 0,
+                                   torch.qint8)
+    exact = torch.nn.functional.conv2d(codes_x.double(), codes_w.double(), padding=1)
+    scale = float(exact.abs().max()) / 120  # an output grid that holds every exact sum
+    conv = Conv2d(64, 64, 3, padding=1)
+    conv.set_weight_bias(w, None)
+    conv.scale, conv.zero_point = scale, 128
+    out = conv(x).dequantize().double()
+    errors[qmax] = float((out - exact).abs().max() / scale)  # in steps of the output grid
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.skipif(not X86, reason=f"saturation is x86's (vpmaddubsw); this CPU is {platform.machine()}")
+@pytest.mark.parametrize("engine", ["fbgemm", "x86"])
+def test_forced_avx2_kernels_saturate_full_range_weights_and_are_exact_on_the_7bit_grid(engine):
+    run = subprocess.run([sys.executable, "-c", KERNEL_PROBE, engine], capture_output=True, text=True, check=True,
+                         env={**os.environ, **FORCED_AVX2})
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    assert errors["63"] <= 0.5 + 1e-6, errors  # exact, up to the output's own rounding
+    assert errors["127"] > 10, errors  # clipped pair sums: many output steps off
+
+
+@pytest.fixture(scope="module")
+def saved_for_vnni(fp_model, tmp_path_factory):
+    """A W8A8 model quantized for VNNI CPUs only (no fix), as a run's model folder."""
+    from qtoolkit.graph import quantize
+    from qtoolkit.ptq import calibrate_and_freeze, save_quantized_pipeline
+
+    fp, graph, calibration = fp_model
+    config = QuantConfig(quantize_conv_outputs=True, target_cpu="vnni")
+    qgraph = calibrate_and_freeze(quantize(graph, config), calibration, progress=False)
+    out = tmp_path_factory.mktemp("vnni") / "model"
+    save_quantized_pipeline(qgraph, fp, out, provenance={"test": True})
+    return out
+
+
+def _warnings(caplog):
+    return [r for r in caplog.records if r.name.startswith("qtoolkit") and r.levelno >= logging.WARNING]
+
+
+def test_a_deployment_folder_warns_in_one_line_on_a_cpu_that_saturates_it(saved_for_vnni, tmp_path, host, caplog):
+    from qtoolkit.deploy import export_deployment, load
+
+    description = export_deployment(saved_for_vnni, tmp_path / "deployed")
+    assert description["int8_arithmetic"].startswith("full 8-bit weights and activations (overflow_fix none)")
+    host({"avx2"})
+    with caplog.at_level(logging.WARNING):
+        load(tmp_path / "deployed", backend="qnnpack")  # widens before adding: exact everywhere, no warning
+        assert not _warnings(caplog)
+        load(tmp_path / "deployed", backend="fbgemm")
+    (record,) = _warnings(caplog)
+    assert "fbgemm's int8 kernels saturate" in record.getMessage() and "overflow_fix" in record.getMessage()
+
+
+def test_an_onnx_export_records_its_arithmetic_and_warns_on_a_cpu_that_saturates_it(saved_for_vnni, tmp_path, host,
+                                                                                     caplog):
+    from qtoolkit.engines import load_engine
+    from qtoolkit.export import export_model
+    from qtoolkit.models import load_diffusion_model
+
+    description = export_model(load_diffusion_model(saved_for_vnni), tmp_path / "onnx")
+    assert "overflow_fix none" in description["quantization"]["int8_arithmetic"]
+    host({"avx512_vnni"})
+    with caplog.at_level(logging.WARNING):
+        load_engine("onnxruntime", tmp_path / "onnx", threads=1)
+        assert not _warnings(caplog)
+        host({"avx2"})
+        load_engine("onnxruntime", tmp_path / "onnx", threads=1)
+    (record,) = _warnings(caplog)
+    assert "onnxruntime's int8 kernels saturate" in record.getMessage()
