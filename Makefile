@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO   := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test test-slow clean-venv
+.PHONY: setup demo test test-avx2-paths test-slow clean-venv
 
 setup: $(STAMP) $(FMNIST)
 
@@ -26,8 +26,15 @@ $(FMNIST):
 demo: setup
 	$(BIN)/qtoolkit run recipes/ddim_fmnist_w8a8.yaml --out $(DEMO)
 
+# Two stages: the suite, then its int8 tests again with fbgemm and oneDNN (PyTorch's and OpenVINO's) forced onto
+# their AVX2 code, whose int8 products saturate without VNNI: a VNNI or AMX machine then catches what an AVX2 user
+# would get (qtoolkit.quant.overflow). ONNX Runtime has no such switch; on a real AVX2 CPU the stages agree.
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-avx2-paths
+
+test-avx2-paths: setup
+	FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -m "avx2_paths and not slow"
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

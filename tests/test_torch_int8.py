@@ -35,6 +35,8 @@ from qtoolkit_plugins import onednn_backend
 from qtoolkit_plugins.onednn_backend import CompiledInt8Graph, reference_graph
 from qtoolkit_plugins.torch_int8_backend import lower_on_engine
 
+pytestmark = pytest.mark.avx2_paths
+
 BACKENDS = ["fbgemm", "qnnpack", "x86-onednn"]
 # The fbgemm backend packs for torch's x86 engine; a torch build without it gets the plain fbgemm engine.
 PLAIN_FBGEMM = "fbgemm on the plain fbgemm engine"
