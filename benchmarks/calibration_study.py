@@ -9,7 +9,9 @@ widths and by a re-run with the same --out (a study that was cut off resumes the
 With --rounding METHOD (a rounding method plugin, e.g. brecq or adaround), every quantized model also gets a
 row with that rounding learned on its calibration set; with --bias-correction, a row with bias correction on
 its calibration set (after the rounding, if any). --inputs-per-chain K takes up to K calibration inputs from
-each FP chain (about K times cheaper; compare K = 1 and K = 4 to see what it costs in quality).
+each FP chain (about K times cheaper; compare K = 1 and K = 4 to see what it costs in quality). --quant KEY=VALUE sets a QuantConfig field for every
+model (e.g. quantize_conv_outputs=true, overflow_fix=none); --calib-param KEY=VALUE a strategy parameter (e.g.
+preset=paper); --scheduler the sampler of the calibration chains and of evaluation (ddim or ddpm).
 Writes study.md (the table), study.json and one folder of figures per bit width to --out.
 
     python benchmarks/calibration_study.py --out runs/study
@@ -60,7 +62,12 @@ def main() -> None:
     p.add_argument("--strategies", nargs="+", default=STRATEGIES)
     p.add_argument("--calib-size", type=int, default=1024)
     p.add_argument("--inputs-per-chain", type=int, default=1, help="calibration inputs taken from one FP chain")
-    p.add_argument("--steps", type=int, default=100, help="DDIM steps of the calibration chains and of evaluation")
+    p.add_argument("--steps", type=int, default=100, help="steps of the calibration chains and of evaluation")
+    p.add_argument("--scheduler", default="ddim", help="sampler of the calibration chains and of evaluation")
+    p.add_argument("--quant", type=parse_param, nargs="*", default=[], metavar="KEY=VALUE",
+                   help="QuantConfig fields for every model, e.g. quantize_conv_outputs=true overflow_fix=none")
+    p.add_argument("--calib-param", type=parse_param, nargs="*", default=[], metavar="KEY=VALUE",
+                   help="the calibration strategy's parameters, e.g. preset=paper")
     p.add_argument("--eval-num", type=int, default=500)
     p.add_argument("--error-num", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -79,23 +86,25 @@ def main() -> None:
     t_start = time.perf_counter()
 
     model = load_diffusion_model(a.model)
-    settings = ReportSettings(steps=a.steps, num=a.eval_num, error_num=a.error_num)
-    calib_settings = {(s, seed): CalibrationSettings(strategy=s, size=a.calib_size, steps=a.steps, seed=seed,
-                                                     inputs_per_chain=a.inputs_per_chain)
+    settings = ReportSettings(scheduler=a.scheduler, steps=a.steps, num=a.eval_num, error_num=a.error_num)
+    calib_settings = {(s, seed): CalibrationSettings(strategy=s, size=a.calib_size, scheduler=a.scheduler,
+                                                     steps=a.steps, seed=seed, inputs_per_chain=a.inputs_per_chain,
+                                                     params=dict(a.calib_param))
                       for s in a.strategies for seed in a.seeds}
     rounding = {seed: RoundingSettings(a.rounding, {**dict(a.rounding_param), "seed": seed}) for seed in a.seeds} \
         if a.rounding else {}
     for (strategy, seed), calib in calib_settings.items():  # every check before the first network call
         for bits in a.bits:
             wbits, abits = parse_bits(bits)
-            check_ptq(model, QuantConfig(weight_bits=wbits, activation_bits=abits), calib, rounding.get(seed),
+            check_ptq(model, QuantConfig(weight_bits=wbits, activation_bits=abits, **dict(a.quant)), calib,
+                      rounding.get(seed),
                       a.bias_samples if a.bias_correction else None)
     calibration_sets = {key: stored_calibration_set(model, calib, a.out) for key, calib in calib_settings.items()}
     sample_bits = set(a.bits if a.sample_bits is None else a.sample_bits)
     results = {}
     for bits in a.bits:
         wbits, abits = parse_bits(bits)
-        config = QuantConfig(weight_bits=wbits, activation_bits=abits)
+        config = QuantConfig(weight_bits=wbits, activation_bits=abits, **dict(a.quant))
         candidates = {}
         for (strategy, seed), calibration in calibration_sets.items():
             fp_graph, qgraph = quantized_graph(model, config)
@@ -131,7 +140,8 @@ def main() -> None:
 def stored_calibration_set(model, settings: CalibrationSettings, out: Path) -> CalibrationSet:
     """The set from out/calibration/<strategy>-s<seed> when one made with these settings is there, else a new
     one, saved there."""
-    folder = out / "calibration" / f"{settings.strategy}-s{settings.seed}"
+    params = "".join(f"-{key}-{value}" for key, value in sorted(settings.params.items()))
+    folder = out / "calibration" / f"{settings.strategy}{params}-s{settings.seed}"
     if folder.is_dir():
         stored = CalibrationSet.load(folder)
         meta = stored.meta
