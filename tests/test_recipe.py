@@ -64,6 +64,8 @@ def test_every_shipped_recipe_is_valid_and_names_its_plugins():
     (["model=/no/such/model"], "/no/such/model"),
     (["calibration.params.preset=nope"], "preset"),
     (["report.scheduler=euler"], "unknown scheduler 'euler'"),
+    (["quantization.overflow_fix=weights-6bit"], "overflow_fix = 'weights-6bit' is not known: choose one of auto, "),
+    (["quantization.target_cpu=zen3"], "target_cpu = 'zen3' is not known: choose one of host, any, vnni"),
 ])
 def test_a_bad_recipe_is_one_line_and_exit_2_before_any_work(overrides, message, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "never"
@@ -71,7 +73,7 @@ def test_a_bad_recipe_is_one_line_and_exit_2_before_any_work(overrides, message,
     assert main(["run", str(FMNIST), *sets(*model, *overrides), "--out", str(out)]) == 2
     line = error_line(capsys)
     assert message in line, line
-    if "choose" in message and "backend" not in message:
+    if "choose" in message and "backend" not in message and not message.startswith(("overflow_fix", "target_cpu")):
         assert "ndtc" in line or "brecq" in line  # the installed names, from the registry
     assert not out.exists()
 
@@ -103,6 +105,8 @@ def test_recipe_show_fills_every_default_and_applies_overrides(tmp_path, capsys)
     assert shown["calibration"]["batch_size"] == CalibrationSettings(strategy="x").batch_size
     assert shown["report"]["error_num"] == ReportSettings().error_num
     assert shown["backend"] == "auto" and shown["output"] == {"folder": None}
+    # overflow_fix "auto" shows as what it resolved to on this CPU: the recipe that ran, not the one asked for.
+    assert shown["quantization"]["overflow_fix"] == QuantConfig().overflow_fix in ("none", "weights-7bit")
     # What show prints is itself a valid recipe, and reads back the same.
     path = tmp_path / "shown.yaml"
     path.write_text(yaml.safe_dump(shown))
