@@ -127,9 +127,9 @@ def main() -> None:
     seconds = time.perf_counter() - t_start
     command = shlex.join(["python", *sys.argv])
     text = (f"# Calibration study on {a.model}\n\nCommand: `{command}`\n\nWall time: {seconds / 60:.1f} min "
-            f"(2-core CPU). Calibration: {a.calib_size} inputs per strategy, DDIM-{a.steps} chains, up to "
+            f"(2-core CPU). Calibration: {a.calib_size} inputs per strategy, {a.scheduler.upper()}-{a.steps} chains, up to "
             f"{a.inputs_per_chain} input(s) per chain; evaluation: "
-            f"{a.eval_num} DDIM-{a.steps} samples per model, per-step SQNR on {a.error_num} held-out chains.\n\n"
+            f"{a.eval_num} {a.scheduler.upper()}-{a.steps} samples per model, per-step SQNR on {a.error_num} held-out chains.\n\n"
             f"{format_study(results)}\n")
     atomic_write_text(a.out / "study.md", text)
     atomic_write_text(a.out / "study.json", json.dumps({"command": command, "seconds": seconds, "results": results},
