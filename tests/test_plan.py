@@ -40,7 +40,8 @@ def _expected_rule(path):
 
 
 def test_the_plan_lists_every_op_once_in_graph_order_with_its_rule(graph):
-    listing = plan_listing(planned_ops(graph, QuantConfig()), QuantConfig())
+    config = QuantConfig(target_cpu="vnni")  # the full 8-bit grids, whatever this CPU (the overflow fix's own tests)
+    listing = plan_listing(planned_ops(graph, config), config)
     every_op = quantizable_ops(graph, attention=True)
     assert [op["node"] for op in listing["ops"]] == [op.node.name for op in every_op]
     for op in listing["ops"]:
@@ -73,7 +74,7 @@ def test_the_plan_says_how_each_op_is_quantized(graph):
 
 
 def test_the_listing_of_a_frozen_model_gives_each_quantizers_scales(graph):
-    config = QuantConfig(split_shortcuts=True)
+    config = QuantConfig(split_shortcuts=True, target_cpu="vnni")  # 8-bit weights, whatever this CPU
     qgraph = _frozen(graph, config)
     planned = planned_ops(graph, config)
     listing = quantization_listing(qgraph, planned)
@@ -132,7 +133,7 @@ def test_the_report_writes_the_listing_only_for_a_quantized_model(graph, tmp_pat
 
 def test_qtoolkit_plan_prints_the_table_and_the_counts(tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells to the terminal's width (80 when it is not one)
-    assert main(["plan", RECIPE, "--set", f"model={tiny_model_dir}"]) == 0
+    assert main(["plan", RECIPE, "--set", f"model={tiny_model_dir}", "--set", "quantization.target_cpu=vnni"]) == 0
     out = capsys.readouterr().out
     assert "quantized (W8A8, per-channel weights)" in out and "float: timestep-path" in out
     assert f"float: {ATTENTION_OFF}" in out and "quantized: " in out and "kept float: " in out

@@ -96,6 +96,16 @@ def test_a_saved_config_keeps_its_grid_on_any_host(host):
     assert QuantConfig.from_dict(older).overflow_fix == "none"
 
 
+def test_the_plan_says_which_weights_are_on_the_7bit_grid():
+    from qtoolkit.graph.listing import scheme
+
+    class Planned:  # the one field scheme reads of a planned conv2d besides its split
+        op, split = type("Op", (), {"kind": "conv2d"})(), None
+    assert scheme(QuantConfig(target_cpu="any"), Planned) == \
+        "W8A8, per-channel weights, weights on the 7-bit grid (overflow_fix weights-7bit)"
+    assert scheme(QuantConfig(target_cpu="vnni"), Planned) == "W8A8, per-channel weights"
+
+
 def test_weights_7bit_puts_every_weight_on_the_7bit_grid_and_leaves_activations_at_8(fp):
     inputs = calibration_inputs(16, 0)
     fixed = frozen_copy(fp, QuantConfig(target_cpu="any"), inputs)
