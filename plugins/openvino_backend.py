@@ -32,8 +32,8 @@ model is kept, so that memory holds one copy of the weights.
 from __future__ import annotations
 
 import functools
-import os
 import importlib.util
+import os
 from pathlib import Path
 
 from qtoolkit import hookimpl

@@ -116,7 +116,6 @@ def _conv_outputs_problem(config) -> str | None:
 
 
 def _backend(name: str, engine: str, auto_priority: int, description: str) -> Backend:
-    # qnnpack's kernels widen u8 and s8 to int16 before multiplying: no int16 pair sum, exact on every CPU.
     def float_precisions() -> tuple[str, ...]:
         return ("fp32",) if engine in torch.backends.quantized.supported_engines else ()
 
@@ -124,6 +123,7 @@ def _backend(name: str, engine: str, auto_priority: int, description: str) -> Ba
                    export_format="torch", auto_priority=auto_priority, runtime_version=lambda: torch.__version__,
                    runtime="torch", lower=lambda qgraph: lower_on_engine(qgraph, engine),
                    unsupported=lambda config: int8_kernel_problem(config) or _conv_outputs_problem(config),
+                   # qnnpack widens u8 and s8 to int16 before multiplying: no int16 pair sum, exact everywhere.
                    saturates_without_vnni=engine != "qnnpack")
 
 

@@ -123,12 +123,13 @@ def test_weights_7bit_puts_every_weight_on_the_7bit_grid_and_leaves_activations_
 @pytest.mark.parametrize("fix, bits, warns", [("none", 8, True), ("weights-7bit", 8, False), ("none", 4, False)])
 def test_the_saturation_warning_names_the_cpu_and_the_setting(host, fix, bits, warns):
     host({"avx2"})
-    message = saturation_warning(fix, bits, 8, "fbgemm")
+    config = QuantConfig(weight_bits=bits, overflow_fix=fix)
+    message = saturation_warning(config, "fbgemm")
     assert (message is not None) is warns
     if warns:
         assert "without VNNI" in message and "overflow_fix: auto" in message and "\n" not in message
     host({"avx512_vnni"})
-    assert saturation_warning(fix, bits, 8, "fbgemm") is None
+    assert saturation_warning(config, "fbgemm") is None
 
 
 # One 3x3 convolution, 64 to 64 channels, inputs and weights over their full grids: the layer that saturates.

@@ -29,7 +29,7 @@ from torch import fx
 from .. import __version__
 from ..errors import QtoolkitError
 from ..export.int8_layers import int8_layers
-from ..graph import quant_ops
+from ..graph import quant_config_of, quant_ops
 from ..graph.serialization import check_quantized_metadata, read_quantized_metadata, rebuild_quantized
 from ..io import atomic_dir, read_description
 from ..models.loading import load_diffusion_model, load_safetensors, locate_folders
@@ -75,7 +75,7 @@ def save_deployment(qgraph: fx.GraphModule, metadata: dict, scheduler_config: di
         raise QtoolkitError(f"{source} has no layer an int8 kernel can run (they need 8-bit asymmetric "
                             "activations and symmetric weights: the default QuantConfig)")
     ops = quant_ops(qgraph)
-    config = QuantConfig.from_dict(metadata["quant_config"])
+    config = quant_config_of(qgraph)
     state = {key: tensor.detach().contiguous() for key, tensor in qgraph.state_dict().items()}
     int8_weights = {}
     for name, layer in layers.items():
@@ -90,7 +90,7 @@ def save_deployment(qgraph: fx.GraphModule, metadata: dict, scheduler_config: di
             "sample_shape": list(metadata["sample_shape"]),
             "int8_layers": len(layers),
             "int8_weights": int8_weights,  # weight -> its per-channel scale
-            "int8_arithmetic": int8_arithmetic(config.overflow_fix, config.weight_bits, config.activation_bits),
+            "int8_arithmetic": int8_arithmetic(config),
             "quantized_model": metadata,
             "files": {name: _sha256(tmp / name) for name in (WEIGHTS_FILE, SCHEDULER_FILE)},
             "source_model": source,

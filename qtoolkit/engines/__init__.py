@@ -103,7 +103,7 @@ def warn_if_saturating(config, backend: Backend) -> None:
     from ..quant.overflow import saturation_warning
 
     if config is not None and backend.saturates_without_vnni:
-        message = saturation_warning(config.overflow_fix, config.weight_bits, config.activation_bits, backend.name)
+        message = saturation_warning(config, backend.name)
         if message:
             log.warning(message)
 
@@ -123,8 +123,6 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
 
         config = deployment_quant_config(target)
     backend = resolve_backend(engine, config, export_format=export_format)
-    if export_format == ONNX_FORMAT:  # a torch backend's load (qtoolkit.deploy.load) warns itself
-        warn_if_saturating(exported_quant_config(exported), backend)
     if backend.export_format != export_format:
         raise QtoolkitError(f"the {backend.name} backend runs {backend.export_format} exports and {exported} is a "
                             f"{export_format} one: re-export it with `qtoolkit export --format {backend.export_format}`"
@@ -138,6 +136,8 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
                 and float_precision in plugins.backend(name).float_precisions()]
         raise QtoolkitError(f"the {backend.name} backend runs the float parts in {', '.join(precisions)} here, not "
                             f"{float_precision!r}" + (f": use the {' or '.join(able)} backend" if able else ""))
+    if export_format == ONNX_FORMAT:  # a torch backend's load (qtoolkit.deploy.load) warns itself
+        warn_if_saturating(exported_quant_config(exported), backend)
     return backend.load(target, threads, float_precision)
 
 

@@ -64,7 +64,7 @@ def _quantization(graph: torch.fx.GraphModule) -> dict | None:
         "inputs": inputs,
         "outputs": outputs,
         "attention_matmuls": attention,
-        "int8_arithmetic": int8_arithmetic(config.overflow_fix, config.weight_bits, config.activation_bits),
+        "int8_arithmetic": int8_arithmetic(config),
         "quant_config": config.to_dict(),
     }
 

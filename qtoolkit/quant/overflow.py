@@ -116,13 +116,17 @@ def resolve_overflow_fix(fix: str, target_cpu: str, weight_bits: int | None, act
     return WEIGHTS_7BIT if saturates else NONE
 
 
-def int8_arithmetic(overflow_fix: str, weight_bits: int | None, activation_bits: int | None) -> str:
-    """What a deployed model quantized with these settings assumes of the CPU's int8 arithmetic, in words (the
-    deployment folder and the ONNX export record it)."""
-    if overflow_fix == WEIGHTS_7BIT:
+def _can_saturate(config) -> bool:
+    return config.overflow_fix == NONE and config.weight_bits == 8 and config.activation_bits == 8
+
+
+def int8_arithmetic(config) -> str:
+    """What a deployed model quantized with `config` (a QuantConfig) assumes of the CPU's int8 arithmetic, in words
+    (the deployment folder and the ONNX export record it)."""
+    if config.overflow_fix == WEIGHTS_7BIT:
         return ("8-bit weights on the 7-bit grid [-63, 63] (overflow_fix weights-7bit): no u8 x s8 pair sum can "
                 "saturate int16, exact on every CPU")
-    if weight_bits == 8 and activation_bits == 8:
+    if _can_saturate(config):
         return ("full 8-bit weights and activations (overflow_fix none): exact on CPUs with AVX-512 VNNI or AMX and "
                 "on ARM; x86 CPUs without VNNI saturate u8 x s8 pair sums in int16 (fbgemm, oneDNN, ONNX Runtime, "
                 "OpenVINO; not qnnpack)")
@@ -130,12 +134,13 @@ def int8_arithmetic(overflow_fix: str, weight_bits: int | None, activation_bits:
             "every CPU")
 
 
-def saturation_warning(overflow_fix: str, weight_bits: int | None, activation_bits: int | None,
-                       backend: str) -> str | None:
-    """One line for a user about to run a model quantized with these settings on this CPU through an int8 backend
-    that saturates without VNNI, when its products would clip here; None when the model is exact here."""
+def saturation_warning(config, backend: str) -> str | None:
+    """One line for a user about to run a model quantized with `config` (a QuantConfig) on this CPU through an int8
+    backend that saturates without VNNI, when its products would clip here; None when the model is exact here."""
+    if not _can_saturate(config):
+        return None
     saturates, capability = int8_capability()
-    if overflow_fix != NONE or weight_bits != 8 or activation_bits != 8 or not saturates:
+    if not saturates:
         return None
     return (f"this model assumes int8 products that cannot saturate (quantization.overflow_fix: none), but on this CPU "
             f"({capability}) {backend}'s int8 kernels saturate them: its outputs will differ from the model that was "
