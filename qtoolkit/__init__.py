@@ -1,4 +1,19 @@
-"""qtoolkit: post-training quantization for diffusion models."""
+"""qtoolkit: post-training quantization for diffusion models.
+
+The core's layers, bottom to top; a module imports only from layers below its own (import-linter checks it, with
+the contracts in pyproject.toml; docs/architecture.md has the picture):
+- foundation: errors, io, optional, images, progress, distributed, data, hookspecs, registry, plugins,
+  backend_lookup;
+- numeric primitives: quant (no graph);
+- networks: models (float networks and their conditioning; no quantized graph, no recipe);
+- the graph: graph (capture, patterns, quantize, serialization, bias correction);
+- denoising: sampling, metrics; then calibration, evaluation, step_error (per-step error against FP), training;
+- the job: ptq;
+- integer execution: export (ONNX), deploy (the PyTorch int8 folder), engines (running and timing them);
+- report, recipe, runner; cli on top.
+The built-in plugins (plugins/, imported as qtoolkit_plugins) sit above the whole core, as a third-party
+plugin does.
+"""
 
 import logging
 

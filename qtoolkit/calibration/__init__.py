@@ -1,5 +1,8 @@
 """Calibration data for post-training quantization of diffusion models: which (x_t, t) inputs to calibrate on.
 
+Layer: denoising (with evaluation, step_error, training, which it does not import). May import sampling,
+metrics, graph, models, quant and the foundation.
+
 `generate_calibration_set(strategy, model, num, ...)` runs a calibration strategy (a plugin, see
 `qtoolkit.hookspecs.register_calibration_strategies`) and returns a `CalibrationSet`, which saves to and
 loads from a folder (safetensors + JSON). Strategies build on `CalibrationRequest.collect_from_chain` (the

@@ -1,5 +1,8 @@
 """Real int8 in PyTorch itself: load a deployment folder (`qtoolkit export --format torch`) on a CPU backend.
 
+Layer: integer execution, PyTorch's int8 (below engines, above export). May import export, ptq and everything
+below it, never engines.
+
     import torch, qtoolkit.deploy
     model = qtoolkit.deploy.load("deployed/")           # fbgemm on x86, qnnpack on ARM; or backend="x86-onednn"
     noise = model(torch.randn(4, *model.sample_shape), torch.full((4,), 500))
@@ -22,9 +25,10 @@ from typing import TypeVar
 import torch
 from torch import fx, nn
 
-from ..engines import AUTO, TORCH_FORMAT, resolve_backend, warn_if_saturating
+from ..backend_lookup import AUTO, TORCH_FORMAT, resolve_backend
 from ..errors import QtoolkitError
 from ..quant import QuantConfig
+from ..quant.overflow import warn_if_saturating
 from .folder import export_deployment, is_deployment_folder, read_deployment, rebuild_frozen_graph
 
 T = TypeVar("T")

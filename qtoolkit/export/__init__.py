@@ -3,6 +3,9 @@ own scales and zero points as QuantizeLinear / DequantizeLinear nodes (qdq.py), 
 noise = f(sample, timestep) (onnx_graph.py), written to a folder that the engines of `qtoolkit.engines` sample
 from (folder.py).
 
+Layer: integer execution, ONNX (the bottom of that layer). May import ptq, the denoising layer, graph, models,
+quant and the foundation, never deploy or engines.
+
     description = export_model(load_diffusion_model("runs/X"), "exported/")   # `qtoolkit export`
 
 Needs the int8 extra: pip install -c constraints.txt 'qtoolkit[int8]'.

@@ -1,6 +1,9 @@
 """Quantization on a captured graph: capture a network with torch.export, insert quantizer nodes for the ops
 a QuantConfig selects (graph patterns, not module types), calibrate, freeze.
 
+Layer: the graph (capture, patterns, quantize, serialization, bias correction). May import models, quant and the
+foundation, nothing of sampling, calibration or above.
+
     graph = capture(model.denoiser(), model.sample_shape)
     qgraph = quantize(graph, QuantConfig())
     with calibrate(qgraph):

@@ -1,4 +1,8 @@
-"""Sample-quality metrics: FID, KID, Inception Score, improved precision/recall, and the feature networks."""
+"""Sample-quality metrics: FID, KID, Inception Score, improved precision/recall, and the feature networks.
+
+Layer: denoising (beside sampling; evaluation builds on it). May import the foundation only: metrics know no
+model, graph or quantizer.
+"""
 
 from .evaluate import evaluate, format_table
 from .features import ClassifierFeatures, FeatureExtractor, check_images

@@ -1,5 +1,9 @@
 """The numbers of quantization: what to quantize (QuantConfig), the uniform affine grid (QuantParams), the
-observers that choose its range, and the FakeQuantize module that the graph pass (qtoolkit.graph) inserts."""
+observers that choose its range, and the FakeQuantize module that the graph pass (qtoolkit.graph) inserts.
+
+Layer: numeric primitives (observers, quantizer parameters, fake-quantize, QuantConfig, overflow_fix), no graph.
+May import the foundation only (errors, plugins, registry, progress).
+"""
 
 from .config import FLOAT_RULES, QuantConfig
 from .fake_quant import FakeQuantize
