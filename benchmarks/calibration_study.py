@@ -32,7 +32,7 @@ from qtoolkit.io import atomic_write_text
 from qtoolkit.models import load_diffusion_model
 from qtoolkit.ptq import (CalibrationSettings, RoundingSettings, calibrate_and_freeze, check_ptq, make_calibration_set,
                           quantized_graph, round_on_calibration)
-from qtoolkit.quant.bias_correction import correct_bias
+from qtoolkit.graph.bias_correction import correct_bias
 from qtoolkit.quant import QuantConfig
 from qtoolkit.report import COMPARISON_HEADER, ReportSettings, candidate_results, compare_to_fp, comparison_row
 from qtoolkit.sampling import unet_predictor

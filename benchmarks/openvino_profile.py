@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qtoolkit_plugins.openvino_backend import _HINTS, engine_config, read_for_batch
-from qtoolkit.engines.optional import import_optional
+from qtoolkit.optional import import_optional
 from qtoolkit.export.onnx_graph import INPUT_NAMES
 
 

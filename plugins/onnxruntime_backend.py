@@ -15,7 +15,7 @@ import importlib.util
 from pathlib import Path
 
 from qtoolkit import hookimpl
-from qtoolkit.engines.optional import import_optional
+from qtoolkit.optional import import_optional
 from qtoolkit.engines.predictor import numpy_predictor
 from qtoolkit.export.onnx_graph import INPUT_NAMES, OUTPUT_NAME
 from qtoolkit.registry import Backend

@@ -37,7 +37,7 @@ import os
 from pathlib import Path
 
 from qtoolkit import hookimpl
-from qtoolkit.engines.optional import import_optional
+from qtoolkit.optional import import_optional
 from qtoolkit.engines.predictor import numpy_predictor
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.export.onnx_graph import INPUT_NAMES, OUTPUT_NAME

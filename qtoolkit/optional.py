@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ..errors import QtoolkitError
+from .errors import QtoolkitError
 
 INSTALL_HINT = "pip install -c constraints.txt 'qtoolkit[int8]'"
 

@@ -25,8 +25,8 @@ from .models.loading import DiffusionModel, model_reference, write_pipeline_file
 from .graph import calibrate, capture, freeze, plan, quantize, save_quantized
 from .progress import track
 from .quant import QuantConfig
-from .quant.bias_correction import check_samples as check_bias_samples
-from .quant.bias_correction import correct_bias
+from .graph.bias_correction import check_samples as check_bias_samples
+from .graph.bias_correction import correct_bias
 
 
 @dataclass

@@ -34,11 +34,11 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from . import plugins
-from .engines import AUTO, FLOAT_PRECISIONS
+from .backend_lookup import AUTO, FLOAT_PRECISIONS
 from .errors import QtoolkitError
 from .ptq import CalibrationSettings, RoundingSettings
 from .quant import QuantConfig
-from .quant.bias_correction import check_samples as check_bias_samples
+from .graph.bias_correction import check_samples as check_bias_samples
 from .report import ReportSettings
 
 SCHEMA_VERSION = 1
@@ -236,7 +236,7 @@ class Recipe(Section):
     rounding: Rounding | None = None  # null: round to nearest
     bias_correction: BiasCorrection = Field(default_factory=BiasCorrection)
     # Where the quantized model is exported to and the report's samples are drawn: what a user deploys.
-    backend: str = AUTO  # the fastest backend that runs here (qtoolkit.engines.resolve_backend)
+    backend: str = AUTO  # the fastest backend that runs here (qtoolkit.backend_lookup.resolve_backend)
     # What the backend runs the exported graph's unquantized parts in (GroupNorm, SiLU, adds): fp32, or e.g. bf16.
     float_precision: str = FLOAT_PRECISIONS[0]
     threads: int | None = Field(default=None, ge=1)  # the backend's threads (null: its own choice)

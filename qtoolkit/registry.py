@@ -15,9 +15,9 @@ from .errors import QtoolkitError
 if TYPE_CHECKING:
     from torch import nn
 
-    from .calibration import StrategyOutput
-    from .models.loading import DiffusionModel
-    from .sampling import NoisePredictor
+# The records name the core's types of the layers above (qtoolkit.calibration.StrategyOutput,
+# qtoolkit.models.DiffusionModel, qtoolkit.sampling.NoisePredictor) in their docstrings only: this foundation
+# module imports nothing of the core but its errors.
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class CalibrationStrategy:
     """
 
     name: str
-    run: Callable[..., "StrategyOutput"]
+    run: Callable[..., Any]  # -> qtoolkit.calibration.StrategyOutput
     description: str = ""
     uses_sampler: bool = True
     check: Callable[..., None] | None = None
@@ -75,7 +75,7 @@ class Backend:
     """
 
     name: str
-    load: Callable[..., "NoisePredictor"]
+    load: Callable[..., Any]  # -> qtoolkit.sampling.NoisePredictor
     float_precisions: Callable[[], tuple[str, ...]]
     description: str = ""
     export_format: str = "onnx"
@@ -100,7 +100,7 @@ class ModelLoader:
 
     name: str
     claims: Callable[[str], bool]
-    load: Callable[[str], "DiffusionModel"]
+    load: Callable[[str], Any]  # -> qtoolkit.models.loading.DiffusionModel
     description: str = ""
     describe: Callable[["nn.Module"], dict | None] | None = None
     build: Callable[[dict], "nn.Module"] | None = None

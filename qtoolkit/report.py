@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .agreement import SSIM_WINDOW, per_timestep_error, sample_agreement, ssim_window  # noqa: E402
+from .step_error import SSIM_WINDOW, per_timestep_error, sample_agreement, ssim_window  # noqa: E402
 from .errors import QtoolkitError  # noqa: E402
 from .evaluation import (FEATURE_NETWORKS, describe_adaptation, evaluate_images, feature_extractor,  # noqa: E402
                          load_reference)

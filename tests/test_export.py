@@ -29,12 +29,13 @@ for _module in ("onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "torcha
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
-from qtoolkit.agreement import per_timestep_error, sqnr_db  # noqa: E402
+from qtoolkit.step_error import per_timestep_error, sqnr_db  # noqa: E402
 from qtoolkit.calibration import generate_calibration_set  # noqa: E402
 from qtoolkit.cli import main  # noqa: E402
 from qtoolkit.engines import engine_names, load_engine, resolve_backend  # noqa: E402
 from qtoolkit.engines import memory  # noqa: E402
-from qtoolkit.engines.backends import BackendSources, backend_names, build_backend, onnx_graphs_of  # noqa: E402
+from qtoolkit.engines.backends import backend_names, build_backend, onnx_graphs_of  # noqa: E402
+from qtoolkit.engines.sources import BackendSources  # noqa: E402
 from qtoolkit.engines.benchmark import unet_macs  # noqa: E402
 from qtoolkit.engines.peers import PEERS  # noqa: E402
 from qtoolkit.errors import QtoolkitError  # noqa: E402

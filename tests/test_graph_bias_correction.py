@@ -7,7 +7,7 @@ from qtoolkit.graph import copy_graph, module_path, quant_ops, quantize
 from qtoolkit.graph.node_values import node_values
 from qtoolkit.graph.patterns import CONV, LINEAR
 from qtoolkit.quant import QuantConfig
-from qtoolkit.quant.bias_correction import correct_bias
+from qtoolkit.graph.bias_correction import correct_bias
 
 W4A4 = QuantConfig(weight_bits=4, activation_bits=4)
 

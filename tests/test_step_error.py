@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qtoolkit.agreement import per_timestep_error, psnr, sample_agreement, sqnr_db, ssim, ssim_window
+from qtoolkit.step_error import per_timestep_error, psnr, sample_agreement, sqnr_db, ssim, ssim_window
 from qtoolkit.sampling import unet_predictor
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtoolkit import hookimpl, plugins
-from qtoolkit.agreement import per_timestep_error
+from qtoolkit.step_error import per_timestep_error
 from qtoolkit.cli import main
 from qtoolkit.deploy import export_deployment, in_own_arena, load, lower_graph
 from qtoolkit.engines import load_engine, resolve_backend

@@ -1,5 +1,8 @@
 """Inference engines that run an exported ONNX graph (qtoolkit.export) as a noise predictor.
 
+Layer: integer execution, running and timing what export and deploy produce (the top of that layer). May
+import deploy, export and everything below them, never report, recipe, runner or cli.
+
 The engines are backends, registered by plugins (`qtoolkit.hookspecs.register_backends`) and looked up by
 name. Every engine gives the same callable as the torch path, eps(x float32 (B, C, H, W), t int64 (B,)) ->
 float32 noise, so qtoolkit.sampling.sample(..., eps=predictor) draws samples through the same scheduler loop:
@@ -18,59 +21,24 @@ runtime is missing cannot run here, and asking for it is a clear QtoolkitError.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import plugins
+from ..backend_lookup import AUTO, FLOAT_PRECISIONS, ONNX_FORMAT, TORCH_FORMAT, engine_names, resolve_backend
+from ..deploy.folder import deployment_quant_config, is_deployment_folder
 from ..errors import QtoolkitError
-from .optional import INSTALL_HINT
+from ..export.folder import is_exported_folder, load_exported
+from ..optional import INSTALL_HINT
+from ..quant import QuantConfig
+from ..quant.overflow import warn_if_saturating
 
 if TYPE_CHECKING:
-    from ..registry import Backend
     from ..sampling import NoisePredictor
-
-log = logging.getLogger(__name__)
-
-AUTO = "auto"
-BACKENDS_HOOK = "register_backends"
-ONNX_FORMAT, TORCH_FORMAT = "onnx", "torch"  # Backend.export_format: an ONNX export, or a deployment folder
-FLOAT_PRECISIONS = ("fp32", "bf16")  # the precisions qtoolkit knows names for, FP32 (the default) first
-
-
-def engine_names() -> list[str]:
-    """The installed backends' names (runnable here or not)."""
-    return plugins.names(BACKENDS_HOOK)
-
-
-def resolve_backend(name: str, config=None, export_format: str | None = None) -> Backend:
-    """The backend named `name`, or for "auto" the one with the highest auto_priority (ties: the first name) that
-    can run on this machine, runs models quantized with `config` (a QuantConfig; None: any) and writes
-    `export_format` (None: any). No such backend is an error naming why each installed one was passed over."""
-    if name != AUTO:
-        return plugins.backend(name)
-    backends = [plugins.backend(n) for n in engine_names()]
-    passed_over = {}
-    for backend in backends:
-        if export_format is not None and backend.export_format != export_format:
-            passed_over[backend.name] = f"runs {backend.export_format} exports"
-        elif not backend.float_precisions():
-            passed_over[backend.name] = "its runtime is missing here"
-        elif config is not None and (reason := backend.unsupported(config)):
-            passed_over[backend.name] = reason
-    runnable = [b for b in backends if b.name not in passed_over]
-    if not runnable:
-        why = "; ".join(f"{name}: {reason}" for name, reason in passed_over.items()) or "none installed"
-        raise QtoolkitError(f"no installed backend can run on this machine ({why}): install the built-in backends' "
-                            f"runtimes with {INSTALL_HINT}, or change the quantization as the reasons say")
-    return max(runnable, key=lambda b: b.auto_priority)  # max keeps the first of equals, in name order
 
 
 def graph_file(exported: str | Path) -> Path:
     """What an engine reads: the ONNX file of an exported folder, a deployment folder, or the graph file given."""
-    from ..deploy.folder import is_deployment_folder  # both import this package: import on use
-    from ..export.folder import is_exported_folder, load_exported
-
     exported = Path(exported)
     if is_deployment_folder(exported):
         return exported  # a torch backend's deployment folder: the backend reads the folder
@@ -79,33 +47,10 @@ def graph_file(exported: str | Path) -> Path:
 
 def exported_quant_config(exported: str | Path):
     """The QuantConfig an ONNX export folder records (None for a bare graph file, or a float export)."""
-    from ..export.folder import is_exported_folder, load_exported
-    from ..quant import QuantConfig
-
     if not is_exported_folder(exported):
         return None
     quantization = load_exported(exported).description.get("quantization")
     return None if quantization is None else QuantConfig.from_dict(quantization["quant_config"])
-
-
-def backend_for_runtime(runtime: str) -> Backend:
-    """The installed backend that drives the runtime package `runtime` (e.g. "onnxruntime"): what runs another
-    tool's output made for that runtime."""
-    found = [plugins.backend(n) for n in engine_names() if plugins.backend(n).runtime == runtime]
-    if not found:
-        raise QtoolkitError(f"no installed backend runs {runtime} models: install a backend plugin for {runtime}")
-    return max(found, key=lambda b: b.auto_priority)
-
-
-def warn_if_saturating(config, backend: Backend) -> None:
-    """One warning line when `backend` would run a model quantized with `config` (a QuantConfig) with int8 products
-    that saturate on this CPU (qtoolkit.quant.overflow): its outputs would not be the model that was measured."""
-    from ..quant.overflow import saturation_warning
-
-    if config is not None and backend.saturates_without_vnni:
-        message = saturation_warning(config, backend.name)
-        if message:
-            log.warning(message)
 
 
 def load_engine(engine: str, exported: str | Path, threads: int | None = None,
@@ -119,8 +64,6 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
     export_format = TORCH_FORMAT if target.is_dir() else ONNX_FORMAT  # a folder: graph_file's deployment folder
     config = None
     if export_format == TORCH_FORMAT:  # auto: among the torch backends, one that runs the model's quantization
-        from ..deploy.folder import deployment_quant_config  # deploy builds on this package: import on use
-
         config = deployment_quant_config(target)
     backend = resolve_backend(engine, config, export_format=export_format)
     if backend.export_format != export_format:
@@ -141,5 +84,5 @@ def load_engine(engine: str, exported: str | Path, threads: int | None = None,
     return backend.load(target, threads, float_precision)
 
 
-__all__ = ["AUTO", "FLOAT_PRECISIONS", "ONNX_FORMAT", "TORCH_FORMAT", "engine_names", "graph_file", "load_engine",
-           "resolve_backend", "warn_if_saturating"]
+__all__ = ["AUTO", "FLOAT_PRECISIONS", "ONNX_FORMAT", "TORCH_FORMAT", "engine_names", "exported_quant_config",
+           "graph_file", "load_engine", "resolve_backend"]

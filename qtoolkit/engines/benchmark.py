@@ -40,19 +40,20 @@ import torch
 import typer
 from torch import fx, nn
 
-from ..agreement import per_timestep_error, sqnr_db
 from ..calibration import CalibrationSet
 from ..errors import QtoolkitError
 from ..graph import QuantizedAttention, quant_config_of
 from ..graph.patterns import ATTENTION, CONV, LINEAR
 from ..models.loading import DiffusionModel
+from ..optional import import_optional
 from ..progress import progress_bar
 from ..sampling import sample, unet_predictor
+from ..step_error import per_timestep_error, sqnr_db
 from . import memory, resolve_backend
-from .backends import (EAGER, Backend, BackendSources, backend_names, build_backend, engine_backends, onnx_graphs_of,
+from .backends import (EAGER, Backend, backend_names, build_backend, engine_backends, onnx_graphs_of,
                        require_calibration)
-from .optional import import_optional
 from .peers import PEERS
+from .sources import BackendSources
 
 
 @dataclass

@@ -67,8 +67,9 @@ def probe(work: Path, backend: str, batch_sizes: list[int], threads: int, seed: 
     _hold_mmap_threshold()
     import torch
 
-    from . import engine_names, resolve_backend
-    from .backends import BackendSources, build_backend
+    from ..backend_lookup import engine_names, resolve_backend
+    from .backends import build_backend
+    from .sources import BackendSources
 
     # Every probe imports the same libraries before its baseline, whichever backend it builds: asking each
     # runnable engine for its runtime's version imports that runtime.

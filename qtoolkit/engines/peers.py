@@ -15,7 +15,7 @@ calibrated on), with the tool's *default* calibration and settings, as its docum
   branches there), so this peer exports, calibrates and compiles one static-shape graph per batch size, on
   first use (the benchmark's warm-up), and is fed float timesteps (PT2E's observers reject int64).
 
-Every builder takes the benchmark's BackendSources (qtoolkit.engines.backends) and returns (noise predictor,
+Every builder takes the benchmark's BackendSources (qtoolkit.engines.sources) and returns (noise predictor,
 bytes on disk or in memory of the deployed weights).
 """
 
@@ -23,20 +23,20 @@ from __future__ import annotations
 
 import operator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..backend_lookup import backend_for_runtime
 from ..calibration import CalibrationSet
 from ..export.onnx_graph import INPUT_NAMES
 from ..models.loading import Denoiser
+from ..optional import import_optional
 from ..sampling import NoisePredictor
-from .optional import import_optional
-
-if TYPE_CHECKING:  # backends.py builds the peers from this module's PEERS
-    from .backends import BackendSources
+from . import load_engine
+from .sources import BackendSources
 
 NNCF_FILE = "model.xml"
 
@@ -83,7 +83,6 @@ def bf16_compile(sources: BackendSources) -> tuple[NoisePredictor, int]:
 def nncf_openvino(sources: BackendSources) -> tuple[NoisePredictor, int]:
     ov = import_optional("openvino", "the openvino-int8-nncf peer")
     nncf = import_optional("nncf", "the openvino-int8-nncf peer")
-    from . import backend_for_runtime, load_engine
 
     quantized = nncf.quantize(ov.Core().read_model(str(sources.graph("fp32"))),
                               nncf.Dataset(list(_feeds(sources.calibration, 1))))
@@ -100,7 +99,6 @@ def nncf_openvino(sources: BackendSources) -> tuple[NoisePredictor, int]:
 
 def onnxruntime_static(sources: BackendSources) -> tuple[NoisePredictor, int]:
     quantization = import_optional("onnxruntime.quantization", "the onnxruntime-int8-static peer")
-    from . import backend_for_runtime, load_engine
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self):

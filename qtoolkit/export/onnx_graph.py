@@ -31,7 +31,7 @@ from typing import Iterator
 import torch
 from torch import fx
 
-from ..engines.optional import import_optional
+from ..optional import import_optional
 from ..graph import capture, quant_ops
 from ..graph.capture import EXAMPLE_BATCH, INPUT_NAMES, example_inputs, torch_pytree_warning_hidden
 from ..models.loading import DiffusionModel

@@ -27,10 +27,10 @@ import torch
 from torch import fx
 
 from ..errors import QtoolkitError
-from ..graph.capture import module_path
-from ..graph.node_values import check_nodes, for_each_batch, random_subset
-from ..graph.patterns import CONV, LINEAR
-from ..graph.quantize import is_frozen, quant_ops
+from .capture import module_path
+from .node_values import check_nodes, for_each_batch, random_subset
+from .patterns import CONV, LINEAR
+from .quantize import is_frozen, quant_ops
 from ..progress import track
 
 DEFAULT_SAMPLES = 256

@@ -29,7 +29,8 @@ from torch import fx, nn
 from .. import plugins
 from ..errors import QtoolkitError
 from ..io import atomic_dir
-from ..models.loading import MODEL_LOADERS_HOOK, QUANTIZED_MARKER, Denoiser, DiffusionModel, load_safetensors
+from ..models.loading import (MODEL_LOADERS_HOOK, QUANTIZED_MARKER, Denoiser, DiffusionModel, load_safetensors,
+                              locate_folders, scheduler_config_of)
 from ..quant.config import QuantConfig
 from ..quant.quantizer import QuantParams
 from .capture import SAMPLE_SHAPE_META, capture
@@ -200,6 +201,17 @@ def load_quantized(folder: str | os.PathLike) -> fx.GraphModule:
     folder = Path(folder)
     return rebuild_quantized(read_quantized_metadata(folder), load_safetensors(folder / WEIGHTS_FILE),
                              folder / WEIGHTS_FILE)
+
+
+def load_quantized_model(source: str | os.PathLike) -> DiffusionModel:
+    """A model quantized by qtoolkit, from its folder (a run folder, its model/ pipeline folder, or the network
+    folder save_quantized wrote): the frozen quantized graph as its network. The graph is called (sample, timestep)
+    and holds its conditioning itself, so the model has none of its own; its sample shape is the one it was
+    captured at."""
+    root, network_dir = locate_folders(Path(source).expanduser())
+    qgraph = load_quantized(network_dir)
+    return DiffusionModel(unet=qgraph, scheduler_config=scheduler_config_of(root), path=root,
+                          shape=tuple(qgraph.meta[SAMPLE_SHAPE_META]))
 
 
 def rebuild_quantized(metadata: dict, state: dict, weights: Path) -> fx.GraphModule:

@@ -13,8 +13,9 @@ model's `conditioning` (qtoolkit.models.conditioning). Folder layouts `load_fold
 - a bare network folder (config.json + diffusion_pytorch_model.safetensors), with its scheduler config
   beside it (scheduler_config.json, as the hub's google/ddpm-cifar10-32 has it) or without one, in which
   case it is paired with the DDPM schedule it was most likely trained with (1000 linear steps) and says so;
-- a qtoolkit-quantized network (quantization.json) in either place of the UNet;
 - a qtoolkit run folder: the model/ it wrote.
+`locate_folders` finds a qtoolkit-quantized network (quantization.json) in any of these places too, but reading it
+is the graph layer's (qtoolkit.graph.serialization.load_quantized_model): this module loads float networks only.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from safetensors.torch import load_file
 from .. import plugins
 from ..errors import QtoolkitError
 from ..io import atomic_dir
+from .network_inputs import check_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,6 @@ class DiffusionModel:
     def denoiser(self) -> Denoiser:
         """The network as `(sample, timestep) -> noise`; a conditional network given no conditioning is refused
         here, in one line naming the recipe key to set, instead of failing inside its first call."""
-        from .conditioning import check_conditioning  # conditioning builds on this module, not the reverse
-
         check_conditioning(self.unet, self.conditioning, model_reference(self.path))
         return Denoiser(self.unet, self.conditioning)
 
@@ -196,8 +196,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     raise QtoolkitError(f"model {key!r} is neither a bundled name ({', '.join(BUNDLED)}) nor an existing folder")
 
 
-def is_local_folder(source: str) -> bool:
-    return Path(source).expanduser().is_dir()
+def is_float_folder(source: str) -> bool:
+    """Whether `source` is a local folder that is not a model quantized by qtoolkit (which another loader claims)."""
+    return Path(source).expanduser().is_dir() and not is_quantized_folder(source)
 
 
 def looks_like_hub_id(source: str) -> bool:
@@ -290,7 +291,8 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _scheduler_config(root: Path) -> dict:
+def scheduler_config_of(root: Path) -> dict:
+    """The scheduler config a model folder ships (DDPM's defaults, with a warning, when it has none)."""
     for candidate in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
         if candidate.is_file():
             return {k: v for k, v in _read_config(candidate).items() if not k.startswith("_")}
@@ -299,23 +301,25 @@ def _scheduler_config(root: Path) -> dict:
 
 
 def load_folder(folder: str | os.PathLike) -> DiffusionModel:
-    """A model from a local folder in any layout of the module docstring."""
+    """A float model from a local folder in any layout of the module docstring. A folder of a quantized model is
+    the graph layer's to read (qtoolkit.graph.serialization.load_quantized_model, the qtoolkit-quantized loader)."""
     root, unet_dir = locate_folders(Path(folder).expanduser())
     if (unet_dir / QUANTIZED_MARKER).is_file():
-        return _load_quantized_model(root, unet_dir)
-    return DiffusionModel(unet=_load_float_network(unet_dir), scheduler_config=_scheduler_config(root), path=root)
+        raise QtoolkitError(f"{folder} holds a model quantized by qtoolkit, not a float network: load it with "
+                            "qtoolkit.models.load_diffusion_model, whose installed model loaders read it")
+    return DiffusionModel(unet=_load_float_network(unet_dir), scheduler_config=scheduler_config_of(root), path=root)
 
 
-def _load_quantized_model(root: Path, unet_dir: Path) -> DiffusionModel:
-    """A saved frozen quantized graph (qtoolkit.graph.save_quantized) as the model's network: it is called
-    (sample, timestep) and holds its conditioning itself, so the model has none of its own; its sample shape is
-    the one it was captured at."""
-    from ..graph.capture import SAMPLE_SHAPE_META  # the graph layer builds on this module, not the reverse
-    from ..graph.serialization import load_quantized
-
-    qgraph = load_quantized(unet_dir)
-    return DiffusionModel(unet=qgraph, scheduler_config=_scheduler_config(root), path=root,
-                          shape=tuple(qgraph.meta[SAMPLE_SHAPE_META]))
+def is_quantized_folder(source: str) -> bool:
+    """Whether `source` is a local folder (in any layout of the module docstring) of a model quantized by qtoolkit."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return False
+    try:
+        _, network_dir = locate_folders(path)
+    except QtoolkitError:
+        return False
+    return (network_dir / QUANTIZED_MARKER).is_file()
 
 
 def _load_float_network(network_dir: Path) -> torch.nn.Module:

@@ -37,7 +37,6 @@ from .quantizer import QuantParams
 
 if TYPE_CHECKING:
     from .. import registry
-    from .config import QuantConfig
 
 HISTOGRAM_BINS = 2048
 # Clipping ranges tried by the Lp search: k/100 of the observed range for k = 1..100 (as in PTQ4DM's code).
@@ -355,7 +354,7 @@ def observer_for(role: str, name: str | None) -> "registry.Observer":
     return record
 
 
-def _made(record: "registry.Observer", role: str, axis: int | None, config: "QuantConfig") -> Observer:
+def _made(record: "registry.Observer", role: str, axis: int | None, config) -> Observer:
     observer = record.factory(role, axis, config)
     if not isinstance(observer, Observer):
         raise QtoolkitError(f"observer {record.name!r} made a {type(observer).__name__}, not a "
@@ -363,12 +362,13 @@ def _made(record: "registry.Observer", role: str, axis: int | None, config: "Qua
     return observer
 
 
-def make_activation_observer(config: "QuantConfig") -> Observer:
-    """A fresh per-tensor observer for an activation stream: the registered `config.activation_observer`."""
+def make_activation_observer(config) -> Observer:
+    """A fresh per-tensor observer for an activation stream: the registered `config.activation_observer` (config: a
+    QuantConfig)."""
     return _made(observer_for("activation", config.activation_observer), "activation", None, config)
 
 
-def make_weight_observer(config: "QuantConfig", axis: int | None) -> Observer:
+def make_weight_observer(config, axis: int | None) -> Observer:
     """A fresh observer for a weight tensor (per channel along `axis`, or per tensor): the registered
     `config.weight_observer`."""
     return _made(observer_for("weight", config.weight_observer), "weight", axis, config)

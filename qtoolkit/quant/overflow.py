@@ -25,11 +25,14 @@ AMX machine can reproduce what an AVX2 user gets.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 from pathlib import Path
 
 from ..errors import QtoolkitError
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 NONE = "none"
@@ -145,3 +148,12 @@ def saturation_warning(config, backend: str) -> str | None:
     return (f"this model assumes int8 products that cannot saturate (quantization.overflow_fix: none), but on this CPU "
             f"({capability}) {backend}'s int8 kernels saturate them: its outputs will differ from the model that was "
             "measured; re-quantize it with quantization.overflow_fix: auto (or weights-7bit, or target_cpu: any)")
+
+
+def warn_if_saturating(config, backend) -> None:
+    """One warning line when `backend` (a qtoolkit.registry.Backend) would run a model quantized with `config` (a
+    QuantConfig) with int8 products that saturate on this CPU: its outputs would not be the model that was measured."""
+    if config is not None and backend.saturates_without_vnni:
+        message = saturation_warning(config, backend.name)
+        if message:
+            log.warning(message)
