@@ -26,7 +26,8 @@ import torch
 import typer
 
 from qtoolkit.calibration import CalibrationSet  # first: qtoolkit quiets torchao's import noise before diffusers
-from qtoolkit.engines.benchmark import BenchSettings, bench_options, format_tables, run_benchmark
+from qtoolkit.bench_settings import BenchSettings, bench_options
+from qtoolkit.engines.benchmark import format_tables, run_benchmark
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, DiffusionModel
 from qtoolkit.ptq import calibrate_and_freeze, quantized_graph
 from qtoolkit.quant import QuantConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -14,13 +15,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+# Only what the options and their help need is imported here, none of it torch: `qtoolkit --help` answers in
+# well under a second (tests/test_cli.py checks that it imports no torch). Each command imports what it runs.
 from . import plugins
-from .distributed import init_from_env, shutdown
-from .engines.benchmark import BenchSettings, bench_options
+from .bench_settings import BenchSettings, bench_options
 from .errors import QtoolkitError
 from .registry import KINDS
-from .sampling import SCHEDULERS
-from .training.ddpm import TrainConfig
+from .scheduler_names import SCHEDULER_CLASSES
+from .training.config import TrainConfig
 
 app = typer.Typer(name="qtoolkit", help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +30,7 @@ recipe_app = typer.Typer(help="Show or check a recipe without running it.", no_a
 app.add_typer(recipe_app, name="recipe")
 
 TORCH_ENGINE = "torch"
-SCHEDULER_NAMES = ", ".join(SCHEDULERS)
+SCHEDULER_NAMES = ", ".join(SCHEDULER_CLASSES)
 
 # Options several commands share, declared once.
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")]
@@ -517,8 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `torchrun ... -m qtoolkit.cli -- sample --num 8`: the `--` keeps torchrun off our options
         argv = argv[1:]
+    # Launched by torchrun: join its process group (qtoolkit.distributed imports torch, so only then).
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        init_from_env()
+        if launched:
+            from .distributed import init_from_env
+
+            init_from_env()
         return typer.main.get_command(app).main(args=argv, prog_name="qtoolkit", standalone_mode=False,
                                                 obj={"argv": argv}) or 0
     except QtoolkitError as e:
@@ -533,7 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qtoolkit: error: {e.format_message().rstrip('.')}{see}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     finally:
-        shutdown()
+        if launched:
+            from .distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

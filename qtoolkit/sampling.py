@@ -9,21 +9,18 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+import diffusers
 
 from .distributed import gather_batches, my_batches
 from .errors import QtoolkitError
 from .models.loading import DiffusionModel, noise_of
 from .progress import progress_bar
+from .scheduler_names import SCHEDULER_CLASSES
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
-SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm-solver": DPMSolverMultistepScheduler,
-}
+SCHEDULERS = {name: getattr(diffusers, class_name) for name, class_name in SCHEDULER_CLASSES.items()}
 
 
 def make_scheduler(kind: str, scheduler_config: dict, steps: int):

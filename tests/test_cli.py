@@ -122,3 +122,22 @@ def test_help_lists_every_command(capsys):
     for command in ("run", "plugins", "recipe", "train", "train-classifier", "sample", "eval", "quantize", "export",
                     "bench"):
         assert command in shown
+
+
+HELP_COMMANDS = [[], ["run"], ["recipe"], ["recipe", "validate"], ["plugins"], ["plan"], ["train"], ["sample"],
+                 ["eval"], ["quantize"], ["export"], ["bench"]]
+
+
+def test_help_imports_no_torch():
+    """`qtoolkit --help` and every command's --help answer from the option declarations alone (well under a
+    second): none of them imports torch, diffusers or any int8 runtime."""
+    heavy = ("torch", "diffusers", "onnx", "onnxruntime", "openvino", "scipy")
+    probe = ("import contextlib, io, sys\nfrom qtoolkit.cli import main\n"
+             f"for args in {HELP_COMMANDS!r}:\n"
+             "    with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
+             "        assert main([*args, '--help']) == 0, args\n"
+             "    assert 'Usage' in shown.getvalue(), args\n"
+             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"--help imported {r.stdout.strip()}"
