@@ -1,7 +1,7 @@
 """Recipes: a whole quantization job as data (YAML), with a typed schema checked before any work.
 
     schema_version: 1
-    description: W8A8 of the bundled model, NDTC calibration, bias correction
+    description: W8A8 of the bundled model, NDTC calibration, bias correction   # optional; default: from the file name
     model: fmnist-ddpm                 # bundled name, model folder, or hub id
     conditioning: {}                   # a conditional network's inputs, e.g. {encoder_hidden_states: {source: random}}
     quantization: {weight_bits: 8, activation_bits: 8}
@@ -228,7 +228,7 @@ class Recipe(Section):
     """A quantization job: the model, how to quantize and calibrate it, where it runs, and what to report."""
 
     schema_version: Literal[1]
-    description: str
+    description: str = ""  # recipe_from_dict fills it from the file name when a recipe has none
     model: str  # a bundled name, a model folder, or a hub id (asked of the model-loader plugins)
     conditioning: Conditioning = Field(default_factory=Conditioning)
     quantization: Quantization = Field(default_factory=Quantization)
@@ -292,6 +292,8 @@ def recipe_from_dict(data: Any, source: str, overrides: list[str] = ()) -> Recip
                             f"model, calibration, ...), got {type(data).__name__}")
     for override in overrides:
         apply_override(data, override)
+    if data.get("description") is None:  # optional: what the file is called says what it is
+        data = {**data, "description": f"recipe {Path(source).stem}"}
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

@@ -49,6 +49,14 @@ def test_every_shipped_recipe_is_valid_and_names_its_plugins():
         assert recipe.description and recipe.schema_version == 1
 
 
+def test_a_recipe_without_a_description_is_named_after_its_file(tmp_path):
+    text = (RECIPES / "ddim_fmnist_w8a8.yaml").read_text()
+    kept = "\n".join(line for line in text.splitlines() if not line.startswith("description:"))
+    assert kept != text
+    (tmp_path / "my_job.yaml").write_text(kept)
+    assert load_recipe(tmp_path / "my_job.yaml").description == "recipe my_job"
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["calibration.sise=3"], "unknown key 'calibration.sise': did you mean 'size'?"),
     (["modle=fmnist-ddpm"], "unknown key 'modle': did you mean 'model'?"),
