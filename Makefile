@@ -10,12 +10,14 @@ DEMO   := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 setup: $(STAMP) $(FMNIST)
 
-# torch is pinned by constraints.txt on every pip call: an unpinned one pulls a multi-GB CUDA build.
+# torch is pinned by constraints.txt on every pip call: an unpinned one pulls a multi-GB CUDA build. The editable
+# install is -qq: setuptools' note about its import finder (plugins/ maps to qtoolkit_plugins) is not a user's
+# concern; errors still show.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip -c constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,docs,int8,peers]'
+	$(BIN)/pip install -qq -c constraints.txt -e '.[test,docs,int8,peers]'
 	touch $(STAMP)
 
 $(FMNIST):

@@ -17,6 +17,9 @@ def test_every_package_folder_is_listed_in_pyproject():
         base = ROOT / folders.get(top, Path(top))
         for init in base.rglob("__init__.py"):
             found.add(".".join([top, *init.parent.relative_to(base).parts]))
+    data_only = {name for name in setuptools.get("package-data", {})
+                 if not (ROOT / Path(*name.split(".")) / "__init__.py").exists()}  # e.g. the bundled models' files
+    found |= data_only
     assert found == listed, f"packages on disk but not in pyproject: {sorted(found - listed)}; " \
                             f"listed but missing: {sorted(listed - found)}"
 
