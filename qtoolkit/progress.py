@@ -31,7 +31,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, Text
 T = TypeVar("T")
 
 LOG_INTERVAL_S = 30.0  # the longest a stage stays silent in a log
-LOG_FRACTION = 0.1  # a log line at every tenth of a bar's total
+LOG_LINES = 10  # a log line at every tenth of a bar's total
 
 _display: Progress | None = None
 _open_bars = 0
@@ -51,20 +51,18 @@ class LogLines:
         self.stream, self.description, self.total, self.unit = stream, description, total, unit
         self.done, self.transient = completed, transient
         self.start = self.last_line = time.monotonic()
-        self.next_fraction = self._fraction() + LOG_FRACTION
+        self.next_line = self._lines_due() + 1  # in tenths of the total, counted exactly (no float drift)
 
-    def _fraction(self) -> float:
-        return self.done / self.total if self.total else 0.0
+    def _lines_due(self) -> int:
+        return int(self.done * LOG_LINES // self.total) if self.total else 0
 
     def advance(self, steps: float) -> None:
         self.done += steps
         now = time.monotonic()
-        crossed = (not self.transient and self.total and self._fraction() >= self.next_fraction
-                   and self.done < self.total)
+        crossed = not self.transient and self._lines_due() >= self.next_line and self.done < (self.total or 0)
         if crossed or now - self.last_line >= LOG_INTERVAL_S:
             self.write(now)
-            while self.total and self.next_fraction <= self._fraction():
-                self.next_fraction += LOG_FRACTION
+            self.next_line = self._lines_due() + 1
 
     def write(self, now: float, closing: bool = False) -> None:
         elapsed = now - self.start

@@ -57,3 +57,12 @@ def test_a_disabled_bar_writes_nothing(capsys, clock):
     with progress.progress_bar(10, "quiet", disable=True) as bar:
         bar.advance(10)
     assert capsys.readouterr().out == ""
+
+
+def test_the_tenths_are_counted_exactly(capsys, clock):
+    with progress.progress_bar(100, "calibration", unit="step") as bar:
+        for _ in range(100):
+            clock.now += 0.1
+            bar.advance()
+    counts = [line.split(": ")[1].split(" ")[0] for line in capsys.readouterr().out.splitlines()]
+    assert counts == [f"{k}/100" for k in range(10, 101, 10)]  # 30/100 too, where 3 x 0.1 < 0.3 in floats
