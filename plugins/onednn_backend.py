@@ -12,7 +12,7 @@ and Inductor compiles it with freezing (the weights become constants): its x86 q
 pattern with `onednn.qconv_pointwise` / `qlinear_pointwise` on the prepacked int8 weights, fusing the
 quantization of an input into the op that produces it. The other way, calling those oneDNN ops eagerly
 from Python (what torchao's lowering writes before compiling), was measured slower on the CIFAR-10
-architecture (README): every quantize and layout conversion is then a pass of its own.
+architecture (docs/backends.md): every quantize and layout conversion is then a pass of its own.
 
 Compiled ahead of time (AOTInductor), once per model and machine, for every batch size: the graph is exported
 with a dynamic batch and compiled in a child process into a package of native code, which this process loads.

@@ -17,12 +17,12 @@ simulation (REFERENCE.md: the sinusoidal timestep embedding loses 5% at t=999; 2
 t=999 on the tiny test UNet, against 120 dB in FP32). `float_precision="bf16"` asks for bf16 on purpose:
 the quantized convolutions and matmuls stay u8 x s8, and GroupNorm, SiLU, softmax and the residual adds,
 which move f32 tensors through memory and dominate a model of few channels, move half the bytes (on the
-bundled model: 0.7 dB lower mean per-step SQNR against FP32, README).
+bundled model: 0.9 dB lower mean per-step SQNR against FP32, 42.1 against 43.0 dB: docs/results.md).
 
 The graph's batch dimension is free, but OpenVINO compiles it for one static batch size at a time, the one
 each call brings (a sampler calls one size over and over; compiling takes a second or a few). With static
 shapes its CPU plugin fuses the GroupNorm / SiLU / add chains into generated kernels (snippets), which it
-does not do for a dynamic batch (README: the bundled model's int8, batch 16, 28.0 -> 21.0 ms). The static
+does not do for a dynamic batch (docs/backends.md: the bundled model's int8, batch 16, 28.0 -> 21.0 ms). The static
 shape is set in the ONNX graph's own inputs before OpenVINO reads it: `ov.Model.reshape` (or `convert_model(input=...)`)
 of the dynamic graph instead left most of qtoolkit's convolutions in f32, no longer int8 (OpenVINO IR, as NNCF
 writes it, keeps its int8 layers under `reshape`, which it gets). Only the latest batch size's compiled

@@ -4,7 +4,7 @@ and qnnpack on ARM (the design card's backends; `backend: auto` picks the one fo
 `fbgemm` packs its weights for torch's `x86` quantized engine, PyTorch's default on x86 since 2.0 and the successor
 of its `fbgemm` engine: the same ops and packed formats, with FBGEMM's kernels for the linears and, on Linux CPUs
 with AVX512-VNNI or AMX, oneDNN's for the convolutions with symmetric weights (qtoolkit's are); elsewhere FBGEMM's.
-On the CIFAR-10 architecture that is 1.4x faster than the plain `fbgemm` engine (README). A torch build without
+On the CIFAR-10 architecture that is 1.4x faster than the plain `fbgemm` engine (docs/results.md). A torch build without
 the `x86` engine gets the `fbgemm` engine.
 
 Each int8 layer of the graph (qtoolkit.export.int8_layers) becomes
