@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import skewnorm
 
 from qtoolkit import hookimpl
 from qtoolkit.calibration import CalibrationRequest, StrategyOutput, chain_timesteps, fractions_to_chain_positions
@@ -60,6 +59,8 @@ def sample_skew_normal(num: int, dist: SkewNormal, rng: np.random.Generator,
     Inverse-CDF sampling serves both cases: truncation only narrows the range of the uniform
     draws, so it needs no rejection loop and consumes the same random numbers.
     """
+    from scipy.stats import skewnorm  # on use: loading the plugins should not import scipy.stats (0.6 s)
+
     low, high = (skewnorm.cdf([0.0, 1.0], dist.shape, dist.loc, dist.scale) if within_unit_interval
                  else (0.0, 1.0))
     if high - low < 1e-9:

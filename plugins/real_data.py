@@ -8,7 +8,6 @@ the model's resolution, or any tensor given as `real_images` from Python. t is u
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler
 
 from qtoolkit import hookimpl
 from qtoolkit.calibration import CalibrationRequest, NetworkCost, StrategyOutput
@@ -55,6 +54,8 @@ def real_data(request: CalibrationRequest, *, data_root: str | None = None,
     t = torch.as_tensor(rng.integers(0, request.num_train_timesteps, size=request.num), dtype=torch.long)
     x_0 = images[torch.as_tensor(picked)].float().cpu()
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(request.seed))
+    from diffusers import DDPMScheduler  # on use: loading the plugins should not import diffusers
+
     forward_process = DDPMScheduler.from_config(request.model.scheduler_config)  # only its alphas_cumprod are used
     x = forward_process.add_noise(x_0, noise, t)
     source = {"data_root": data_root} if real_images is None else {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import diffusers
 
 from .distributed import gather_batches, my_batches
 from .errors import QtoolkitError
@@ -20,13 +19,12 @@ from .scheduler_names import SCHEDULER_CLASSES
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
-SCHEDULERS = {name: getattr(diffusers, class_name) for name, class_name in SCHEDULER_CLASSES.items()}
 
 
 def make_scheduler(kind: str, scheduler_config: dict, steps: int):
     """A diffusers scheduler of `kind` on the model's training noise schedule, set to `steps` steps."""
-    if kind not in SCHEDULERS:
-        raise QtoolkitError(f"unknown scheduler {kind!r}: choose one of {', '.join(SCHEDULERS)}")
+    if kind not in SCHEDULER_CLASSES:
+        raise QtoolkitError(f"unknown scheduler {kind!r}: choose one of {', '.join(SCHEDULER_CLASSES)}")
     train_steps = scheduler_config.get("num_train_timesteps", 1000)
     if not 1 <= steps <= train_steps:
         raise QtoolkitError(f"--steps must be between 1 and {train_steps} (the model's training steps), got {steps}")
@@ -37,7 +35,9 @@ def make_scheduler(kind: str, scheduler_config: dict, steps: int):
     if kind == "ddim":
         # Deterministic DDIM (eta = 0) with the final alpha of the training schedule, as in Song et al.
         extra["set_alpha_to_one"] = False
-    scheduler = SCHEDULERS[kind].from_config({**scheduler_config, **extra})
+    import diffusers  # on use: qtoolkit.models.loading says why
+
+    scheduler = getattr(diffusers, SCHEDULER_CLASSES[kind]).from_config({**scheduler_config, **extra})
     scheduler.set_timesteps(steps)
     return scheduler
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # reports are written on headless machines
-import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
-import numpy as np  # noqa: E402
-
-from ..errors import QtoolkitError  # noqa: E402
-from .dataset import CalibrationSet  # noqa: E402
+from ..errors import QtoolkitError
+from .dataset import CalibrationSet
 
 
 def plot_timestep_histogram(sets: dict[str, CalibrationSet], path: str | Path, bins: int = 50) -> None:
     """One histogram per set over the training timestep axis [0, T] (noise on the right), written to `path`."""
     if not sets:
         raise QtoolkitError("plot_timestep_histogram needs at least one calibration set")
+    # matplotlib on use: the calibration package is imported whenever the plugins load.
+    import matplotlib
+
+    matplotlib.use("Agg")  # reports are written on headless machines
+    import matplotlib.pyplot as plt
     num_train_timesteps = max(int(s.meta.get("num_train_timesteps", 1000)) for s in sets.values())
     edges = np.linspace(0, num_train_timesteps, bins + 1)
     fig, axes = plt.subplots(len(sets), 1, figsize=(7, 1.8 * len(sets) + 0.6), sharex=True, squeeze=False)

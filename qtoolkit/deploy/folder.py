@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 from torch import fx
 
@@ -83,6 +82,8 @@ def save_deployment(qgraph: fx.GraphModule, metadata: dict, scheduler_config: di
         int8_weights[ops[name].weight_target] = f"{name}.weight.scale"
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
+        from diffusers import DDPMScheduler  # on use: qtoolkit.models.loading says why
+
         DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / Path(SCHEDULER_FILE).parent)
         description = {
             "format": FORMAT,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 
 from .. import __version__
 from ..errors import QtoolkitError
@@ -79,6 +78,8 @@ def export_model(model: DiffusionModel, out: str | os.PathLike, overwrite: bool 
         export_onnx(graph, model.sample_shape, tmp / ONNX_FILE)
         # from_config, not DDPMScheduler(**config): a config written for another scheduler class may carry keys
         # that DDPMScheduler does not take, and sampling rebuilds its own scheduler from these values anyway.
+        from diffusers import DDPMScheduler  # on use: qtoolkit.models.loading says why
+
         DDPMScheduler.from_config(model.scheduler_config).save_pretrained(tmp / SCHEDULER_FILE.parent)
         quantization = _quantization(graph)
         description = {

@@ -21,8 +21,6 @@ import json
 import os
 from pathlib import Path
 
-import diffusers
-from diffusers import ConfigMixin, ModelMixin
 from safetensors.torch import save_file
 from torch import fx, nn
 
@@ -65,8 +63,10 @@ def describe_network(network: nn.Module) -> dict:
     """How load_quantized rebuilds `network`'s architecture: a diffusers network by its class and config, any
     other by the installed model loader whose `describe` recognises it. A network neither can rebuild is
     refused here; call it before a long job that ends in save_quantized."""
+    import diffusers  # on use: qtoolkit.models.loading says why
+
     name = type(network).__name__
-    if isinstance(network, ConfigMixin) and getattr(diffusers, name, None) is type(network):
+    if isinstance(network, diffusers.ConfigMixin) and getattr(diffusers, name, None) is type(network):
         return {"class": name, "model_loader": None, "config": json.loads(network.to_json_string())}
     loaders = plugins.registry().records[MODEL_LOADERS_HOOK].values()
     described = [(loader.name, config) for loader in loaders if loader.describe is not None
@@ -174,8 +174,10 @@ def build_network(description: dict, folder: Path) -> nn.Module:
     """The float network (untrained weights) of a saved description (describe_network's dict)."""
     name, loader_name, config = description["class"], description["model_loader"], description["config"]
     if loader_name is None:
+        import diffusers  # on use: qtoolkit.models.loading says why
+
         network_class = getattr(diffusers, str(name), None)
-        if not (isinstance(network_class, type) and issubclass(network_class, ModelMixin)):
+        if not (isinstance(network_class, type) and issubclass(network_class, diffusers.ModelMixin)):
             raise QtoolkitError(f"{folder} holds a {name!r}, which is not a model class of diffusers "
                                 f"{diffusers.__version__}: cannot rebuild the network")
         build, origin = network_class.from_config, f"diffusers {diffusers.__version__}"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from diffusers import DiTTransformer2DModel
 
 from ..errors import QtoolkitError
 from .loading import DiffusionModel, load_safetensors, model_reference
@@ -127,6 +126,8 @@ def class_label(index: int, network: torch.nn.Module) -> torch.Tensor:
 
 def class_count(network: torch.nn.Module) -> tuple[int, str] | None:
     """(number of classes, the config key that says it), or None when the network does not say."""
+    from diffusers import DiTTransformer2DModel  # on use: qtoolkit.models.loading says why
+
     if isinstance(network, DiTTransformer2DModel):
         return network.config.num_embeds_ada_norm, "num_embeds_ada_norm"
     embedding = getattr(network, "class_embedding", None)

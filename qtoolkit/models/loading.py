@@ -28,9 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import diffusers
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -38,6 +36,9 @@ from .. import plugins
 from ..errors import QtoolkitError
 from ..io import atomic_dir
 from .network_inputs import check_conditioning
+
+# diffusers is imported where it is used, not here: importing it takes over a second, which every command that
+# loads the plugins (`qtoolkit plugins`, `recipe show`) would pay without touching a network.
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ MODEL_LOADERS_HOOK = "register_model_loaders"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What a hub download takes: configs and safetensors weights, never pickles (.bin, .ckpt) nor sample images.
 HUB_FILES = ["*.json", "*.safetensors"]
-# The diffusers network classes a model folder may hold, by the `_class_name` of its config.json.
-FLOAT_NETWORKS = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel)}
+# The diffusers network classes a model folder may hold: the `_class_name` of its config.json.
+FLOAT_NETWORKS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 # Where a pipeline folder keeps its network: UNet pipelines in unet/, DiT pipelines in transformer/.
 NETWORK_FOLDERS = ("unet", "transformer")
 
@@ -325,12 +326,14 @@ def is_quantized_folder(source: str) -> bool:
 def _load_float_network(network_dir: Path) -> torch.nn.Module:
     """The diffusers network (one of FLOAT_NETWORKS) in `network_dir`, from safetensors."""
     config = _read_config(network_dir / "config.json")
-    network_class = FLOAT_NETWORKS.get(config.get("_class_name"))
-    if network_class is None:
+    if config.get("_class_name") not in FLOAT_NETWORKS:
         raise QtoolkitError(
             f"{network_dir / 'config.json'} describes a {config.get('_class_name')!r}, "
             f"but qtoolkit reads these diffusers networks: {', '.join(FLOAT_NETWORKS)}"
         )
+    import diffusers
+
+    network_class = getattr(diffusers, config["_class_name"])
     if config.get("sample_size") is None:
         raise QtoolkitError(f"{network_dir / 'config.json'} sets no sample_size: qtoolkit draws samples of the "
                             "network's resolution; set sample_size (latent pixels) in the config")
@@ -361,7 +364,7 @@ def _load_float_network(network_dir: Path) -> torch.nn.Module:
     return network.eval()
 
 
-def save_diffusion_model(unet: UNet2DModel, scheduler_config: dict, out: Path, overwrite: bool = False) -> None:
+def save_diffusion_model(unet: torch.nn.Module, scheduler_config: dict, out: Path, overwrite: bool = False) -> None:
     """Write a diffusers pipeline folder (DDPMPipeline layout), atomically."""
     with atomic_dir(out, overwrite) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -370,6 +373,9 @@ def save_diffusion_model(unet: UNet2DModel, scheduler_config: dict, out: Path, o
 
 def write_pipeline_files(folder: Path, scheduler_config: dict) -> None:
     """The scheduler config and model_index.json that make `folder` a DDPMPipeline folder."""
+    import diffusers
+    from diffusers import DDPMScheduler, UNet2DModel
+
     DDPMScheduler(**scheduler_config).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({
         "_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,

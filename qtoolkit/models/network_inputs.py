@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from ..errors import QtoolkitError
 
@@ -23,6 +22,8 @@ def required_conditioning(network: torch.nn.Module) -> tuple[str, ...] | None:
     """The conditioning inputs `network` needs on every call; None for a network class qtoolkit does not know
     (a plain module: it is called with what its model gives). A diffusers network that needs inputs qtoolkit
     cannot give is refused here."""
+    from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel  # on use: qtoolkit.models.loading
+
     if isinstance(network, DiTTransformer2DModel):
         return ("class_labels",)
     if not isinstance(network, (UNet2DModel, UNet2DConditionModel)):
@@ -40,7 +41,7 @@ def required_conditioning(network: torch.nn.Module) -> tuple[str, ...] | None:
     return needed
 
 
-def _check_supported_unet(network: UNet2DConditionModel) -> None:
+def _check_supported_unet(network: torch.nn.Module) -> None:
     config = network.config
     for option, supported in (("addition_embed_type", SUPPORTED_ADDITION_EMBED_TYPES),
                               ("encoder_hid_dim_type", SUPPORTED_ENCODER_HID_DIM_TYPES)):
