@@ -141,3 +141,17 @@ def test_help_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"--help imported {r.stdout.strip()}"
+
+
+def test_listing_the_plugins_imports_no_diffusers_scipy_or_matplotlib():
+    """Loading every plugin (what `qtoolkit plugins` and `recipe show` do) imports torch and nothing heavier: the
+    libraries a model, a strategy or a plot needs are imported where they are used (1.8 s against 5.7 s here)."""
+    heavy = ("diffusers", "scipy.stats", "matplotlib", "onnx", "onnxruntime", "openvino")
+    probe = ("import contextlib, io, sys\nfrom qtoolkit.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
+             "    assert main(['plugins']) == 0\n"
+             "assert 'ndtc' in shown.getvalue()\n"
+             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"loading the plugins imported {r.stdout.strip()}"
