@@ -4,7 +4,8 @@ Layer: integer execution, running and timing what export and deploy produce (the
 import deploy, export and everything below them, never report, recipe, runner or cli.
 
 The engines are backends, registered by plugins (`qtoolkit.hookspecs.register_backends`) and looked up by
-name. Every engine gives the same callable as the torch path, eps(x float32 (B, C, H, W), t int64 (B,)) ->
+name (`resolve_backend`, `engine_names`: qtoolkit.backend_lookup, in the foundation so that deploy can use them
+too, re-exported here). Every engine gives the same callable as the torch path, eps(x float32 (B, C, H, W), t int64 (B,)) ->
 float32 noise, so qtoolkit.sampling.sample(..., eps=predictor) draws samples through the same scheduler loop:
 
     exported = load_exported("exported/")
