@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,9 @@ from qtoolkit.quant import QuantConfig
 from qtoolkit.graph.bias_correction import correct_bias
 
 W4A4 = QuantConfig(weight_bits=4, activation_bits=4)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bias_correction_speed import correct_bias_op_by_op  # noqa: E402  (the definition, which the walk must equal)
 
 
 class ConvChain(torch.nn.Module):
@@ -103,6 +109,22 @@ def test_correction_is_deterministic_per_seed(chain):
     assert runs["a"][0] == runs["b"][0]
     assert all(torch.equal(v, runs["b"][1][k]) for k, v in runs["a"][1].items())
     assert runs["a"][0] != runs["other seed"][0]  # another subset of 24 of the 48 inputs
+
+
+def test_one_walk_corrects_exactly_as_op_by_op_passes(fp):
+    """correct_bias walks the graph once over all its inputs; its biases are bit for bit those of the op-by-op
+    definition, with bias and output quantizers (quantized convolution outputs) and more than one batch."""
+    calib = calibration_inputs(150, 0)
+    frozen = frozen_copy(fp, QuantConfig(quantize_conv_outputs=True), calib)
+    assert any(op.output is not None for op in quant_ops(frozen).values())
+    walked, reference = copy_graph(frozen), copy_graph(frozen)
+    correct_bias(walked, fp, calib, samples=140, progress=False)
+    correct_bias_op_by_op(reference, fp, calib, samples=140)
+    biases = [k for k in reference.state_dict() if k.endswith(".bias")]
+    changed = [k for k in biases if not torch.equal(reference.state_dict()[k], frozen.state_dict()[k])]
+    assert len(changed) > 5
+    for key in biases:
+        assert torch.equal(walked.state_dict()[key], reference.state_dict()[key]), key
 
 
 def test_bias_correction_refuses_an_unfrozen_graph_another_fp_graph_and_bad_sample_counts(fp, frozen, chain):

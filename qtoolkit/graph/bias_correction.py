@@ -15,12 +15,20 @@ only conv_out's bias can take back (ops that see no quantization error upstream,
 embedding, get zero). Means are taken over a seeded random subset of the calibration inputs, and so over
 the timesteps the calibration strategy chose.
 
+The quantized graph is walked once: every node runs on all the chosen inputs (in batches of CAPTURE_BATCH, side
+by side), in execution order, and when an op's output is reached its bias is corrected and the op (with its
+bias and output quantizers) run again before anything reads it. That is the op-by-op definition above, bit for
+bit (tests/test_graph_bias_correction.py checks it against a direct implementation), at the cost of one forward
+pass instead of one partial pass per op: what the walk holds at once is the live activations of every chosen
+input (the network at a batch of `samples`).
+
 The correction changes only float bias parameters: a corrected graph saves, reloads and exports like any
 other (with quantize_conv_outputs the bias is rounded to its int32 grid by its quantizer as before).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +36,10 @@ from torch import fx
 
 from ..errors import QtoolkitError
 from .capture import module_path
-from .node_values import check_nodes, for_each_batch, random_subset
+from .node_values import CAPTURE_BATCH, check_nodes, for_each_batch, random_subset
 from .patterns import CONV, LINEAR
 from .quantize import is_frozen, quant_ops
-from ..progress import track
+from ..progress import progress_bar
 
 DEFAULT_SAMPLES = 256
 
@@ -44,13 +52,15 @@ def check_samples(samples: int) -> None:
 @dataclass(frozen=True)
 class _BiasedOp:
     """A convolution or linear op with a bias parameter: `node` its name (the same in the FP graph), `output` the
-    node of its output as the graph goes on with it (its output quantizer's, when it has one)."""
+    node of its output as the graph goes on with it (its output quantizer's, when it has one), `rerun` the nodes
+    that read the bias, in execution order, up to `output`: what runs again once the bias is corrected."""
 
     node: str
     output: str
     path: str
     bias: torch.nn.Parameter
     channel_dim: int  # of its output: 1 for a convolution, -1 for a linear op
+    rerun: tuple[fx.Node, ...]
 
 
 def _biased_ops(qgraph: fx.GraphModule) -> list[_BiasedOp]:
@@ -61,8 +71,9 @@ def _biased_ops(qgraph: fx.GraphModule) -> list[_BiasedOp]:
     for node in qgraph.graph.nodes:
         if node.op != "call_function" or node.target not in (CONV, LINEAR) or len(node.args) < 3:
             continue
-        source = node.args[2]
+        source, bias_quantizers = node.args[2], []
         while isinstance(source, fx.Node) and source.op == "call_module":  # the bias quantizer
+            bias_quantizers.insert(0, source)
             source = source.args[0]
         if not isinstance(source, fx.Node) or source.op != "get_attr":
             continue
@@ -70,10 +81,67 @@ def _biased_ops(qgraph: fx.GraphModule) -> list[_BiasedOp]:
             bias = qgraph.get_parameter(source.target)
         except AttributeError:  # a buffer or a constant: no float bias to correct
             continue
-        output = next((user.name for user in node.users if user.op == "call_module"
-                       and user.target == output_quantizers.get(node.name)), node.name)
-        ops.append(_BiasedOp(node.name, output, module_path(node), bias, 1 if node.target == CONV else -1))
+        output = next((user for user in node.users if user.op == "call_module"
+                       and user.target == output_quantizers.get(node.name)), node)
+        ops.append(_BiasedOp(node.name, output.name, module_path(node), bias, 1 if node.target == CONV else -1,
+                             (*bias_quantizers, *_between(node, output))))
     return ops
+
+
+def _between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    """`first`, the nodes after it in execution order that depend on it, up to `last` (included)."""
+    nodes, affected = [first], {first}
+    node = first
+    while node is not last:
+        node = node.next
+        if affected.intersection(node.all_input_nodes):
+            nodes.append(node)
+            affected.add(node)
+    return nodes
+
+
+class _Walk:
+    """The graph run on every chunk of its inputs side by side, node by node in execution order, so that a
+    correction made at one node reaches every later node on every input. A node's value is freed after its last
+    reader, except that the inputs of the nodes an op reruns stay until the op's output (`kept_until`)."""
+
+    def __init__(self, graph: fx.GraphModule, chunks: list[tuple[torch.Tensor, ...]],
+                 kept_until: dict[fx.Node, fx.Node]):
+        self.graph = graph
+        self.runs = [fx.Interpreter(graph, garbage_collect_values=False) for _ in chunks]
+        for run, chunk in zip(self.runs, chunks):
+            run.env, run.args_iter, run.extra_traceback = {}, iter(chunk), False
+        order = {node: i for i, node in enumerate(graph.graph.nodes)}
+        last_reader: dict[fx.Node, fx.Node] = {}
+        for node in graph.graph.nodes:
+            reader = kept_until.get(node, node)
+            for read in node.all_input_nodes:
+                if read not in last_reader or order[reader] > order[last_reader[read]]:
+                    last_reader[read] = reader
+        self.freed_after: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+        for read, reader in last_reader.items():
+            self.freed_after[reader].append(read)
+
+    def values(self, node: fx.Node) -> list[torch.Tensor]:
+        return [run.env[node] for run in self.runs]
+
+    def rerun(self, nodes: tuple[fx.Node, ...]) -> None:
+        for run in self.runs:
+            for node in nodes:
+                run.env[node] = run.run_node(node)
+
+    @torch.no_grad()
+    def nodes(self):
+        """Run the graph node by node, yielding each node once every chunk has computed it."""
+        for node in self.graph.graph.nodes:
+            if node.op == "output":
+                return
+            for run in self.runs:
+                run.env[node] = run.run_node(node)
+            yield node
+            for run in self.runs:
+                for read in self.freed_after.get(node, ()):
+                    del run.env[read]
 
 
 class _ChannelMeans:
@@ -113,12 +181,22 @@ def correct_bias(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple
     inputs = random_subset(inputs, samples, torch.Generator().manual_seed(seed))
     targets = _ChannelMeans({op.node: op.channel_dim for op in ops})
     for_each_batch(fp_graph, inputs, [op.node for op in ops], targets.add)
+    chunks = [tuple(x[start:start + CAPTURE_BATCH] for x in inputs) for start in range(0, len(inputs[0]), CAPTURE_BATCH)]
+    by_output = {op.output: op for op in ops}
+    walk = _Walk(qgraph, chunks, {node: op.rerun[-1] for op in ops for node in op.rerun})
     summaries = []
-    for op in track(ops, "bias correction", unit="layer", disable=not progress):
-        means = _ChannelMeans({op.output: op.channel_dim})
-        for_each_batch(qgraph, inputs, [op.output], means.add)
-        error = targets[op.node] - means[op.output]
-        with torch.no_grad():
-            op.bias.add_(error.to(op.bias.dtype))
-        summaries.append({"layer": op.path, "mean_error_rms": float(error.pow(2).mean().sqrt())})
+    with progress_bar(len(ops), "bias correction", unit="layer", disable=not progress) as bar:
+        for node in walk.nodes():
+            op = by_output.get(node.name)
+            if op is None:
+                continue
+            means = _ChannelMeans({op.output: op.channel_dim})
+            for value in walk.values(node):
+                means.add(op.output, value)
+            error = targets[op.node] - means[op.output]
+            with torch.no_grad():
+                op.bias.add_(error.to(op.bias.dtype))
+            walk.rerun(op.rerun)
+            summaries.append({"layer": op.path, "mean_error_rms": float(error.pow(2).mean().sqrt())})
+            bar.advance()
     return summaries
