@@ -126,6 +126,8 @@ class _Walk:
         return [run.env[node] for run in self.runs]
 
     def rerun(self, nodes: tuple[fx.Node, ...]) -> None:
+        """Run `nodes` again on every chunk; each is read by a later one (kept_until), so their new values
+        are freed at the last one, the op's output, as the first ones would have been."""
         for run in self.runs:
             for node in nodes:
                 run.env[node] = run.run_node(node)
