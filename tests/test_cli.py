@@ -128,30 +128,29 @@ HELP_COMMANDS = [[], ["run"], ["recipe"], ["recipe", "validate"], ["plugins"], [
                  ["eval"], ["quantize"], ["export"], ["bench"]]
 
 
+def imported_by_commands(commands: list[list[str]], expected: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter has imported after running each command line of `commands` (each
+    must succeed and print `expected`)."""
+    probe = ("import contextlib, io, json, sys\nfrom qtoolkit.cli import main\n"
+             f"for args in {commands!r}:\n"
+             "    with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
+             "        assert main(args) == 0, args\n"
+             f"    assert {expected!r} in shown.getvalue(), args\n"
+             f"print(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_help_imports_no_torch():
     """`qtoolkit --help` and every command's --help answer from the option declarations alone (well under a
     second): none of them imports torch, diffusers or any int8 runtime."""
     heavy = ("torch", "diffusers", "onnx", "onnxruntime", "openvino", "scipy")
-    probe = ("import contextlib, io, sys\nfrom qtoolkit.cli import main\n"
-             f"for args in {HELP_COMMANDS!r}:\n"
-             "    with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
-             "        assert main([*args, '--help']) == 0, args\n"
-             "    assert 'Usage' in shown.getvalue(), args\n"
-             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]", f"--help imported {r.stdout.strip()}"
+    assert imported_by_commands([[*args, "--help"] for args in HELP_COMMANDS], "Usage", heavy) == []
 
 
 def test_listing_the_plugins_imports_no_diffusers_scipy_or_matplotlib():
     """Loading every plugin (what `qtoolkit plugins` and `recipe show` do) imports torch and nothing heavier: the
     libraries a model, a strategy or a plot needs are imported where they are used (1.8 s against 5.7 s here)."""
     heavy = ("diffusers", "scipy.stats", "matplotlib", "onnx", "onnxruntime", "openvino")
-    probe = ("import contextlib, io, sys\nfrom qtoolkit.cli import main\n"
-             "with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
-             "    assert main(['plugins']) == 0\n"
-             "assert 'ndtc' in shown.getvalue()\n"
-             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]", f"loading the plugins imported {r.stdout.strip()}"
+    assert imported_by_commands([["plugins"]], "ndtc", heavy) == []
