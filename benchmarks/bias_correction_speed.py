@@ -15,6 +15,7 @@ tests/test_graph_bias_correction.py runs the same definition against the walk on
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -48,12 +49,9 @@ def correct_bias_op_by_op(qgraph, fp_graph, inputs, samples, seed=0) -> None:
     inputs = random_subset(inputs, samples, torch.Generator().manual_seed(seed))
 
     def channel_mean(graph, name, dim):
-        sums, count = 0.0, 0
-        parts = []
+        parts = []  # per batch, as qtoolkit's _ChannelMeans: float64 sums batch by batch
         for_each_batch(graph, inputs, [name], lambda _, v: parts.append(v.movedim(dim, -1).reshape(-1, v.shape[dim])))
-        for part in parts:  # float64 sums batch by batch, as qtoolkit's _ChannelMeans
-            sums, count = sums + part.double().sum(0), count + part.shape[0]
-        return sums / count
+        return sum(part.double().sum(0) for part in parts) / sum(len(part) for part in parts)
 
     for node, output, bias, dim in ops:
         error = channel_mean(fp_graph, node, dim) - channel_mean(qgraph, output, dim)
@@ -85,19 +83,17 @@ def main() -> None:
         for start in range(0, len(inputs), 64):
             qgraph(inputs.x[start:start + 64], inputs.t[start:start + 64])
     freeze(qgraph)
-    biased = sum(1 for node in qgraph.graph.nodes if node.op == "call_function" and node.target in (CONV, LINEAR))
+    ops = sum(1 for node in qgraph.graph.nodes if node.op == "call_function" and node.target in (CONV, LINEAR))
+    walk = functools.partial(correct_bias, progress=False)
     rows, results = [], {}
-    for name, run in (("op by op (the definition)", correct_bias_op_by_op), ("one walk (qtoolkit)", correct_bias)):
+    for name, run in (("op by op (the definition)", correct_bias_op_by_op), ("one walk (qtoolkit)", walk)):
         graph = copy_graph(qgraph)
         start = time.perf_counter()
-        if run is correct_bias:
-            run(graph, fp, (inputs.x, inputs.t), samples=args.samples, progress=False)
-        else:
-            run(graph, fp, (inputs.x, inputs.t), samples=args.samples)
+        run(graph, fp, (inputs.x, inputs.t), samples=args.samples)
         rows.append((name, time.perf_counter() - start))
         results[name] = {k: v for k, v in graph.state_dict().items() if k.endswith(".bias")}
     same = all(torch.equal(v, results["one walk (qtoolkit)"][k]) for k, v in results["op by op (the definition)"].items())
-    print(f"bias correction of {args.model} (W8A8, quantized conv outputs; {biased} conv/linear ops), "
+    print(f"bias correction of {args.model} (W8A8, quantized conv outputs; {ops} conv/linear ops), "
           f"{args.samples} inputs, {args.threads} threads, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}\n")
     print("| implementation | seconds |\n|---|---|")

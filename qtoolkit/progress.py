@@ -127,29 +127,26 @@ def progress_bar(total: float | None, description: str, *, unit: str = "", compl
         return
     stream = log_stream()
     log = None if stream is None else LogLines(stream, description, total, unit, completed, transient)
-    if not sys.stderr.isatty():  # rich would draw the bar only when it stops: the log lines say it instead
-        try:
-            yield Bar(None, log)
-        finally:
-            if log is not None:
-                log.close()
-        return
-    if _display is None:
-        _display = _new_display()
-        _display.start()
-    _open_bars += 1
-    task = _display.add_task(description, total=total, completed=completed, unit=unit)
+    live = sys.stderr.isatty()  # elsewhere rich would draw the bar only when it stops: the log lines say it instead
+    task = None
+    if live:
+        if _display is None:
+            _display = _new_display()
+            _display.start()
+        _open_bars += 1
+        task = _display.add_task(description, total=total, completed=completed, unit=unit)
     try:
         yield Bar(task, log)
     finally:
         if log is not None:
             log.close()
-        if transient:
-            _display.remove_task(task)
-        _open_bars -= 1
-        if _open_bars == 0:
-            _display.stop()
-            _display = None
+        if live:
+            if transient:
+                _display.remove_task(task)
+            _open_bars -= 1
+            if _open_bars == 0:
+                _display.stop()
+                _display = None
 
 
 def track(items: Iterable[T], description: str, *, total: int | None = None, unit: str = "",

@@ -20,7 +20,6 @@ NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
-
 def make_scheduler(kind: str, scheduler_config: dict, steps: int):
     """A diffusers scheduler of `kind` on the model's training noise schedule, set to `steps` steps."""
     if kind not in SCHEDULER_CLASSES:

@@ -80,10 +80,10 @@ def save_deployment(qgraph: fx.GraphModule, metadata: dict, scheduler_config: di
     for name, layer in layers.items():
         state[ops[name].weight_target] = layer.weight_codes.contiguous()
         int8_weights[ops[name].weight_target] = f"{name}.weight.scale"
+    from diffusers import DDPMScheduler  # on use: qtoolkit.models.loading says why
+
     with atomic_dir(Path(out), overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
-        from diffusers import DDPMScheduler  # on use: qtoolkit.models.loading says why
-
         DDPMScheduler.from_config(scheduler_config).save_pretrained(tmp / Path(SCHEDULER_FILE).parent)
         description = {
             "format": FORMAT,

@@ -74,12 +74,12 @@ def export_model(model: DiffusionModel, out: str | os.PathLike, overwrite: bool 
     out = Path(out)
     require_exporter()  # before capturing the network, which takes a while
     graph = network_graph(model)
+    from diffusers import DDPMScheduler  # on use: qtoolkit.models.loading says why
+
     with atomic_dir(out, overwrite) as tmp:
         export_onnx(graph, model.sample_shape, tmp / ONNX_FILE)
         # from_config, not DDPMScheduler(**config): a config written for another scheduler class may carry keys
         # that DDPMScheduler does not take, and sampling rebuilds its own scheduler from these values anyway.
-        from diffusers import DDPMScheduler  # on use: qtoolkit.models.loading says why
-
         DDPMScheduler.from_config(model.scheduler_config).save_pretrained(tmp / SCHEDULER_FILE.parent)
         quantization = _quantization(graph)
         description = {

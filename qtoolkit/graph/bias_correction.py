@@ -125,6 +125,7 @@ class _Walk:
     def values(self, node: fx.Node) -> list[torch.Tensor]:
         return [run.env[node] for run in self.runs]
 
+    @torch.no_grad()  # called between the steps of `nodes`, whose own no_grad does not cover it
     def rerun(self, nodes: tuple[fx.Node, ...]) -> None:
         """Run `nodes` again on every chunk; each is read by a later one (kept_until), so their new values
         are freed at the last one, the op's output, as the first ones would have been."""
