@@ -1,8 +1,11 @@
-"""Scaling sampling out over processes with torch.distributed (launched by torchrun), not a home-made pool.
+"""Scaling the job out over processes with torch.distributed (launched by torchrun), not a home-made pool.
 
-Work is split by whole batches: rank r draws batches r, r + W, r + 2W, ... and every batch is the same
-computation it would be in a single process (its noise depends on the seed and the batch index only),
-so the gathered result is identical whatever the number of processes.
+Work is split by whole batches: rank r takes batches r, r + W, r + 2W, ... and every batch is the same
+computation it would be in a single process (its noise depends on the seed and the batch index only), so
+the gathered result is identical whatever the number of processes W. What is summed over batches (bias
+correction's channel means, the per-step errors) is gathered per batch and summed in batch order on every
+rank, as one process sums it; what is merged (observers) merges exactly. Outside torchrun every helper here
+is the single-process case: rank 0 of 1, nothing to gather.
 """
 
 from __future__ import annotations
@@ -39,13 +42,34 @@ def my_batches(num_batches: int) -> range:
     return range(rank, num_batches, world)
 
 
+def gather_objects(mine: object) -> list:
+    """Every rank's `mine` (any picklable object), in rank order, on every rank."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [mine]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def from_main_process(value: object) -> object:
+    """Rank 0's `value` on every rank."""
+    if rank_and_world()[1] == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_by_batch(mine: dict[int, object]) -> dict[int, object]:
+    """Every rank's {batch index: value} merged, on every rank, in batch order."""
+    merged: dict[int, object] = {}
+    for part in gather_objects(mine):
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
 def gather_batches(mine: dict[int, torch.Tensor], num_batches: int) -> torch.Tensor:
     """Every rank's {batch index: tensor} -> all batches concatenated in order, on every rank."""
-    _, world = rank_and_world()
-    parts = dict(mine)
-    if world > 1:
-        gathered: list[dict[int, torch.Tensor]] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, {b: t.cpu() for b, t in mine.items()})
-        for part in gathered:
-            parts.update(part)
+    parts = gather_by_batch({b: t.cpu() for b, t in mine.items()})
     return torch.cat([parts[b] for b in range(num_batches)])

@@ -19,6 +19,7 @@ that is not one; inner bars (transient) write only the timed lines, so that a sl
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -122,7 +123,8 @@ def progress_bar(total: float | None, description: str, *, unit: str = "", compl
     """A bar of `total` steps (None: unknown) labelled `description`, open for the `with` block: live on a
     terminal, as plain lines in a log (module docstring)."""
     global _display, _open_bars
-    if disable:
+    # Under torchrun (which sets RANK) rank 0 speaks for all: each rank's share is the same size.
+    if disable or os.environ.get("RANK", "0") != "0":
         yield Bar(None)
         return
     stream = log_stream()

@@ -16,6 +16,8 @@ Reproducibility contract (what tests re-run to check the pairing):
   holds one position twice) and starts from `initial_noise(num, sample_shape, seed)[order[c]]`;
 - chains run in order, `batch_size` per batch, so a batch needing only early, noisy steps stops early;
 - batch b's stochastic steps (DDPM) draw from `chain_generator(seed, b)`.
+Under torchrun, rank r runs batches r, r + W, ... and every rank gathers all kept inputs (qtoolkit.distributed):
+the same set, whatever the number of processes.
 With K = 1, chain c is the sample of rank c and starts from its own noise: one chain per sample.
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..distributed import gather_by_batch, my_batches
 from ..models.loading import DiffusionModel
 from ..progress import progress_bar
 from ..sampling import denoise, initial_noise, make_scheduler, unet_predictor
@@ -81,7 +84,7 @@ def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, schedu
     noise = initial_noise(num, model.sample_shape, seed)
     kept_x = torch.empty_like(noise)
     kept_t = torch.empty(num, dtype=torch.long)
-    cost = NetworkCost()
+    cost = NetworkCost()  # this process's evaluations
     unet_eps = unet_predictor(model.denoiser())
 
     def counted_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -93,28 +96,46 @@ def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, schedu
     batches = [np.arange(start, min(start + batch_size, len(chain_starts)))
                for start in range(0, len(chain_starts), batch_size)]
     samples_of = [np.flatnonzero((chain_of >= chains[0]) & (chain_of <= chains[-1])) for chains in batches]
+    mine = list(my_batches(len(batches)))
+    kept, spent = {}, {}
     # A batch visits positions 0 .. its largest one; the bar counts those visits.
-    with progress_bar(sum(int(positions[samples].max()) + 1 for samples in samples_of), desc, unit="step",
+    with progress_bar(sum(int(positions[samples_of[b]].max()) + 1 for b in mine), desc, unit="step",
                       disable=not progress) as bar:
         device = _model_device(model)
-        for b, (chains, samples) in enumerate(zip(batches, samples_of)):
-            samples_t = torch.as_tensor(samples)
-            rows_t = torch.as_tensor(chain_of[samples] - chains[0])  # each sample's chain, as a row of the batch
-            wanted = torch.as_tensor(positions[samples])
-            last_wanted = int(wanted.max())
+        for b in mine:
+            before = cost.as_dict()
+            kept[b] = _run_chain_batch(counted_eps, noise[torch.as_tensor(chain_starts[batches[b]])].to(device),
+                                       chain_of[samples_of[b]] - batches[b][0], positions[samples_of[b]],
+                                       make_scheduler(scheduler_kind, model.scheduler_config, steps),
+                                       chain_generator(seed, b), bar.advance)
+            spent[b] = {key: value - before[key] for key, value in cost.as_dict().items()}
+    total = NetworkCost()
+    for samples, x, t, batch_cost in gather_by_batch({b: (samples_of[b], *kept[b], spent[b]) for b in mine}).values():
+        kept_x[torch.as_tensor(samples)], kept_t[torch.as_tensor(samples)] = x, t
+        total.sample_evaluations += batch_cost["sample_evaluations"]
+        total.batched_calls += batch_cost["batched_calls"]
+    return kept_x, kept_t, total
 
-            def keep(i: int, t: int, x_t: torch.Tensor) -> None:
-                bar.advance()
-                here = wanted == i
-                kept_x[samples_t[here]] = x_t[rows_t[here].to(x_t.device)].float().cpu()
-                kept_t[samples_t[here]] = t
-                if i == last_wanted:
-                    raise _ChainDone  # every sample of this batch is kept: the rest of the chain is not needed
 
-            x_T = noise[torch.as_tensor(chain_starts[chains])].to(device)
-            try:
-                denoise(counted_eps, make_scheduler(scheduler_kind, model.scheduler_config, steps), x_T,
-                        generator=chain_generator(seed, b), on_step=keep)
-            except _ChainDone:
-                pass
-    return kept_x, kept_t, cost
+def _run_chain_batch(eps, x_T: torch.Tensor, rows: np.ndarray, wanted: np.ndarray, scheduler,
+                     generator: torch.Generator, advance) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of chains from `x_T`; returns (x_t, t) of each of its samples, sample j kept from chain row
+    `rows[j]` at position `wanted[j]`."""
+    rows_t, wanted_t = torch.as_tensor(rows), torch.as_tensor(wanted)
+    kept_x = torch.empty((len(rows), *x_T.shape[1:]))
+    kept_t = torch.empty(len(rows), dtype=torch.long)
+    last_wanted = int(wanted_t.max())
+
+    def keep(i: int, t: int, x_t: torch.Tensor) -> None:
+        advance()
+        here = wanted_t == i
+        kept_x[here] = x_t[rows_t[here].to(x_t.device)].float().cpu()
+        kept_t[here] = t
+        if i == last_wanted:
+            raise _ChainDone  # every sample of this batch is kept: the rest of the chain is not needed
+
+    try:
+        denoise(eps, scheduler, x_T, generator=generator, on_step=keep)
+    except _ChainDone:
+        pass
+    return kept_x, kept_t

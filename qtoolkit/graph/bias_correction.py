@@ -22,6 +22,9 @@ bit (tests/test_graph_bias_correction.py checks it against a direct implementati
 pass instead of one partial pass per op: what the walk holds at once is the live activations of every chosen
 input (the network at a batch of `samples`).
 
+Under torchrun, each process walks its share of the chunks, and the channel means add every process's chunk sums
+in chunk order: the same corrections as one process makes.
+
 The correction changes only float bias parameters: a corrected graph saves, reloads and exports like any
 other (with quantize_conv_outputs the bias is rounded to its int32 grid by its quantizer as before).
 """
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..distributed import gather_objects, my_batches
 from ..errors import QtoolkitError
 from .capture import module_path
 from .node_values import CAPTURE_BATCH, check_nodes, for_each_batch, random_subset
@@ -148,21 +152,29 @@ class _Walk:
 
 
 class _ChannelMeans:
-    """Running per-output-channel means of nodes' values, keyed by node name."""
+    """Per-output-channel means of nodes' values, keyed by node name, over every chunk of the inputs: the sums of
+    each chunk this process ran, gathered from every process and added in chunk order, as one process adds them."""
 
     def __init__(self, channel_dims: dict[str, int]):
         self.channel_dims = channel_dims
-        self.totals: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.sums: dict[str, dict[int, tuple[torch.Tensor, int]]] = defaultdict(dict)
 
-    def add(self, name: str, value: torch.Tensor) -> None:
+    def add(self, name: str, chunk: int, value: torch.Tensor) -> None:
         dim = self.channel_dims[name]
         flat = value.movedim(dim, -1).reshape(-1, value.shape[dim]).double()
-        self.totals[name] = self.totals.get(name, 0.0) + flat.sum(0)
-        self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
+        self.sums[name][chunk] = (flat.sum(0).cpu(), flat.shape[0])
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.totals[name] / self.counts[name]
+    def means(self) -> dict[str, torch.Tensor]:
+        """Every node's means over all chunks of all processes (a collective under torchrun: every rank calls it)."""
+        everyone = gather_objects(dict(self.sums))
+        means = {}
+        for name in self.channel_dims:
+            chunks = dict(sorted((chunk, part) for sums in everyone for chunk, part in sums.get(name, {}).items()))
+            total, count = 0.0, 0
+            for chunk_sum, chunk_count in chunks.values():
+                total, count = total + chunk_sum, count + chunk_count
+            means[name] = total / count
+        return means
 
 
 def correct_bias(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
@@ -182,11 +194,15 @@ def correct_bias(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple
     ops = _biased_ops(qgraph)
     check_nodes(fp_graph, [op.node for op in ops], "full-precision graph")
     inputs = random_subset(inputs, samples, torch.Generator().manual_seed(seed))
-    targets = _ChannelMeans({op.node: op.channel_dim for op in ops})
-    for_each_batch(fp_graph, inputs, [op.node for op in ops], targets.add)
     chunks = [tuple(x[start:start + CAPTURE_BATCH] for x in inputs) for start in range(0, len(inputs[0]), CAPTURE_BATCH)]
+    mine = list(my_batches(len(chunks)))  # under torchrun, this process's chunks; alone, all
+    fp_means = _ChannelMeans({op.node: op.channel_dim for op in ops})
+    for chunk in mine:
+        for_each_batch(fp_graph, chunks[chunk], [op.node for op in ops],
+                       lambda name, value, chunk=chunk: fp_means.add(name, chunk, value))
+    targets = fp_means.means()
     by_output = {op.output: op for op in ops}
-    walk = _Walk(qgraph, chunks, {node: op.rerun[-1] for op in ops for node in op.rerun})
+    walk = _Walk(qgraph, [chunks[chunk] for chunk in mine], {node: op.rerun[-1] for op in ops for node in op.rerun})
     summaries = []
     with progress_bar(len(ops), "bias correction", unit="layer", disable=not progress) as bar:
         for node in walk.nodes():
@@ -194,11 +210,11 @@ def correct_bias(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple
             if op is None:
                 continue
             means = _ChannelMeans({op.output: op.channel_dim})
-            for value in walk.values(node):
-                means.add(op.output, value)
-            error = targets[op.node] - means[op.output]
+            for chunk, value in zip(mine, walk.values(node)):
+                means.add(op.output, chunk, value)
+            error = targets[op.node] - means.means()[op.output]
             with torch.no_grad():
-                op.bias.add_(error.to(op.bias.dtype))
+                op.bias.add_(error.to(op.bias))
             walk.rerun(op.rerun)
             summaries.append({"layer": op.path, "mean_error_rms": float(error.pow(2).mean().sqrt())})
             bar.advance()

@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from torch import fx
 
+from ..distributed import gather_objects, rank_and_world
 from ..errors import QtoolkitError
 from ..quant.config import QuantConfig
 from ..quant.fake_quant import activation_quantizer, weight_quantizer
@@ -164,6 +165,24 @@ def quant_config_of(graph: fx.GraphModule) -> QuantConfig:
 def _quantizers(graph: fx.GraphModule) -> Iterator[tuple[str, torch.nn.Module]]:
     for op in quant_ops(graph).values():
         yield from op.quantizers().items()
+
+
+def merge_observations(graph: fx.GraphModule) -> None:
+    """Under torchrun, where each process observed its own share of the calibration batches: every activation
+    observer becomes the merge of all processes' (in rank order, the same on every rank), so that freeze(graph)
+    fixes the same scales everywhere, and the ones a single process observing every batch would fix (observers'
+    `merge` is exact). Alone, nothing to do."""
+    if rank_and_world()[1] == 1:
+        return
+    held = {f"{name}.{role}.{attr}": (quantizer, attr)
+            for name, op in quant_ops(graph).items() for role, quantizer in op.activation_quantizers().items()
+            for attr in ("observer", "second_observer") if hasattr(quantizer, attr)}
+    everyone = gather_objects({key: getattr(quantizer, attr) for key, (quantizer, attr) in held.items()})
+    for key, (quantizer, attr) in held.items():
+        merged = everyone[0][key]
+        for other in everyone[1:]:
+            merged.merge(other[key])
+        setattr(quantizer, attr, merged)
 
 
 @contextmanager
