@@ -34,6 +34,8 @@ SCHEDULER_NAMES = ", ".join(SCHEDULER_CLASSES)
 
 # Options several commands share, declared once.
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same recipe from the "
+                                      "stages it finished (its calibration set, its quantized model)")]
 Sets = Annotated[Optional[list[str]], typer.Option(
     "--set", metavar="KEY=VALUE", help="override a recipe key, repeatable; VALUE is read as YAML, e.g. "
     "--set calibration.size=128 --set model=/path/to/model --set rounding.method=brecq")]
@@ -53,16 +55,27 @@ def _command_line(ctx: typer.Context) -> str:
 def run(ctx: typer.Context, recipe: RecipeFile, set_: Sets = None,
         out: Annotated[Optional[Path], typer.Option(help="the run folder (default: the recipe's output.folder, else "
                                                     "runs/<recipe name>-<date>-<time>)")] = None,
-        overwrite: Overwrite = False) -> None:
+        overwrite: Overwrite = False, resume: Resume = False) -> None:
     """Run a recipe: quantize, export to the backend, report against FP; all checked before any work."""
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
-    folder = out or Path(loaded.output.folder or f"runs/{recipe.stem}-{datetime.now():%Y%m%d-%H%M%S}")
-    _run_recipe(loaded, folder, overwrite, _command_line(ctx))
+    folder = out or (Path(loaded.output.folder) if loaded.output.folder else None)
+    if folder is None:
+        folder = _interrupted_run(recipe.stem) if resume else Path(f"runs/{recipe.stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    _run_recipe(loaded, folder, overwrite, _command_line(ctx), resume)
 
 
-def _run_recipe(recipe, out: Path, overwrite: bool, command: str) -> None:
+def _interrupted_run(stem: str) -> Path:
+    """The run folder of the latest interrupted run of recipe `stem` in runs/ (its default place)."""
+    partials = sorted(Path("runs").glob(f".{stem}-*.partial"))  # named by date and time: the last is the latest
+    if not partials:
+        raise QtoolkitError(f"nothing to resume: no interrupted run of {stem} in runs/; pass --out with the run "
+                            "folder the interrupted run was writing")
+    return partials[-1].with_name(partials[-1].name[1:-len(".partial")])
+
+
+def _run_recipe(recipe, out: Path, overwrite: bool, command: str, resume: bool = False) -> None:
     from .io import check_new_output
     from .runner import prepare, run as run_job
 
@@ -70,7 +83,7 @@ def _run_recipe(recipe, out: Path, overwrite: bool, command: str) -> None:
     job = prepare(recipe)
     for note in getattr(job.plan, "notes", []):
         logging.getLogger(__name__).warning("report: %s", note)
-    text = run_job(job, out, overwrite=overwrite, command=command)
+    text = run_job(job, out, overwrite=overwrite, command=command, resume=resume)
     print(text if text is not None else f"run folder written to {out} (no report: report.enabled is false)")
 
 
@@ -223,6 +236,7 @@ def quantize(
     eval_scheduler: Annotated[Optional[str], typer.Option(help=f"sampler of the report: {SCHEDULER_NAMES}")] = None,
     data_root: DataRoot = None,
     overwrite: Overwrite = False,
+    resume: Resume = False,
 ) -> None:
     """Post-training quantization from flags: the flag-only form of a recipe (`qtoolkit run` does the work)."""
     from .recipe import parse_yaml, recipe_from_dict
@@ -260,7 +274,7 @@ def quantize(
     if rounding is None and rounding_param:
         raise QtoolkitError("--rounding-param sets a parameter of --rounding: name the method too, e.g. "
                             "--rounding brecq --rounding-param iterations=200")
-    _run_recipe(recipe_from_dict(recipe, "qtoolkit quantize"), out, overwrite, _command_line(ctx))
+    _run_recipe(recipe_from_dict(recipe, "qtoolkit quantize"), out, overwrite, _command_line(ctx), resume)
 
 
 def _given(**values) -> dict:

@@ -66,6 +66,44 @@ class _AtomicDir:
         return False
 
 
+def partial_dir(final: Path) -> Path:
+    """Where a resumable job works on `final` (qtoolkit.io.resumable_dir): a hidden folder beside it."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.partial")
+
+
+def resumable_dir(final: Path, overwrite: bool = False, resume: bool = False):
+    """Context manager yielding the work folder of a long job that replaces `final` when the block succeeds.
+
+    Unlike atomic_dir, the work folder has a fixed name (partial_dir(final)) and is kept when the block fails or
+    is interrupted, so that a rerun with `resume=True` continues from the stages it holds. A work folder left
+    over is never reused silently: without `resume` it is refused (or, with `overwrite`, removed: the user
+    asked to start over)."""
+    return _ResumableDir(Path(final), overwrite, resume)
+
+
+class _ResumableDir(_AtomicDir):
+    def __init__(self, final: Path, overwrite: bool, resume: bool):
+        super().__init__(final, overwrite)
+        self.partial = partial_dir(final)
+        if resume and not self.partial.is_dir():
+            raise QtoolkitError(f"nothing to resume: no interrupted run of {final} ({self.partial} does not exist); "
+                                "run without --resume")
+        if not resume and self.partial.exists():
+            if not overwrite:
+                raise QtoolkitError(f"{self.partial} holds an interrupted run of {final}: pass --resume to continue "
+                                    "it, or --overwrite to start again")
+            shutil.rmtree(self.partial)
+
+    def __enter__(self) -> Path:
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.partial
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            return False  # kept: what it holds is what --resume continues from
+        return super().__exit__(exc_type, exc, tb)
 
 
 def read_description(path: Path, format: str, version: int, how_to_fix: str) -> dict:

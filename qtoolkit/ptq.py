@@ -20,13 +20,19 @@ from . import plugins
 from .calibration import CalibrationSet, check_calibration, generate_calibration_set, plot_timestep_histogram
 from .calibration.dataset import META_FILE, TENSORS_FILE
 from .errors import QtoolkitError
-from .io import atomic_dir
+from .io import atomic_dir, atomic_write_text
+from .distributed import from_main_process, my_batches
 from .models.loading import DiffusionModel, model_reference, write_pipeline_files
 from .graph import calibrate, capture, freeze, plan, quantize, save_quantized
+from .graph.quantize import merge_observations
+from .graph.serialization import load_quantized_model
 from .progress import track
 from .quant import QuantConfig
 from .graph.bias_correction import check_samples as check_bias_samples
 from .graph.bias_correction import correct_bias
+
+
+PTQ_RECORD = "ptq.json"  # what run_ptq did; written last, so its presence marks a finished quantized model
 
 
 @dataclass
@@ -114,9 +120,12 @@ def quantized_graph(model: DiffusionModel, config: QuantConfig) -> tuple[fx.Grap
 @torch.no_grad()
 def calibrate_and_freeze(qgraph: fx.GraphModule, calibration: CalibrationSet, batch_size: int = 256,
                          progress: bool = True) -> fx.GraphModule:
+    """Observe the calibration set in batches (under torchrun, each process its share, merged) and freeze."""
+    starts = range(0, len(calibration), batch_size)
     with calibrate(qgraph):
-        for start in track(range(0, len(calibration), batch_size), "calibrate", unit="batch", disable=not progress):
-            qgraph(calibration.x[start:start + batch_size], calibration.t[start:start + batch_size])
+        for b in track(my_batches(len(starts)), "calibrate", unit="batch", disable=not progress):
+            qgraph(calibration.x[starts[b]:starts[b] + batch_size], calibration.t[starts[b]:starts[b] + batch_size])
+    merge_observations(qgraph)
     return freeze(qgraph)
 
 
@@ -127,7 +136,11 @@ def round_on_calibration(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, calib
     method = plugins.rounding_method(rounding.method)
     settings = method.settings(dict(rounding.params))
     summary = method.apply(qgraph, fp_graph, (calibration.x, calibration.t), settings, progress=progress)
-    return settings, summary
+    # Not sharded under torchrun: a gradient descent split over processes would end elsewhere for every process
+    # count. Every process runs it (deterministic on the CPU, so they agree), and takes rank 0's result, so that
+    # a nondeterministic kernel (some GPU ones are) cannot leave the processes with different models.
+    qgraph.load_state_dict(from_main_process(qgraph.state_dict()))
+    return settings, from_main_process(summary)
 
 
 def save_quantized_pipeline(qgraph: fx.GraphModule, model: DiffusionModel, out: Path, provenance: dict,
@@ -144,29 +157,47 @@ def _json_ready(settings) -> dict:
 
 def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings, out: Path, *,
             rounding: RoundingSettings | None = None, bias_correction: int | None = None,
-            overwrite: bool = False, progress: bool = True,
-            fp_graph: fx.GraphModule | None = None) -> tuple[fx.GraphModule, CalibrationSet]:
+            overwrite: bool = False, progress: bool = True, fp_graph: fx.GraphModule | None = None,
+            resume_from: Path | None = None) -> tuple[fx.GraphModule, CalibrationSet]:
     """Quantize `model` with `config`, calibrated on `calib` (then its weights rounded by `rounding`, if given,
     and bias-corrected on `bias_correction` calibration inputs, if given); write the model, the calibration
     set and ptq.json (what was done, with every setting resolved) to `out`.
 
-    Every check (`check_ptq`, and `out` free unless `overwrite`) runs before calibration; `fp_graph`, the graph
-    check_ptq returned for this model, saves capturing it again. Returns the frozen quantized graph and its
-    calibration set.
+    Every check (`check_ptq`, and `out` free unless `overwrite` or resuming) runs before calibration; `fp_graph`,
+    the graph check_ptq returned for this model, saves capturing it again. Returns the frozen quantized graph and
+    its calibration set.
+
+    Each stage is written as soon as it is done, atomically: calibration/, then model/ and ptq.json (last: it
+    marks the model finished). `resume_from`, a folder an interrupted call wrote to (usually `out` itself),
+    gives the stages it finished, loaded instead of redone: the whole quantized model when its ptq.json is
+    there, else the calibration set. Both load exactly as they were made, so a resumed job ends as an
+    uninterrupted one does.
     """
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and resume_from is None:
         raise QtoolkitError(f"{out} already exists: choose another output folder or allow overwriting")
     if fp_graph is None:
         fp_graph = check_ptq(model, config, calib, rounding, bias_correction)
+    if resume_from is not None and (resume_from / PTQ_RECORD).is_file():
+        print(f"resumed: the quantized model {resume_from}/model, made before the interruption")
+        return load_quantized_model(resume_from / "model").unet, CalibrationSet.load(resume_from / "calibration")
     qgraph = quantize(fp_graph, config)
+    seconds, resumed = {}, []
     t0 = time.perf_counter()
-    calibration = make_calibration_set(model, calib, progress)
-    calibration_seconds = time.perf_counter() - t0
+    if resume_from is not None and (resume_from / "calibration" / META_FILE).is_file():
+        print(f"resumed: the calibration set {resume_from}/calibration, made before the interruption")
+        calibration = CalibrationSet.load(resume_from / "calibration")
+        resumed.append("calibration_set")
+    else:
+        calibration = make_calibration_set(model, calib, progress)
+        seconds["calibration_set"] = round(time.perf_counter() - t0, 1)
+        calibration.save(out / "calibration", overwrite=True)
     t0 = time.perf_counter()
     calibrate_and_freeze(qgraph, calibration, calib.batch_size, progress)
-    seconds = {"calibration_set": round(calibration_seconds, 1), "observe_and_freeze": round(time.perf_counter() - t0, 1)}
+    seconds["observe_and_freeze"] = round(time.perf_counter() - t0, 1)
     provenance = {"base_model": model_reference(model.path), "calibration": asdict(calib),
                   "calibration_cost": calibration.meta["cost"], "seconds": seconds}
+    if resumed:
+        provenance["resumed"] = resumed
     if rounding is not None:
         t0 = time.perf_counter()
         settings, summary = round_on_calibration(qgraph, fp_graph, calibration, rounding, progress)
@@ -178,9 +209,7 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
                               seed=calib.seed, progress=progress)
         seconds["bias_correction"] = round(time.perf_counter() - t0, 1)
         provenance["bias_correction"] = {"samples": bias_correction, "seed": calib.seed, "layers": layers}
-    with atomic_dir(out, overwrite) as tmp:
-        save_quantized_pipeline(qgraph, model, tmp / "model", provenance)
-        calibration.save(tmp / "calibration")
-        plot_timestep_histogram({strategy_of(calibration): calibration}, tmp / "calibration_timesteps.png")
-        (tmp / "ptq.json").write_text(json.dumps({"quant_config": config.to_dict(), **provenance}, indent=2) + "\n")
+    save_quantized_pipeline(qgraph, model, out / "model", provenance, overwrite=True)
+    plot_timestep_histogram({strategy_of(calibration): calibration}, out / "calibration_timesteps.png")
+    atomic_write_text(out / PTQ_RECORD, json.dumps({"quant_config": config.to_dict(), **provenance}, indent=2) + "\n")
     return qgraph, calibration

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .step_error import SSIM_WINDOW, per_timestep_error, sample_agreement, ssim_window  # noqa: E402
+from .distributed import is_main_process  # noqa: E402
 from .errors import QtoolkitError  # noqa: E402
 from .evaluation import (FEATURE_NETWORKS, describe_adaptation, evaluate_images, feature_extractor,  # noqa: E402
                          load_reference)
@@ -182,7 +183,8 @@ def fp_samples(model: DiffusionModel, settings: ReportSettings, batch_size: int 
         if _serves({**wanted, "num": int(path.stem.rsplit("-n", 1)[1])}, wanted, deterministic):
             return load_samples(path)[0][:settings.num]
     x = sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, batch_size)
-    save_samples(CACHE_DIR / f"{prefix}-n{settings.num}.npz", x, {"model": str(model.path), **asdict(settings)})
+    if is_main_process():  # under torchrun every process drew its share and holds them all
+        save_samples(CACHE_DIR / f"{prefix}-n{settings.num}.npz", x, {"model": str(model.path), **asdict(settings)})
     return x
 
 
@@ -223,18 +225,28 @@ def compare_to_fp(model: DiffusionModel, candidates: dict[str, NoisePredictor], 
     samples hold NaN/inf), so a report written from them says what was not computed.
 
     Candidates not in `sampled` (default: all are) get only the per-timestep view, a cheap screen
-    without sampling or FID.
+    without sampling or FID. Under torchrun every process must call it; rank 0 gets the results, the others {}.
     """
     plan = plan or plan_report(model, settings)
     out.mkdir(parents=True, exist_ok=True)
+    # Under torchrun the samples are drawn by all processes (qtoolkit.sampling.sample shares the batches out);
+    # rank 0, alone, runs the per-step error (one batch of chains: splitting it would change the batch it runs
+    # at) while the others start on their share of the samples, and computes the metrics.
+    main = is_main_process()
     fp = unet_predictor(model.denoiser())
-    errors = per_timestep_error(model, fp, candidates, scheduler=settings.scheduler, steps=settings.steps,
-                                num=settings.error_num, seed=settings.seed + 1)
-    plot_per_timestep(errors, out / "per_timestep_sqnr.png",
-                      f"per-step error on {settings.error_num} held-out {settings.scheduler}-{settings.steps} chains")
+    if main:
+        errors = per_timestep_error(model, fp, candidates, scheduler=settings.scheduler, steps=settings.steps,
+                                    num=settings.error_num, seed=settings.seed + 1)
+        plot_per_timestep(errors, out / "per_timestep_sqnr.png",
+                          f"per-step error on {settings.error_num} held-out {settings.scheduler}-{settings.steps} chains")
     notes = list(plan.notes)
     metrics = _metrics_of(plan, settings)
     fp_x = fp_samples(model, settings)
+    if not main:
+        for name, eps in candidates.items():
+            if sampled is None or name in sampled:
+                sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, eps=eps)
+        return {}
     results = {"settings": asdict(settings), "plan": asdict(plan), "notes": notes, "per_timestep": errors,
                "fp": {"metrics": metrics(fp_x) if metrics else None}}
     save_grid(fp_x[:64], out / "samples_fp.png")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 
 import diffusers
 import torch
+import yaml
 from torch import fx
 
 from . import __version__, plugins
@@ -35,7 +38,8 @@ from .engines.benchmark import forward_speed, forward_table
 from .errors import QtoolkitError
 from .export import export_model
 from .graph.listing import counts_line, planned_ops, quantization_listing
-from .io import atomic_dir, check_new_output
+from .distributed import from_main_process, is_main_process
+from .io import atomic_write_text, partial_dir, resumable_dir
 from .models import DiffusionModel, load_diffusion_model
 from .models.conditioning import apply_conditioning
 from .progress import progress_bar
@@ -98,40 +102,88 @@ def candidate_name(job: Job, strategy: str) -> str:
     return name
 
 
-def run(job: Job, out: Path, *, overwrite: bool = False, command: str = "") -> str | None:
-    """Do the job into the run folder `out` (replaced only when everything succeeded); returns the report's text."""
+def run(job: Job, out: Path, *, overwrite: bool = False, command: str = "", resume: bool = False) -> str | None:
+    """Do the job into the run folder `out`; returns the report's text.
+
+    The work happens in a folder beside `out` (qtoolkit.io.resumable_dir) that becomes `out` only when everything
+    succeeded. A run interrupted after its calibration set or its quantized model keeps that folder, and
+    `resume=True` continues from it, with the same recipe, to the same results.
+
+    Under torchrun every process takes its share of each stage (qtoolkit.distributed); rank 0 writes the run
+    folder and exports, the others work in a scratch folder and read rank 0's (so: one node, one file system).
+    """
     out = Path(out)
-    check_new_output(out, overwrite)
+    main = is_main_process()
+    folder = resumable_dir(out, overwrite, resume) if main else tempfile.TemporaryDirectory(prefix="qtoolkit-rank-")
+    if main and resume:
+        _check_same_recipe(job, partial_dir(out) / "recipe.yaml")
+    try:
+        with folder as work:
+            return _do(job, Path(work), out, command, resume)
+    except BaseException:
+        if main and partial_dir(out).is_dir():
+            print(f"qtoolkit: the stages this run finished are kept in {partial_dir(out)}: the same command with "
+                  "--resume continues from them", file=sys.stderr)
+        raise
+
+
+def _do(job: Job, work: Path, out: Path, command: str, resume: bool) -> str | None:
+    """The job's stages, written to `work` (rank 0's becomes the run folder `out`)."""
+    main = is_main_process()
+    shared = Path(from_main_process(str(work)))  # rank 0's work folder
+    if main:
+        atomic_write_text(work / "recipe.yaml", _resolved_recipe(job))  # first: what --resume checks against
+    t0 = time.perf_counter()
+    qgraph, calibration = run_ptq(job.model, job.config, job.calibration, work, rounding=job.rounding,
+                                  bias_correction=job.bias_correction, overwrite=True, fp_graph=job.graph,
+                                  resume_from=shared if resume else None)
+    print(f"quantized model ({out}/model) in {time.perf_counter() - t0:.0f} s")
+    listing = quantization_listing(qgraph, planned_ops(job.graph, job.config))
+    print(counts_line(listing))
+    eps, where = unet_predictor(qgraph), "PyTorch (fake-quant simulation)"
+    if job.backend is not None:
+        if main:
+            _export(job, qgraph, work, out)
+        from_main_process(None)  # every process waits for rank 0's export, then loads it
+        eps = load_engine(job.backend.name, shared / "export", job.recipe.threads, job.recipe.float_precision)
+        where = f"{job.backend.name} ({job.recipe.float_precision} float parts), from {out}/export"
+    name = candidate_name(job, strategy_of(calibration))
     text = None
-    with atomic_dir(out, overwrite) as tmp:
-        t0 = time.perf_counter()
-        qgraph, calibration = run_ptq(job.model, job.config, job.calibration, tmp, rounding=job.rounding,
-                                      bias_correction=job.bias_correction, overwrite=True, fp_graph=job.graph)
-        print(f"quantized model ({out}/model) in {time.perf_counter() - t0:.0f} s")
-        listing = quantization_listing(qgraph, planned_ops(job.graph, job.config))
-        print(counts_line(listing))
-        eps, where = unet_predictor(qgraph), "PyTorch (fake-quant simulation)"
-        if job.backend is not None:
-            with progress_bar(1, f"export for {job.backend.name}", unit="graph") as bar:
-                if job.backend.export_format == TORCH_FORMAT:
-                    export_deployment(tmp / "model", tmp / "export")
-                else:
-                    export_model(DiffusionModel(qgraph, job.model.scheduler_config, out / "model",
-                                                shape=job.model.sample_shape), tmp / "export")
-                bar.advance()
-            eps = load_engine(job.backend.name, tmp / "export", job.recipe.threads, job.recipe.float_precision)
-            where = f"{job.backend.name} ({job.recipe.float_precision} float parts), from {out}/export"
-        name = candidate_name(job, strategy_of(calibration))
-        if job.report is not None:
-            results = compare_to_fp(job.model, {name: eps}, job.report, tmp, plan=job.plan)
-            text = write_report(results, tmp, f"qtoolkit report: {name} on {job.recipe.model}, sampled on {where}",
+    if job.report is not None:
+        results = compare_to_fp(job.model, {name: eps}, job.report, work, plan=job.plan)
+        if main:
+            text = write_report(results, work, f"qtoolkit report: {name} on {job.recipe.model}, sampled on {where}",
                                 command, quantized_ops=listing)
-        if job.backend is not None:
-            text = (text or "") + "\n" + _speed_table(job, eps, qgraph, tmp)
-        resolved = job.recipe.model_copy(update={"backend": job.backend.name if job.backend else NO_BACKEND})
-        (tmp / "recipe.yaml").write_text(resolved.to_yaml())
-        (tmp / "versions.json").write_text(json.dumps(versions(job, strategy_of(calibration)), indent=2) + "\n")
+    if main and job.backend is not None:
+        text = (text or "") + "\n" + _speed_table(job, eps, qgraph, work)
+    if main:
+        (work / "versions.json").write_text(json.dumps(versions(job, strategy_of(calibration)), indent=2) + "\n")
     return text
+
+
+def _resolved_recipe(job: Job) -> str:
+    """The recipe as it runs: every default filled in, and the backend `auto` chose."""
+    return job.recipe.model_copy(update={"backend": job.backend.name if job.backend else NO_BACKEND}).to_yaml()
+
+
+def _check_same_recipe(job: Job, recorded: Path) -> None:
+    """A resumed run must be the same job as the one it continues (recorded: the recipe that one wrote)."""
+    if recorded.is_file() and recorded.read_text() != _resolved_recipe(job):
+        before, now = yaml.safe_load(recorded.read_text()), yaml.safe_load(_resolved_recipe(job))
+        changed = ", ".join(sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key)))
+        raise QtoolkitError(f"the interrupted run in {recorded.parent} was made with another recipe (it differs in: "
+                            f"{changed}): resume with the same recipe and --set options, or pass --overwrite to start "
+                            "again")
+
+
+def _export(job: Job, qgraph: fx.GraphModule, work: Path, out: Path) -> None:
+    with progress_bar(1, f"export for {job.backend.name}", unit="graph") as bar:
+        if job.backend.export_format == TORCH_FORMAT:
+            export_deployment(work / "model", work / "export", overwrite=True)
+        else:
+            export_model(DiffusionModel(qgraph, job.model.scheduler_config, out / "model",
+                                        shape=job.model.sample_shape), work / "export", overwrite=True)
+        bar.advance()
 
 
 def _speed_table(job: Job, eps, qgraph: fx.GraphModule, tmp: Path) -> str:
