@@ -160,3 +160,13 @@ def track(items: Iterable[T], description: str, *, total: int | None = None, uni
         for item in items:
             yield item
             bar.advance()
+
+
+@contextmanager
+def timed(seconds: dict, stage: str) -> Iterator[None]:
+    """Record the wall time of the `with` block in `seconds[stage]` (rounded to 0.1 s): a job's stage table."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = round(time.perf_counter() - start, 1)

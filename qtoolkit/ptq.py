@@ -9,7 +9,6 @@ it, round and bias-correct it, and save it as a pipeline folder that `qtoolkit s
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .models.loading import DiffusionModel, model_reference, write_pipeline_file
 from .graph import calibrate, capture, freeze, plan, quantize, save_quantized
 from .graph.quantize import merge_observations
 from .graph.serialization import load_quantized_model
-from .progress import track
+from .progress import timed, track
 from .quant import QuantConfig
 from .graph.bias_correction import check_samples as check_bias_samples
 from .graph.bias_correction import correct_bias
@@ -182,32 +181,28 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
         return load_quantized_model(resume_from / "model").unet, CalibrationSet.load(resume_from / "calibration")
     qgraph = quantize(fp_graph, config)
     seconds, resumed = {}, []
-    t0 = time.perf_counter()
     if resume_from is not None and (resume_from / "calibration" / META_FILE).is_file():
         print(f"resumed: the calibration set {resume_from}/calibration, made before the interruption")
         calibration = CalibrationSet.load(resume_from / "calibration")
         resumed.append("calibration_set")
     else:
-        calibration = make_calibration_set(model, calib, progress)
-        seconds["calibration_set"] = round(time.perf_counter() - t0, 1)
+        with timed(seconds, "calibration_set"):
+            calibration = make_calibration_set(model, calib, progress)
         calibration.save(out / "calibration", overwrite=True)
-    t0 = time.perf_counter()
-    calibrate_and_freeze(qgraph, calibration, calib.batch_size, progress)
-    seconds["observe_and_freeze"] = round(time.perf_counter() - t0, 1)
+    with timed(seconds, "observe_and_freeze"):
+        calibrate_and_freeze(qgraph, calibration, calib.batch_size, progress)
     provenance = {"base_model": model_reference(model.path), "calibration": asdict(calib),
                   "calibration_cost": calibration.meta["cost"], "seconds": seconds}
     if resumed:
         provenance["resumed"] = resumed
     if rounding is not None:
-        t0 = time.perf_counter()
-        settings, summary = round_on_calibration(qgraph, fp_graph, calibration, rounding, progress)
-        seconds["rounding"] = round(time.perf_counter() - t0, 1)
+        with timed(seconds, "rounding"):
+            settings, summary = round_on_calibration(qgraph, fp_graph, calibration, rounding, progress)
         provenance["rounding"] = {"method": rounding.method, "params": _json_ready(settings), "summary": summary}
     if bias_correction is not None:
-        t0 = time.perf_counter()
-        layers = correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), samples=bias_correction,
-                              seed=calib.seed, progress=progress)
-        seconds["bias_correction"] = round(time.perf_counter() - t0, 1)
+        with timed(seconds, "bias_correction"):
+            layers = correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), samples=bias_correction,
+                                  seed=calib.seed, progress=progress)
         provenance["bias_correction"] = {"samples": bias_correction, "seed": calib.seed, "layers": layers}
     save_quantized_pipeline(qgraph, model, out / "model", provenance, overwrite=True)
     plot_timestep_histogram({strategy_of(calibration): calibration}, out / "calibration_timesteps.png")

@@ -30,6 +30,7 @@ from .graph.listing import counts_line  # noqa: E402
 from .images import load_samples, save_grid, save_samples  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
 from .models.loading import DiffusionModel  # noqa: E402
+from .progress import timed  # noqa: E402
 from .metrics.inception import WEIGHTS_FILENAME, cached_weights_path  # noqa: E402
 from .sampling import NoisePredictor, make_scheduler, sample, unet_predictor  # noqa: E402
 
@@ -210,7 +211,7 @@ def plot_per_timestep(errors: dict, path: Path, title: str) -> None:
 
 
 # The keys of compare_to_fp's results that are not candidates.
-RESULT_KEYS = ("settings", "plan", "notes", "per_timestep", "fp", "quantized_ops")
+RESULT_KEYS = ("settings", "plan", "notes", "per_timestep", "fp", "quantized_ops", "seconds")
 
 
 def candidate_results(results: dict) -> dict:
@@ -234,34 +235,41 @@ def compare_to_fp(model: DiffusionModel, candidates: dict[str, NoisePredictor], 
     # at) while the others start on their share of the samples, and computes the metrics.
     main = is_main_process()
     fp = unet_predictor(model.denoiser())
+    seconds: dict = {}  # each part's wall time: the job's stage table (qtoolkit run's stages.json)
     if main:
-        errors = per_timestep_error(model, fp, candidates, scheduler=settings.scheduler, steps=settings.steps,
-                                    num=settings.error_num, seed=settings.seed + 1)
+        with timed(seconds, "per_step_error"):
+            errors = per_timestep_error(model, fp, candidates, scheduler=settings.scheduler, steps=settings.steps,
+                                        num=settings.error_num, seed=settings.seed + 1)
         plot_per_timestep(errors, out / "per_timestep_sqnr.png",
                           f"per-step error on {settings.error_num} held-out {settings.scheduler}-{settings.steps} chains")
     notes = list(plan.notes)
     metrics = _metrics_of(plan, settings)
-    fp_x = fp_samples(model, settings)
+    with timed(seconds, "fp_samples"):
+        fp_x = fp_samples(model, settings)
     if not main:
         for name, eps in candidates.items():
             if sampled is None or name in sampled:
                 sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, eps=eps)
         return {}
+    with timed(seconds, "fp_metrics"):
+        fp_metrics = metrics(fp_x) if metrics else None
     results = {"settings": asdict(settings), "plan": asdict(plan), "notes": notes, "per_timestep": errors,
-               "fp": {"metrics": metrics(fp_x) if metrics else None}}
+               "fp": {"metrics": fp_metrics}, "seconds": seconds}
     save_grid(fp_x[:64], out / "samples_fp.png")
     for name, eps in candidates.items():
         sqnr = np.array(errors[name]["sqnr_db"])
         results[name] = {"metrics": None, "agreement": None,
                          "sqnr_db_mean": float(np.mean(sqnr)), "sqnr_db_min": float(np.min(sqnr))}
         if sampled is None or name in sampled:
-            q_x = sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, eps=eps)
+            with timed(seconds, f"samples {name}"):
+                q_x = sample(model, settings.scheduler, settings.steps, settings.num, settings.seed, eps=eps)
             save_grid(q_x[:64], out / f"samples_{name.replace(' ', '_')}.png")
             if not torch.isfinite(q_x).all():
                 notes.append(f"{name}: its samples hold NaN/inf (the quantized model diverged): sample metrics and "
                              "PSNR/SSIM against FP skipped")
                 continue
-            results[name]["metrics"] = metrics(q_x) if metrics else None
+            with timed(seconds, f"metrics {name}"):
+                results[name]["metrics"] = metrics(q_x) if metrics else None
             results[name]["agreement"] = sample_agreement(fp_x, q_x)
     return results
 

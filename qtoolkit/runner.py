@@ -11,6 +11,7 @@ without a single network evaluation; `run(job, out)` then does the work and writ
                       backend (fbgemm, qnnpack, x86-onednn) the deployment folder (qtoolkit.deploy)
     report.md report.json per_timestep_sqnr.png samples_*.png  (qtoolkit.report)
     speed.md speed.json   the int8 model's UNet forward against FP32 eager at batch 1 and 16 (not with backend: none)
+    stages.json           each stage's wall time, processes, threads and CPU capability
 
 `qtoolkit run` and `qtoolkit quantize` (which builds a recipe from its flags) both come here.
 """
@@ -38,12 +39,12 @@ from .engines.benchmark import forward_speed, forward_table
 from .errors import QtoolkitError
 from .export import export_model
 from .graph.listing import counts_line, planned_ops, quantization_listing
-from .distributed import from_main_process, is_main_process
+from .distributed import from_main_process, is_main_process, rank_and_world
 from .io import atomic_write_text, partial_dir, resumable_dir
 from .models import DiffusionModel, load_diffusion_model
 from .models.conditioning import apply_conditioning
-from .progress import progress_bar
-from .ptq import CalibrationSettings, RoundingSettings, check_ptq, run_ptq, strategy_of
+from .progress import progress_bar, timed
+from .ptq import PTQ_RECORD, CalibrationSettings, RoundingSettings, check_ptq, run_ptq, strategy_of
 from .quant import QuantConfig
 from .recipe import NO_BACKEND, Recipe
 from .registry import Backend
@@ -133,19 +134,20 @@ def _do(job: Job, work: Path, out: Path, command: str, resume: bool) -> str | No
     shared = Path(from_main_process(str(work)))  # rank 0's work folder
     if main:
         atomic_write_text(work / "recipe.yaml", _resolved_recipe(job))  # first: what --resume checks against
-    t0 = time.perf_counter()
+    started, seconds = time.perf_counter(), {}
     qgraph, calibration = run_ptq(job.model, job.config, job.calibration, work, rounding=job.rounding,
                                   bias_correction=job.bias_correction, overwrite=True, fp_graph=job.graph,
                                   resume_from=shared if resume else None)
-    print(f"quantized model ({out}/model) in {time.perf_counter() - t0:.0f} s")
+    print(f"quantized model ({out}/model) in {time.perf_counter() - started:.0f} s")
     listing = quantization_listing(qgraph, planned_ops(job.graph, job.config))
     print(counts_line(listing))
     eps, where = unet_predictor(qgraph), "PyTorch (fake-quant simulation)"
     if job.backend is not None:
-        if main:
-            _export(job, qgraph, work, out)
-        from_main_process(None)  # every process waits for rank 0's export, then loads it
-        eps = load_engine(job.backend.name, shared / "export", job.recipe.threads, job.recipe.float_precision)
+        with timed(seconds, "export"):
+            if main:
+                _export(job, qgraph, work, out)
+            from_main_process(None)  # every process waits for rank 0's export, then loads it
+            eps = load_engine(job.backend.name, shared / "export", job.recipe.threads, job.recipe.float_precision)
         where = f"{job.backend.name} ({job.recipe.float_precision} float parts), from {out}/export"
     name = candidate_name(job, strategy_of(calibration))
     text = None
@@ -154,11 +156,23 @@ def _do(job: Job, work: Path, out: Path, command: str, resume: bool) -> str | No
         if main:
             text = write_report(results, work, f"qtoolkit report: {name} on {job.recipe.model}, sampled on {where}",
                                 command, quantized_ops=listing)
+            seconds.update({f"report: {part}": spent for part, spent in results["seconds"].items()})
     if main and job.backend is not None:
-        text = (text or "") + "\n" + _speed_table(job, eps, qgraph, work)
+        with timed(seconds, "speed table"):
+            text = (text or "") + "\n" + _speed_table(job, eps, qgraph, work)
     if main:
         (work / "versions.json").write_text(json.dumps(versions(job, strategy_of(calibration)), indent=2) + "\n")
+        _write_stages(work, seconds, time.perf_counter() - started, resume)
     return text
+
+
+def _write_stages(work: Path, seconds: dict, total: float, resume: bool) -> None:
+    """stages.json: each stage's wall time, and what it ran on (benchmarks/job_profile.py prints it as a table)."""
+    quantized = json.loads((work / PTQ_RECORD).read_text())["seconds"]
+    stages = {"stages": {**quantized, **seconds}, "total": round(total, 1), "resumed": resume,
+              "processes": rank_and_world()[1], "threads": torch.get_num_threads(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    atomic_write_text(work / "stages.json", json.dumps(stages, indent=2) + "\n")
 
 
 def _resolved_recipe(job: Job) -> str:
