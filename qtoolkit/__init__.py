@@ -2,7 +2,7 @@
 
 The core's layers, bottom to top; a module imports only from layers below its own (import-linter checks it, with
 the contracts in pyproject.toml; docs/architecture.md has the picture):
-- foundation: errors, io, optional, images, progress, distributed, data, hookspecs, registry, plugins,
+- foundation: errors, io, optional, images, progress, devices, distributed, data, hookspecs, registry, plugins,
   backend_lookup;
 - numeric primitives: quant (no graph);
 - networks: models (float networks and their conditioning; no quantized graph, no recipe);

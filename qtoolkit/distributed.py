@@ -19,6 +19,8 @@ import torch.distributed as dist
 def init_from_env() -> None:
     """Join the process group torchrun describes in the environment; a no-op in a plain single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL's collectives run on this process's GPU: cuda:LOCAL_RANK
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 

@@ -20,6 +20,7 @@ from .calibration import CalibrationSet, check_calibration, generate_calibration
 from .calibration.dataset import META_FILE, TENSORS_FILE
 from .errors import QtoolkitError
 from .io import atomic_dir, atomic_write_text
+from .devices import device_of
 from .distributed import from_main_process, my_batches
 from .models.loading import DiffusionModel, model_reference, write_pipeline_files
 from .graph import calibrate, capture, freeze, plan, quantize, save_quantized
@@ -120,10 +121,11 @@ def quantized_graph(model: DiffusionModel, config: QuantConfig) -> tuple[fx.Grap
 def calibrate_and_freeze(qgraph: fx.GraphModule, calibration: CalibrationSet, batch_size: int = 256,
                          progress: bool = True) -> fx.GraphModule:
     """Observe the calibration set in batches (under torchrun, each process its share, merged) and freeze."""
-    starts = range(0, len(calibration), batch_size)
+    starts, device = range(0, len(calibration), batch_size), device_of(qgraph)
     with calibrate(qgraph):
         for b in track(my_batches(len(starts)), "calibrate", unit="batch", disable=not progress):
-            qgraph(calibration.x[starts[b]:starts[b] + batch_size], calibration.t[starts[b]:starts[b] + batch_size])
+            qgraph(calibration.x[starts[b]:starts[b] + batch_size].to(device),
+                   calibration.t[starts[b]:starts[b] + batch_size].to(device))
     merge_observations(qgraph)
     return freeze(qgraph)
 
@@ -134,7 +136,9 @@ def round_on_calibration(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, calib
     (resolved settings, JSON-ready summary)."""
     method = plugins.rounding_method(rounding.method)
     settings = method.settings(dict(rounding.params))
-    summary = method.apply(qgraph, fp_graph, (calibration.x, calibration.t), settings, progress=progress)
+    device = device_of(qgraph)
+    summary = method.apply(qgraph, fp_graph, (calibration.x.to(device), calibration.t.to(device)), settings,
+                           progress=progress)
     # Not sharded under torchrun: a gradient descent split over processes would end elsewhere for every process
     # count. Every process runs it (deterministic on the CPU, so they agree), and takes rank 0's result, so that
     # a nondeterministic kernel (some GPU ones are) cannot leave the processes with different models.

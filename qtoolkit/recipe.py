@@ -35,6 +35,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from . import plugins
 from .backend_lookup import AUTO, FLOAT_PRECISIONS
+from .devices import AUTO as DEVICE_AUTO, check_device_name
 from .errors import QtoolkitError
 from .ptq import CalibrationSettings, RoundingSettings
 from .quant import QuantConfig
@@ -240,8 +241,19 @@ class Recipe(Section):
     # What the backend runs the exported graph's unquantized parts in (GroupNorm, SiLU, adds): fp32, or e.g. bf16.
     float_precision: str = FLOAT_PRECISIONS[0]
     threads: int | None = Field(default=None, ge=1)  # the backend's threads (null: its own choice)
+    # Where the job makes the int8 model (chains, observers, bias correction, rounding, the report's FP network):
+    # auto (the first accelerator present, else the CPU), cpu, cuda, cuda:N, mps. The int8 model runs on the CPU.
+    device: str = DEVICE_AUTO
     report: Report = Field(default_factory=Report)
     output: Output = Field(default_factory=Output)
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, name: str) -> str:
+        try:
+            return check_device_name(name)
+        except QtoolkitError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("backend")
     @classmethod

@@ -18,6 +18,7 @@ without a single network evaluation; `run(job, out)` then does the work and writ
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import sys
@@ -34,11 +35,13 @@ from torch import fx
 
 from . import __version__, plugins
 from .deploy import TORCH_FORMAT, export_deployment
+from .devices import device_of, resolve_device
 from .engines import FLOAT_PRECISIONS, load_engine, resolve_backend
 from .engines.benchmark import forward_speed, forward_table
 from .errors import QtoolkitError
 from .export import export_model
 from .graph.listing import counts_line, planned_ops, quantization_listing
+from .graph.serialization import load_quantized_model
 from .distributed import from_main_process, is_main_process, rank_and_world
 from .io import atomic_write_text, partial_dir, resumable_dir
 from .models import DiffusionModel, load_diffusion_model
@@ -69,8 +72,10 @@ class Job:
 
 
 def prepare(recipe: Recipe) -> Job:
-    """Load the recipe's model and check the whole job against it, before any work."""
+    """Load the recipe's model onto the recipe's device and check the whole job against it, before any work."""
+    device = resolve_device(recipe.device)  # an absent device: one line before anything loads
     model = apply_conditioning(load_diffusion_model(recipe.model), recipe.conditioning)
+    model.unet.to(device)
     config = recipe.quantization.settings()
     calibration = recipe.calibration.settings()
     rounding = recipe.rounding.settings() if recipe.rounding is not None else None
@@ -191,11 +196,13 @@ def _check_same_recipe(job: Job, recorded: Path) -> None:
 
 
 def _export(job: Job, qgraph: fx.GraphModule, work: Path, out: Path) -> None:
+    """The backend's files, always made on the CPU from the model folder's contents, whatever device made it."""
     with progress_bar(1, f"export for {job.backend.name}", unit="graph") as bar:
         if job.backend.export_format == TORCH_FORMAT:
             export_deployment(work / "model", work / "export", overwrite=True)
         else:
-            export_model(DiffusionModel(qgraph, job.model.scheduler_config, out / "model",
+            on_cpu = qgraph if device_of(qgraph).type == "cpu" else load_quantized_model(work / "model").unet
+            export_model(DiffusionModel(on_cpu, job.model.scheduler_config, out / "model",
                                         shape=job.model.sample_shape), work / "export", overwrite=True)
         bar.advance()
 
@@ -205,8 +212,11 @@ def _speed_table(job: Job, eps, qgraph: fx.GraphModule, tmp: Path) -> str:
     `qtoolkit bench` is the full benchmark."""
     size = sum(f.stat().st_size for f in (tmp / "export").rglob("*.safetensors")) or \
         sum(f.stat().st_size for f in (tmp / "export").glob("model.onnx*"))
+    fp_network = job.model.denoiser()
+    if device_of(fp_network).type != "cpu":  # the int8 model runs on the CPU: so does the FP32 it is timed against
+        fp_network = copy.deepcopy(fp_network).cpu()
     with progress_bar(1, f"speed: {job.backend.name} against FP32 eager", unit="table") as bar:
-        rows = forward_speed(job.model.denoiser(), job.backend.name, eps, size, job.model.sample_shape, qgraph)
+        rows = forward_speed(fp_network, job.backend.name, eps, size, job.model.sample_shape, qgraph)
         bar.advance()
     table = "\n".join([f"UNet forward on {job.backend.name} against PyTorch FP32 eager, {torch.get_num_threads()} "
                         "threads, median of 5, random inputs (`qtoolkit bench --model RUN_FOLDER` for the full "

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .devices import device_of
 from .distributed import gather_batches, my_batches
 from .errors import QtoolkitError
 from .models.loading import DiffusionModel, noise_of
@@ -42,9 +43,12 @@ def make_scheduler(kind: str, scheduler_config: dict, steps: int):
 
 
 def unet_predictor(network: torch.nn.Module) -> NoisePredictor:
-    """A network called as `network(x, t)` (a Denoiser, a diffusers UNet, a quantized graph) as a noise predictor."""
+    """A network called as `network(x, t)` (a Denoiser, a diffusers UNet, a quantized graph) as a noise predictor;
+    the inputs go to the network's device and the noise comes back to theirs (nothing moves on the CPU)."""
+    device = device_of(network)
+
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return noise_of(network(x, t))
+        return noise_of(network(x.to(device), t.to(device))).to(x.device)
     return eps
 
 

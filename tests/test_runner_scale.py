@@ -6,9 +6,6 @@ between them is the sharing out (a kernel's thread count may change how it adds 
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ from qtoolkit.cli import main
 from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, save_diffusion_model
 
 from conftest import TINY_UNET
+from test_distributed import run_alone_and_under_torchrun
 from test_recipe import FMNIST, error_line, sets
 
 # Every stage shared out over two processes has at least two batches to share: 4 chain batches (16 chains of 10
@@ -50,14 +48,7 @@ def test_torchrun_shares_the_job_out_and_ends_where_one_process_does(tmp_path):
     save_diffusion_model(UNet2DModel(**{**TINY_UNET, "in_channels": 3, "out_channels": 3}),
                          dict(DEFAULT_SCHEDULER_CONFIG), model)
     args = ["run", str(FMNIST), *sets(f"model={model}", *SHARED)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "qtoolkit.cli", *args, "--out", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            "-m", "qtoolkit.cli", "--", *args, "--out", str(tmp_path / "two")],
-                           env=env, capture_output=True, text=True)
-    assert multi.returncode == 0, multi.stderr
+    single, multi = run_alone_and_under_torchrun(args, tmp_path / "one", tmp_path / "two")
     one, two = _figures(tmp_path / "one"), _figures(tmp_path / "two")
     assert one.keys() == two.keys()
     for key in one:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..devices import device_of
 from ..distributed import gather_by_batch, my_batches
 from ..models.loading import DiffusionModel
 from ..progress import progress_bar
@@ -57,11 +58,6 @@ def chain_generator(seed: int, batch_index: int) -> torch.Generator:
 def chain_timesteps(model: DiffusionModel, scheduler_kind: str, steps: int) -> np.ndarray:
     """The integer timesteps the network receives, in chain order (position 0 = pure noise)."""
     return make_scheduler(scheduler_kind, model.scheduler_config, steps).timesteps.numpy().astype(np.int64)
-
-
-def _model_device(model: DiffusionModel) -> torch.device:
-    first_parameter = next(model.unet.parameters(), None)
-    return first_parameter.device if first_parameter is not None else torch.device("cpu")
 
 
 def chain_assignment(positions: np.ndarray, inputs_per_chain: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +97,7 @@ def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, schedu
     # A batch visits positions 0 .. its largest one; the bar counts those visits.
     with progress_bar(sum(int(positions[samples_of[b]].max()) + 1 for b in mine), desc, unit="step",
                       disable=not progress) as bar:
-        device = _model_device(model)
+        device = device_of(model.unet)
         for b in mine:
             before = cost.as_dict()
             kept[b] = _run_chain_batch(counted_eps, noise[torch.as_tensor(chain_starts[batches[b]])].to(device),

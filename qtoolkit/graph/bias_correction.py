@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..devices import device_of
 from ..distributed import gather_objects, my_batches
 from ..errors import QtoolkitError
 from .capture import module_path
@@ -194,7 +195,9 @@ def correct_bias(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple
     ops = _biased_ops(qgraph)
     check_nodes(fp_graph, [op.node for op in ops], "full-precision graph")
     inputs = random_subset(inputs, samples, torch.Generator().manual_seed(seed))
-    chunks = [tuple(x[start:start + CAPTURE_BATCH] for x in inputs) for start in range(0, len(inputs[0]), CAPTURE_BATCH)]
+    device = device_of(qgraph)
+    chunks = [tuple(x[start:start + CAPTURE_BATCH].to(device) for x in inputs)
+              for start in range(0, len(inputs[0]), CAPTURE_BATCH)]
     mine = list(my_batches(len(chunks)))  # under torchrun, this process's chunks; alone, all
     fp_means = _ChannelMeans({op.node: op.channel_dim for op in ops})
     for chunk in mine:

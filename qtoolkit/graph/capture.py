@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from ..devices import device_of
 from ..errors import QtoolkitError
 
 EXAMPLE_BATCH = 2
@@ -70,7 +71,10 @@ def capture(denoiser: nn.Module, sample_shape: tuple[int, ...], check_batches: b
     check_batches=False skips the check at batch 1 and above the proven range: for re-capturing a network whose
     graph was checked when it was first captured (loading a saved quantized model)."""
     denoiser = denoiser.eval()
-    example = example_inputs(sample_shape, EXAMPLE_BATCH)
+    # Captured where the network is: the graph keeps the device of the tensors its ops create (e.g. the
+    # timestep embedding's arange), so a graph runs on the device it was captured on.
+    device = device_of(denoiser)
+    example = tuple(x.to(device) for x in example_inputs(sample_shape, EXAMPLE_BATCH))
     batch = {0: Dim.AUTO}
     with torch_pytree_warning_hidden():
         try:
@@ -135,7 +139,7 @@ def _check_batches(graph_module: fx.GraphModule, denoiser: nn.Module, sample_sha
     if upper is not None and upper < MIN_SUPPORTED_BATCH:
         batches.append(upper + 1)
     for batch in batches:
-        inputs = example_inputs(sample_shape, batch, seed=batch)
+        inputs = tuple(x.to(device_of(denoiser)) for x in example_inputs(sample_shape, batch, seed=batch))
         expected, got = denoiser(*inputs), graph_module(*inputs)
         tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=tolerance):

@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from torch import fx
 
+from ..devices import device_of
 from ..distributed import gather_objects, rank_and_world
 from ..errors import QtoolkitError
 from ..quant.config import QuantConfig
@@ -134,7 +135,7 @@ def _insert_layer(qgraph: fx.GraphModule, node: fx.Node, name: str, planned: Pla
 
 def _insert_attention(qgraph: fx.GraphModule, node: fx.Node, name: str, path: str, config: QuantConfig) -> None:
     attention = QuantizedAttention(path, node.name, lambda: activation_quantizer(config))
-    qgraph.add_submodule(name, attention)
+    qgraph.add_submodule(name, attention.to(device_of(qgraph)))
     with qgraph.graph.inserting_before(node):
         replacement = qgraph.graph.call_module(name, node.args, node.kwargs)
     replacement.meta = dict(node.meta)

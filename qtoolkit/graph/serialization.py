@@ -117,7 +117,7 @@ def save_quantized(qgraph: fx.GraphModule, folder: str | os.PathLike, model: Dif
     """Write the frozen quantized graph `qgraph`, made from the FP `model`, to `folder` atomically (nothing is left
     half-written on failure; an existing folder is replaced only with overwrite=True)."""
     text = json.dumps(quantized_metadata(qgraph, model, extra_config), indent=2) + "\n"
-    state = {key: tensor.detach().contiguous() for key, tensor in qgraph.state_dict().items()}
+    state = {key: tensor.detach().cpu().contiguous() for key, tensor in qgraph.state_dict().items()}
     with atomic_dir(Path(folder), overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / METADATA_FILE).write_text(text)

@@ -20,7 +20,6 @@ is the graph layer's (qtoolkit.graph.serialization.load_quantized_model): this m
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .. import plugins
+from ..devices import device_of
 from ..errors import QtoolkitError
 from ..io import atomic_dir
 from .network_inputs import check_conditioning
@@ -116,7 +116,7 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         self.network = network
         self.conditioning = torch.nn.Module()
-        device = _device_of(network)
+        device = device_of(network)
         for name, value in (conditioning or {}).items():
             self.conditioning.register_buffer(name, value.to(device))
 
@@ -131,11 +131,6 @@ class Denoiser(torch.nn.Module):
             noise = noise[:, :sample.shape[1]]
         return noise
 
-
-def _device_of(network: torch.nn.Module) -> torch.device:
-    """Where the network's weights are (CPU for a network without any)."""
-    first = next(itertools.chain(network.parameters(), network.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def load_diffusion_model(source: str | os.PathLike = DEFAULT_MODEL) -> DiffusionModel:
