@@ -21,7 +21,7 @@ from .calibration.dataset import META_FILE, TENSORS_FILE
 from .errors import QtoolkitError
 from .io import atomic_dir, atomic_write_text
 from .devices import device_of
-from .distributed import from_main_process, my_batches
+from .distributed import from_main_process, is_main_process, my_batches
 from .models.loading import DiffusionModel, model_reference, write_pipeline_files
 from .graph import calibrate, capture, freeze, plan, quantize, save_quantized
 from .graph.quantize import merge_observations
@@ -181,12 +181,14 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
     if fp_graph is None:
         fp_graph = check_ptq(model, config, calib, rounding, bias_correction)
     if resume_from is not None and (resume_from / PTQ_RECORD).is_file():
-        print(f"resumed: the quantized model {resume_from}/model, made before the interruption")
+        if is_main_process():
+            print(f"resumed: the quantized model {resume_from}/model, made before the interruption")
         return load_quantized_model(resume_from / "model").unet, CalibrationSet.load(resume_from / "calibration")
     qgraph = quantize(fp_graph, config)
     seconds, resumed = {}, []
     if resume_from is not None and (resume_from / "calibration" / META_FILE).is_file():
-        print(f"resumed: the calibration set {resume_from}/calibration, made before the interruption")
+        if is_main_process():
+            print(f"resumed: the calibration set {resume_from}/calibration, made before the interruption")
         calibration = CalibrationSet.load(resume_from / "calibration")
         resumed.append("calibration_set")
     else:

@@ -143,9 +143,10 @@ def _do(job: Job, work: Path, out: Path, command: str, resume: bool) -> str | No
     qgraph, calibration = run_ptq(job.model, job.config, job.calibration, work, rounding=job.rounding,
                                   bias_correction=job.bias_correction, overwrite=True, fp_graph=job.graph,
                                   resume_from=shared if resume else None)
-    print(f"quantized model ({out}/model) in {time.perf_counter() - started:.0f} s")
     listing = quantization_listing(qgraph, planned_ops(job.graph, job.config))
-    print(counts_line(listing))
+    if main:  # under torchrun, rank 0 speaks for all
+        print(f"quantized model ({out}/model) in {time.perf_counter() - started:.0f} s")
+        print(counts_line(listing))
     eps, where = unet_predictor(qgraph), "PyTorch (fake-quant simulation)"
     if job.backend is not None:
         with timed(seconds, "export"):
