@@ -36,13 +36,13 @@ from torch import fx
 from . import __version__, plugins
 from .deploy import TORCH_FORMAT, export_deployment
 from .devices import device_of, resolve_device
+from .distributed import from_main_process, is_main_process, rank_and_world
 from .engines import FLOAT_PRECISIONS, load_engine, resolve_backend
 from .engines.benchmark import forward_speed, forward_table
 from .errors import QtoolkitError
 from .export import export_model
 from .graph.listing import counts_line, planned_ops, quantization_listing
 from .graph.serialization import load_quantized_model
-from .distributed import from_main_process, is_main_process, rank_and_world
 from .io import atomic_write_text, partial_dir, resumable_dir
 from .models import DiffusionModel, load_diffusion_model
 from .models.conditioning import apply_conditioning
