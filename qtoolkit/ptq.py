@@ -18,10 +18,10 @@ from torch import fx
 from . import plugins
 from .calibration import CalibrationSet, check_calibration, generate_calibration_set, plot_timestep_histogram
 from .calibration.dataset import META_FILE, TENSORS_FILE
-from .errors import QtoolkitError
-from .io import atomic_dir, atomic_write_text
 from .devices import device_of
 from .distributed import from_main_process, is_main_process, my_batches
+from .errors import QtoolkitError
+from .io import atomic_dir, atomic_write_text
 from .models.loading import DiffusionModel, model_reference, write_pipeline_files
 from .graph import calibrate, capture, freeze, plan, quantize, save_quantized
 from .graph.quantize import merge_observations

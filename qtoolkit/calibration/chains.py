@@ -45,6 +45,14 @@ class NetworkCost:
     def as_dict(self) -> dict:
         return {"sample_evaluations": self.sample_evaluations, "batched_calls": self.batched_calls}
 
+    def counting(self, eps):
+        """`eps`, adding each call it makes to this count."""
+        def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            self.sample_evaluations += x.shape[0]
+            self.batched_calls += 1
+            return eps(x, t)
+        return counted
+
 
 class _ChainDone(Exception):
     """Raised from the step callback once a batch's last wanted input is kept, before its network call."""
@@ -80,13 +88,7 @@ def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, schedu
     noise = initial_noise(num, model.sample_shape, seed)
     kept_x = torch.empty_like(noise)
     kept_t = torch.empty(num, dtype=torch.long)
-    cost = NetworkCost()  # this process's evaluations
     unet_eps = unet_predictor(model.denoiser())
-
-    def counted_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cost.sample_evaluations += x.shape[0]
-        cost.batched_calls += 1
-        return unet_eps(x, t)
 
     chain_of, chain_starts = chain_assignment(positions, inputs_per_chain)
     batches = [np.arange(start, min(start + batch_size, len(chain_starts)))
@@ -99,17 +101,17 @@ def collect_chain_inputs(model: DiffusionModel, positions: np.ndarray, *, schedu
                       disable=not progress) as bar:
         device = device_of(model.unet)
         for b in mine:
-            before = cost.as_dict()
-            kept[b] = _run_chain_batch(counted_eps, noise[torch.as_tensor(chain_starts[batches[b]])].to(device),
+            spent[b] = NetworkCost()
+            kept[b] = _run_chain_batch(spent[b].counting(unet_eps),
+                                       noise[torch.as_tensor(chain_starts[batches[b]])].to(device),
                                        chain_of[samples_of[b]] - batches[b][0], positions[samples_of[b]],
                                        make_scheduler(scheduler_kind, model.scheduler_config, steps),
                                        chain_generator(seed, b), bar.advance)
-            spent[b] = {key: value - before[key] for key, value in cost.as_dict().items()}
     total = NetworkCost()
     for samples, x, t, batch_cost in gather_by_batch({b: (samples_of[b], *kept[b], spent[b]) for b in mine}).values():
         kept_x[torch.as_tensor(samples)], kept_t[torch.as_tensor(samples)] = x, t
-        total.sample_evaluations += batch_cost["sample_evaluations"]
-        total.batched_calls += batch_cost["batched_calls"]
+        total.sample_evaluations += batch_cost.sample_evaluations
+        total.batched_calls += batch_cost.batched_calls
     return kept_x, kept_t, total
 
 
