@@ -38,7 +38,7 @@ from torch import nn
 
 from qtoolkit import hookimpl
 from qtoolkit.deploy import loader
-from qtoolkit.export.int8_layers import Int8Layer, int8_kernel_problem, lower
+from qtoolkit.export.int8_layers import Int8Layer, by_timestep_group, int8_kernel_problem, lower
 from qtoolkit.registry import Backend
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
@@ -61,8 +61,16 @@ def _per_channel_weight(layer: Int8Layer) -> torch.Tensor:
                                                     torch.zeros(len(layer.weight_scale), dtype=torch.long), 0)
 
 
+def _activations(layer: Int8Layer) -> list[tuple[float, int, tuple[float, int] | None]]:
+    """(input scale, input zero point, output) of each timestep group, or the layer's only ones. The packed weight
+    is shared by every group: it does not depend on the activations' scales (the kernels add the float bias to
+    the accumulator rescaled by the call's input scale)."""
+    return layer.timestep_groups or [(layer.input_scale, layer.input_zero_point, layer.output)]
+
+
 class QuantizedConv2d(nn.Module):
-    """An int8 convolution with a uint8 output: float in, float out."""
+    """An int8 convolution with a uint8 output: float in, float out; called as module(x, group) with timestep
+    groups (each sample's group picks its scales)."""
 
     def __init__(self, layer: Int8Layer, engine: str):
         super().__init__()
@@ -70,28 +78,36 @@ class QuantizedConv2d(nn.Module):
             self.packed = torch.ops.quantized.conv2d_prepack(
                 _per_channel_weight(layer), layer.bias, list(layer.stride), list(layer.padding), list(layer.dilation),
                 layer.groups)
-        self.input_scale, self.input_zero_point = layer.input_scale, layer.input_zero_point
-        self.output_scale, self.output_zero_point = layer.output
+        self.activations = _activations(layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8)
-        y = torch.ops.quantized.conv2d(q, self.packed, self.output_scale, self.output_zero_point)
+    def _run(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        input_scale, input_zero_point, (output_scale, output_zero_point) = self.activations[group]
+        q = torch.quantize_per_tensor(x, input_scale, input_zero_point, torch.quint8)
+        y = torch.ops.quantized.conv2d(q, self.packed, output_scale, output_zero_point)
         del q  # freed before the float output exists: the peak memory of a forward is made of such moments
         return y.dequantize()
 
+    def forward(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        return by_timestep_group(self._run, x, group)
+
 
 class QuantizedLinear(nn.Module):
-    """An int8 linear layer with a float output (fbgemm): float in, float out."""
+    """An int8 linear layer with a float output (fbgemm): float in, float out (module(x, group) with timestep
+    groups)."""
 
     def __init__(self, layer: Int8Layer, engine: str):
         super().__init__()
         with quantized_engine(engine):
             self.packed = torch.ops.quantized.linear_prepack(_per_channel_weight(layer), layer.bias)
-        self.input_scale, self.input_zero_point = layer.input_scale, layer.input_zero_point
+        self.activations = _activations(layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        input_scale, input_zero_point, _output = self.activations[group]
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x, self.input_scale, self.input_zero_point, self.packed)
+            x, input_scale, input_zero_point, self.packed)
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        return by_timestep_group(self._run, x, group)
 
 
 def lower_on_engine(qgraph, engine: str) -> nn.Module:
@@ -124,7 +140,7 @@ def _backend(name: str, engine: str, auto_priority: int, description: str) -> Ba
                    runtime="torch", lower=lambda qgraph: lower_on_engine(qgraph, engine),
                    unsupported=lambda config: int8_kernel_problem(config) or _conv_outputs_problem(config),
                    # qnnpack widens u8 and s8 to int16 before multiplying: no int16 pair sum, exact everywhere.
-                   saturates_without_vnni=engine != "qnnpack")
+                   saturates_without_vnni=engine != "qnnpack", runs_timestep_groups=True)
 
 
 @hookimpl

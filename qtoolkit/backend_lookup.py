@@ -36,7 +36,7 @@ def resolve_backend(name: str, config=None, export_format: str | None = None) ->
             passed_over[backend.name] = f"runs {backend.export_format} exports"
         elif not backend.float_precisions():
             passed_over[backend.name] = "its runtime is missing here"
-        elif config is not None and (reason := backend.unsupported(config)):
+        elif config is not None and (reason := backend.cannot_run(config)):
             passed_over[backend.name] = reason
     runnable = [b for b in backends if b.name not in passed_over]
     if not runnable:

@@ -111,10 +111,13 @@ def plan(recipe: RecipeFile, set_: Sets = None,
          as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False) -> None:
     """Dry run: which ops the recipe's quantization section quantizes and which stay in float, and why.
     Captures the model's graph; no calibration."""
+    import torch
+
     from .graph import capture
-    from .graph.listing import counts_line, plan_listing, planned_ops
+    from .graph.listing import counts_line, groups_line, plan_listing, planned_ops
     from .models.conditioning import apply_conditioning
     from .models.loading import load_diffusion_model
+    from .quant.timestep_groups import BoundaryRequest
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
@@ -122,6 +125,13 @@ def plan(recipe: RecipeFile, set_: Sets = None,
     model = apply_conditioning(load_diffusion_model(loaded.model), loaded.conditioning)
     graph = capture(model.denoiser(), model.sample_shape)
     listing = plan_listing(planned_ops(graph, config), config)
+    if config.grouped:
+        num_timesteps = int(model.scheduler_config.get("num_train_timesteps", 1000))
+        rule = plugins.timestep_boundaries(config.timestep_boundaries)
+        boundaries = None if rule.data_driven else \
+            rule.choose(BoundaryRequest(config.timestep_groups, num_timesteps, torch.zeros(0, dtype=torch.long)))
+        listing["timestep_groups"] = {"groups": config.timestep_groups, "rule": rule.name, "boundaries": boundaries,
+                                      "line": groups_line(config.timestep_groups, rule.name, boundaries, num_timesteps)}
     if as_json:
         print(json.dumps({"recipe": str(recipe), "model": loaded.model, **listing}, indent=2))
         return
@@ -134,6 +144,8 @@ def plan(recipe: RecipeFile, set_: Sets = None,
     console = Console()
     console.print(table)
     console.print(counts_line(listing), markup=False)
+    if "timestep_groups" in listing:
+        console.print(listing["timestep_groups"]["line"], markup=False)
 
 
 # -- plugins ---------------------------------------------------------------------------------------------------------

@@ -81,3 +81,14 @@ def register_observers(register):
     None; "weight": per channel along `axis`, or per tensor). `default_for` names the roles it serves when a
     QuantConfig names no observer. A recipe names it in `quantization.weight_observer` / `activation_observer`.
     """
+
+
+@hookspec
+def register_timestep_boundaries(register):
+    """Register timestep boundary rules: how the timesteps [0, T) are split into a QuantConfig's timestep groups
+    (each group gets its own activation scales and zero points, qtoolkit.quant.timestep_groups).
+
+    Call `register(TimestepBoundaries(name, choose, ...))` once per rule. `choose(request)` gets a
+    `qtoolkit.quant.timestep_groups.BoundaryRequest` and returns the G - 1 boundaries. A recipe names it in
+    `quantization.timestep_boundaries`.
+    """

@@ -160,5 +160,9 @@ def backend(name: str):
     return registry().get("register_backends", name)
 
 
+def timestep_boundaries(name: str):
+    return registry().get("register_timestep_boundaries", name)
+
+
 def names(hook: str) -> list[str]:
     return sorted(registry().records[hook])

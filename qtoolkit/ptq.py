@@ -16,20 +16,23 @@ import torch
 from torch import fx
 
 from . import plugins
-from .calibration import CalibrationSet, check_calibration, generate_calibration_set, plot_timestep_histogram
+from .calibration import (CalibrationSet, check_calibration, draw_calibration_timesteps, generate_calibration_set,
+                          plot_timestep_histogram)
 from .calibration.dataset import META_FILE, TENSORS_FILE
 from .devices import device_of
 from .distributed import from_main_process, is_main_process, my_batches
 from .errors import QtoolkitError
-from .io import atomic_dir, atomic_write_text
-from .models.loading import DiffusionModel, model_reference, write_pipeline_files
-from .graph import calibrate, capture, freeze, plan, quantize, save_quantized
-from .graph.quantize import merge_observations
-from .graph.serialization import load_quantized_model
-from .progress import timed, track
-from .quant import QuantConfig
+from .graph import calibrate, capture, freeze, plan, quant_config_of, quantize, save_quantized
 from .graph.bias_correction import check_samples as check_bias_samples
 from .graph.bias_correction import correct_bias
+from .graph.quantize import merge_observations
+from .graph.serialization import load_quantized_model
+from .graph.timestep_ranges import choose_timestep_boundaries
+from .io import atomic_dir, atomic_write_text
+from .models.loading import DiffusionModel, model_reference, write_pipeline_files
+from .progress import timed, track
+from .quant import QuantConfig
+from .quant.timestep_groups import BoundaryRequest, check_coverage, group_counts
 
 
 PTQ_RECORD = "ptq.json"  # what run_ptq did; written last, so its presence marks a finished quantized model
@@ -86,10 +89,29 @@ def check_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSett
                                 "quantizes none: set weight bits, or drop the rounding")
     if bias_correction is not None:
         check_bias_samples(bias_correction)
+    if config.grouped:
+        _check_group_coverage(model, config, calib)
     # Last: capturing traces the network (and checks the graph at two batch sizes), the only check that runs it.
     graph = capture(model.denoiser(), model.sample_shape)
     plan(graph, config)  # include/exclude patterns against this graph's ops
     return graph
+
+
+def num_train_timesteps(model: DiffusionModel) -> int:
+    return int(model.scheduler_config.get("num_train_timesteps", 1000))
+
+
+def _check_group_coverage(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings) -> None:
+    """Every timestep group will hold enough calibration inputs: the strategy's timesteps drawn without running
+    the chain (or a reused set's own), split by the boundary rule."""
+    if calib.source is not None:
+        timesteps = CalibrationSet.load(calib.source).t
+    else:
+        timesteps = draw_calibration_timesteps(calib.strategy, model, calib.size, scheduler=calib.scheduler,
+                                               steps=calib.steps, seed=calib.seed, batch_size=calib.batch_size,
+                                               inputs_per_chain=calib.inputs_per_chain, **calib.params)
+    check_coverage(BoundaryRequest(config.timestep_groups, num_train_timesteps(model), timesteps.long()),
+                   plugins.timestep_boundaries(config.timestep_boundaries))
 
 
 def make_calibration_set(model: DiffusionModel, settings: CalibrationSettings, progress: bool = True) -> CalibrationSet:
@@ -128,6 +150,20 @@ def calibrate_and_freeze(qgraph: fx.GraphModule, calibration: CalibrationSet, ba
                    calibration.t[starts[b]:starts[b] + batch_size].to(device))
     merge_observations(qgraph)
     return freeze(qgraph)
+
+
+def observe_calibration_set(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, calibration: CalibrationSet,
+                            num_timesteps: int, batch_size: int = 256, progress: bool = True) -> dict | None:
+    """Calibrate the quantized graph on the calibration set and freeze it; with timestep groups, the boundary rule
+    places the groups first. Returns what was chosen for the groups (rule, boundaries, calibration inputs per
+    group), or None without groups."""
+    groups = None
+    if quant_config_of(qgraph).grouped:
+        boundaries = choose_timestep_boundaries(qgraph, fp_graph, calibration.x, calibration.t, num_timesteps)
+        groups = {"rule": quant_config_of(qgraph).timestep_boundaries, "boundaries": boundaries,
+                  "calibration_inputs": group_counts(boundaries, calibration.t)}
+    calibrate_and_freeze(qgraph, calibration, batch_size, progress)
+    return groups
 
 
 def round_on_calibration(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, calibration: CalibrationSet,
@@ -196,9 +232,12 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
             calibration = make_calibration_set(model, calib, progress)
         calibration.save(out / "calibration", overwrite=True)
     with timed(seconds, "observe_and_freeze"):
-        calibrate_and_freeze(qgraph, calibration, calib.batch_size, progress)
+        groups = observe_calibration_set(qgraph, fp_graph, calibration, num_train_timesteps(model), calib.batch_size,
+                                         progress)
     provenance = {"base_model": model_reference(model.path), "calibration": asdict(calib),
                   "calibration_cost": calibration.meta["cost"], "seconds": seconds}
+    if groups is not None:
+        provenance["timestep_groups"] = groups
     if resumed:
         provenance["resumed"] = resumed
     if rounding is not None:

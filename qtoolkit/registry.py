@@ -72,6 +72,8 @@ class Backend:
     saturates_without_vnni: whether its x86 int8 kernels add pairs of u8 x s8 products in a saturating int16 on
     CPUs without VNNI (fbgemm, oneDNN, ONNX Runtime and OpenVINO do; qnnpack does not): loading a model quantized
     with overflow_fix "none" on such a CPU then warns (qtoolkit.quant.overflow).
+    runs_timestep_groups: whether it runs models whose activations have one scale per timestep group
+    (QuantConfig.timestep_groups > 1): the network picks its group's scales from the timestep it is called with.
     """
 
     name: str
@@ -85,6 +87,14 @@ class Backend:
     lower: Callable[..., Any] | None = None
     unsupported: Callable[[Any], str | None] = lambda config: None
     saturates_without_vnni: bool = True
+    runs_timestep_groups: bool = False
+
+    def cannot_run(self, config) -> str | None:
+        """Why this backend cannot run models quantized with `config` (a QuantConfig), or None."""
+        if getattr(config, "timestep_groups", 1) > 1 and not self.runs_timestep_groups:
+            return ("it does not run timestep groups (quantization.timestep_groups > 1) yet: choose fbgemm or "
+                    "qnnpack, or set timestep_groups 1")
+        return self.unsupported(config)
 
 
 @dataclass(frozen=True)
@@ -146,12 +156,32 @@ class Observer:
         return OBSERVER_ROLES if self.kind == "both" else (self.kind,)
 
 
+@dataclass(frozen=True)
+class TimestepBoundaries:
+    """Where the timestep groups of a QuantConfig with timestep_groups > 1 begin and end. choose(request) -> the
+    G - 1 boundaries, increasing integers inside (0, T): group g holds the timesteps [b[g-1], b[g]) (b[-1] = 0,
+    b[G-1] = T). `request` is a `qtoolkit.quant.timestep_groups.BoundaryRequest`: the number of groups, T, the
+    calibration set's timesteps, the fewest inputs a group may hold and, for a data-driven rule, each activation
+    quantizer's observed range at every calibration timestep (`request.ranges()`, computed on first use: one
+    full-precision pass over the calibration set). `data_driven`: whether `choose` reads those ranges.
+    `default`: the rule a QuantConfig with timestep groups uses when it names none (at most one installed rule).
+    A QuantConfig names it in `timestep_boundaries`.
+    """
+
+    name: str
+    choose: Callable[[Any], Any]
+    description: str = ""
+    data_driven: bool = False
+    default: bool = False
+
+
 KINDS = {  # hook name -> (record type, what the records are called, their key in `qtoolkit plugins --json`)
     "register_calibration_strategies": (CalibrationStrategy, "calibration strategy", "calibration_strategies"),
     "register_rounding_methods": (RoundingMethod, "rounding method", "rounding_methods"),
     "register_backends": (Backend, "backend", "backends"),
     "register_model_loaders": (ModelLoader, "model loader", "model_loaders"),
     "register_observers": (Observer, "observer", "observers"),
+    "register_timestep_boundaries": (TimestepBoundaries, "timestep boundary rule", "timestep_boundaries"),
 }
 
 

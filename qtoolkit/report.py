@@ -320,6 +320,10 @@ def write_report(results: dict, out: Path, title: str, command: str, quantized_o
         results["quantized_ops"] = quantized_ops
         lines += ["", f"{len(quantized_ops['ops'])} quantizable ops ({counts_line(quantized_ops)}); each with its "
                       "scales or float rule in report.json's quantized_ops."]
+        groups = quantized_ops.get("timestep_groups")
+        if groups is not None:
+            lines += ["", f"Activations quantized per timestep group: {groups['groups']} groups ({groups['rule']}), "
+                          f"boundaries at t = {', '.join(map(str, groups['boundaries']))}."]
     if results["notes"]:
         lines += ["", "Notes:", *(f"- {note}" for note in results["notes"])]
     lines += ["", "![per-step SQNR](per_timestep_sqnr.png)", ""]

@@ -82,7 +82,7 @@ def prepare(recipe: Recipe) -> Job:
     bias_correction = recipe.bias_correction.samples if recipe.bias_correction.enabled else None
     graph = check_ptq(model, config, calibration, rounding, bias_correction)
     backend = None if recipe.backend == NO_BACKEND else resolve_backend(recipe.backend, config)
-    if backend is not None and (reason := backend.unsupported(config)):
+    if backend is not None and (reason := backend.cannot_run(config)):
         raise QtoolkitError(f"backend {backend.name} cannot run this recipe's quantization: {reason}")
     if backend is None and recipe.float_precision != FLOAT_PRECISIONS[0]:
         raise QtoolkitError(f"float_precision {recipe.float_precision} is what a backend runs the exported graph's "

@@ -24,8 +24,9 @@ from qtoolkit.hookspecs import hookimpl
 from qtoolkit.models.loading import load_diffusion_model
 from qtoolkit.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, LOAD_ENV, OWN_DISTRIBUTION, PluginInfo
 from qtoolkit.quant import MinMaxObserver, QuantConfig, make_activation_observer, make_weight_observer
+from qtoolkit.quant.timestep_groups import BoundaryRequest
 from qtoolkit.registry import (KINDS, Backend, CalibrationStrategy, ModelLoader, Observer, PluginConflict,
-                               RoundingMethod)
+                               RoundingMethod, TimestepBoundaries)
 
 CORE = Path(qtoolkit.__file__).parent
 BUILTIN_PACKAGE = "qtoolkit_plugins"
@@ -188,6 +189,30 @@ def test_hook_register_observers(no_plugins):
                                             "choose one of fake-observer$"):
         QuantConfig(activation_observer="fake-weights")
     assert plugins.plugin_infos()[0].as_dict()["observers"] == ["fake-observer", "fake-weights"]
+
+
+def test_hook_register_timestep_boundaries(no_plugins):
+    class Plugin:
+        @hookimpl
+        def register_timestep_boundaries(self, register):
+            register(TimestepBoundaries(name="fake-halves", choose=lambda request: [request.num_timesteps // 2],
+                                        default=True))
+
+    class Observers:  # what any QuantConfig needs
+        @hookimpl
+        def register_observers(self, register):
+            register(Observer(name="fake-observer", kind="both", factory=lambda role, axis, config: MinMaxObserver(axis),
+                              default_for=("activation", "weight")))
+
+    plugins.add_plugin(Observers(), info("observers"))
+    assert QuantConfig().timestep_boundaries is None  # one group: no rule needed, none installed
+    plugins.add_plugin(Plugin(), info("fake"))
+    config = QuantConfig(timestep_groups=2)  # names none: the plugin's default
+    assert config.timestep_boundaries == "fake-halves"
+    assert plugins.timestep_boundaries(config.timestep_boundaries).choose(BoundaryRequest(2, 1000, None)) == [500]
+    with pytest.raises(QtoolkitError, match="unknown timestep boundary rule 'even': choose one of: fake-halves"):
+        QuantConfig(timestep_groups=2, timestep_boundaries="even")
+    assert plugins.plugin_infos()[1].as_dict()["timestep_boundaries"] == ["fake-halves"]
 
 
 def test_every_hookspec_is_documented_and_tested():

@@ -11,14 +11,14 @@ FP chain's own inputs) and the timestep helpers of `timesteps`.
 
 from .chains import NetworkCost, chain_assignment, chain_generator, chain_timesteps, collect_chain_inputs
 from .dataset import CalibrationSet
-from .generate import (CalibrationRequest, StrategyOutput, check_calibration, generate_calibration_set,
-                       strategy_parameters)
+from .generate import (CalibrationRequest, StrategyOutput, check_calibration, draw_calibration_timesteps,
+                       generate_calibration_set, strategy_parameters)
 from .plots import plot_timestep_histogram
 from .timesteps import evenly_spaced_positions, fractions_to_chain_positions, spread_over
 
 __all__ = [
     "CalibrationRequest", "CalibrationSet", "NetworkCost", "StrategyOutput", "chain_assignment", "chain_generator",
-    "chain_timesteps", "check_calibration", "collect_chain_inputs", "evenly_spaced_positions",
+    "chain_timesteps", "check_calibration", "draw_calibration_timesteps", "collect_chain_inputs", "evenly_spaced_positions",
     "fractions_to_chain_positions", "generate_calibration_set", "plot_timestep_histogram", "spread_over",
     "strategy_parameters",
 ]

@@ -9,6 +9,7 @@ every batch).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from .. import plugins
 from ..errors import QtoolkitError
 from ..models.loading import DiffusionModel
 from ..sampling import make_scheduler
-from .chains import NetworkCost, collect_chain_inputs
+from .chains import NetworkCost, chain_timesteps, collect_chain_inputs
 from .dataset import CalibrationSet, timestep_histogram
 
 
@@ -36,6 +37,9 @@ class CalibrationRequest:
     progress: bool
     strategy: str = ""  # the strategy's registered name, for progress bars
     inputs_per_chain: int = 1
+    # A dry run (draw_calibration_timesteps): the chain is not run; collect_from_chain gives zero samples with the
+    # timesteps the chain would have fed the network at the strategy's positions.
+    dry_run: bool = False
 
     @property
     def num_train_timesteps(self) -> int:
@@ -47,6 +51,9 @@ class CalibrationRequest:
 
     def collect_from_chain(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, NetworkCost]:
         """x_t and t of the FP chain at chain position `positions[j]` for sample j (see `chains`)."""
+        if self.dry_run:
+            t = torch.as_tensor(chain_timesteps(self.model, self.scheduler, self.steps)[np.asarray(positions)])
+            return torch.zeros(len(positions), *self.model.sample_shape), t, NetworkCost()
         return collect_chain_inputs(self.model, positions, scheduler_kind=self.scheduler, steps=self.steps,
                                     seed=self.seed, batch_size=self.batch_size, desc=f"calibration {self.strategy}",
                                     progress=self.progress, inputs_per_chain=self.inputs_per_chain)
@@ -100,6 +107,17 @@ def check_calibration(strategy: str, model: DiffusionModel, num: int, *, schedul
     if chosen.check is not None:
         chosen.check(request, **strategy_params)
     return request
+
+
+def draw_calibration_timesteps(strategy: str, model: DiffusionModel, num: int, **settings) -> torch.Tensor:
+    """The timesteps generate_calibration_set(strategy, model, num, **settings) will give its inputs, drawn without
+    running the FP chain (a strategy that calls the network itself, rather than through collect_from_chain, still
+    does): for checks that need the calibration set's timesteps before any network call."""
+    request = check_calibration(strategy, model, num, **{**settings, "progress": False})
+    params = {k: v for k, v in settings.items() if k not in ("scheduler", "steps", "seed", "batch_size",
+                                                               "inputs_per_chain", "progress")}
+    dry = dataclasses.replace(request, dry_run=True)
+    return plugins.calibration_strategy(strategy).run(dry, **params).t
 
 
 def generate_calibration_set(strategy: str, model: DiffusionModel, num: int, *, scheduler: str = "ddim", steps: int = 100,

@@ -55,7 +55,7 @@ def torch_backend(name: str, config: QuantConfig):
     if backend.export_format != TORCH_FORMAT:
         raise QtoolkitError(f"the {backend.name} backend runs ONNX exports, not PyTorch deployment folders: choose "
                             f"backend={AUTO!r} or a torch backend")
-    reason = backend.unsupported(config)
+    reason = backend.cannot_run(config)
     if reason:
         raise QtoolkitError(f"the {backend.name} backend cannot run this model: {reason}")
     return backend

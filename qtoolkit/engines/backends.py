@@ -61,7 +61,7 @@ def torch_int8_backends(config=None) -> dict[str, str]:
     models quantized with `config` (a QuantConfig; None: any)."""
     backends = [resolve_backend(name) for name in engine_names()]
     return {f"{TORCH_INT8}-{b.name}": b.name for b in backends if b.export_format == TORCH_FORMAT
-            and b.float_precisions() and (config is None or not b.unsupported(config))}
+            and b.float_precisions() and (config is None or not b.cannot_run(config))}
 
 
 def backend_names(peers: tuple[str, ...] = (), config=None) -> list[str]:

@@ -30,6 +30,7 @@ from ..graph.patterns import conv_args
 from ..graph.quantize import quantizer_node
 from ..quant.fake_quant import SplitFakeQuantize
 from ..quant.quantizer import QuantParams
+from ..quant.timestep_groups import GroupedFakeQuantize, rows_of, single_group
 
 UINT8 = (0, 255)
 LOWERED = "int8"  # where the backend's modules live in a lowered graph: int8.<path>.<kind>
@@ -52,9 +53,31 @@ class Int8Layer:
     padding: tuple[int, ...] = (0, 0)
     dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
+    # With timestep groups (QuantConfig.timestep_groups > 1): (input scale, input zero point, output) of each
+    # group, the layer called as module(x, group) with each sample's group; input_scale, input_zero_point and
+    # output are then group 0's. None: one set for every timestep.
+    timestep_groups: list[tuple[float, int, tuple[float, int] | None]] | None = None
 
 
 MakeModule = Callable[[Int8Layer], "nn.Module | None"]
+
+
+def by_timestep_group(run: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor,
+                      group: torch.Tensor | None) -> torch.Tensor:
+    """run(x, g) with each sample's timestep group g: once when the batch is in one group (a sampler's batches
+    are), else once per group on its samples, the outputs put back in order. `group` None: group 0 (the only one)."""
+    if group is None:
+        return run(x, 0)
+    rows = rows_of(group, x.shape[0])
+    only = single_group(rows)
+    if only is not None:
+        return run(x, only)
+    parts = {g: run(x[rows == g], g) for g in rows.unique().tolist()}
+    first = next(iter(parts.values()))
+    y = first.new_empty((x.shape[0], *first.shape[1:]))
+    for g, part in parts.items():
+        y[rows == g] = part
+    return y
 
 
 def int8_kernel_problem(config) -> str | None:
@@ -93,13 +116,24 @@ def int8_layers(qgraph: fx.GraphModule) -> dict[str, Int8Layer]:
             continue
         if isinstance(op.input, SplitFakeQuantize) or not op.is_frozen:
             continue
-        input_params, weight_params = op.input.params, op.weight.params
-        if not (_is_uint8(input_params) and _int8_weight(weight_params)):
+        inputs, weight_params = _per_group(op.input), op.weight.params
+        outputs = [None] * len(inputs) if op.output is None else _per_group(op.output)
+        if not (all(_is_uint8(p) for p in inputs) and _int8_weight(weight_params)):
             continue
-        if op.output is not None and not _is_uint8(op.output.params):
+        if op.output is not None and not all(_is_uint8(p) for p in outputs):
             continue
-        layers[name] = _layer(qgraph, name, op, nodes[op.node], input_params, weight_params)
+        layers[name] = layer = _layer(qgraph, name, op, nodes[op.node], inputs[0], weight_params)
+        if isinstance(op.input, GroupedFakeQuantize):
+            layer.timestep_groups = [(float(i.scale), int(i.zero_point), None if o is None else
+                                      (float(o.scale), int(o.zero_point))) for i, o in zip(inputs, outputs)]
     return layers
+
+
+def _per_group(quantizer) -> list[QuantParams]:
+    """A quantizer's parameters: one per timestep group, or its only ones."""
+    if isinstance(quantizer, GroupedFakeQuantize):
+        return [quantizer.group_params(g) for g in range(quantizer.groups)]
+    return [quantizer.params]
 
 
 def _layer(qgraph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node, input_params: QuantParams,
@@ -113,7 +147,8 @@ def _layer(qgraph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node, i
         bias = qgraph.get_parameter(bias_node.target).detach().float()
         if op.bias is not None:  # the bias on the accumulator's grid, as the simulation adds it
             bias = op.bias.params.fake_quantize(bias)
-    output = None if op.output is None else (float(op.output.params.scale), int(op.output.params.zero_point))
+    output = None if op.output is None else \
+        (float(_per_group(op.output)[0].scale), int(_per_group(op.output)[0].zero_point))
     layer = Int8Layer(name, op.path, op.kind, codes, scale, float(input_params.scale), int(input_params.zero_point),
                       bias, output)
     if op.kind == "conv2d":
@@ -137,13 +172,15 @@ def lower(qgraph: fx.GraphModule, make_module: MakeModule) -> tuple[fx.GraphModu
         op = quant_ops(lowered_graph)[name]
         node = nodes[op.node]
         x = _quantized_arg(node, 0, f"{name}.input")
+        # A grouped layer also reads the group of each sample, as its input quantizer did.
+        group = quantizer_node(node, 0, f"{name}.input").args[1:]
         target = f"{LOWERED}.{name.removeprefix('quantizers.')}"
         lowered_graph.add_submodule(target, module)
         last = node
         if op.output is not None:
             (last,) = node.users  # the output quantizer: every other user reads it
         with lowered_graph.graph.inserting_before(node):
-            call = lowered_graph.graph.call_module(target, (x,))
+            call = lowered_graph.graph.call_module(target, (x, *group))
         call.meta = dict(last.meta)
         last.replace_all_uses_with(call)
         if last is not node:

@@ -42,7 +42,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import QtoolkitError
-from ..graph import OpQuantizers, QuantizedAttention, copy_graph, quant_ops
+from ..graph import OpQuantizers, QuantizedAttention, copy_graph, quant_ops, timestep_groups_of
 from ..graph.patterns import conv_args
 from ..graph.quantize import quantizer_node
 from ..graph.quantized_ops import ATTENTION_OPERANDS
@@ -117,6 +117,10 @@ def _codes(params: QuantParams, tensor: torch.Tensor, dtype: torch.dtype) -> tor
 def qdq_graph(qgraph: fx.GraphModule) -> fx.GraphModule:
     """A copy of the frozen quantized graph `qgraph` whose quantizers export as QuantizeLinear / DequantizeLinear
     nodes (see the module docstring); `qgraph` is untouched."""
+    if timestep_groups_of(qgraph) is not None:
+        raise QtoolkitError("the ONNX export does not carry timestep groups yet (quantization.timestep_groups > 1): "
+                            "deploy this model with the PyTorch backends (qtoolkit deploy, backend fbgemm or qnnpack), "
+                            "or quantize with timestep_groups 1")
     ops = quant_ops(qgraph)
     unfrozen = [op.path or name for name, op in ops.items() if not op.is_frozen]
     if unfrozen:

@@ -14,10 +14,12 @@ foundation, nothing of sampling, calibration or above.
 """
 
 from .capture import capture, copy_graph, module_path, module_paths
-from .quantize import PlannedOp, calibrate, freeze, is_frozen, plan, quant_config_of, quant_ops, quantize
+from .quantize import (PlannedOp, calibrate, freeze, is_frozen, plan, quant_config_of, quant_ops, quantize,
+                       set_timestep_boundaries, timestep_groups_of)
 from .quantized_ops import OpQuantizers, QuantizedAttention
 from .serialization import frozen_params, load_quantized, read_quantized_metadata, save_quantized
 
 __all__ = ["capture", "copy_graph", "module_path", "module_paths", "plan", "quantize", "calibrate", "freeze",
            "is_frozen", "quant_ops", "quant_config_of", "PlannedOp", "OpQuantizers", "QuantizedAttention",
-           "save_quantized", "load_quantized", "read_quantized_metadata", "frozen_params"]
+           "save_quantized", "load_quantized", "read_quantized_metadata", "frozen_params", "set_timestep_boundaries",
+           "timestep_groups_of"]

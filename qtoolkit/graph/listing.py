@@ -17,8 +17,9 @@ from torch import fx, nn
 from ..errors import QtoolkitError
 from ..quant.config import QuantConfig
 from ..quant.fake_quant import SplitFakeQuantize
+from ..quant.timestep_groups import GroupedFakeQuantize
 from .patterns import OP_KINDS, quantizable_ops
-from .quantize import PlannedOp, plan, quant_config_of, quant_ops
+from .quantize import PlannedOp, plan, quant_config_of, quant_ops, timestep_groups_of
 
 # Why an attention op stays in float when the config does not quantize attention at all (plan() leaves them out).
 ATTENTION_OFF = "quantize_attention_matmuls off"
@@ -48,6 +49,8 @@ def scheme(config: QuantConfig, planned: PlannedOp) -> str:
         parts.append(f"weights on the {config.weight_grid_bits}-bit grid (overflow_fix {config.overflow_fix})")
     if planned.op.kind == "conv2d" and config.quantize_conv_outputs:
         parts.append("output quantized")
+    if config.grouped:
+        parts.append(f"activations per timestep group ({config.timestep_groups})")
     if planned.split is not None:
         parts.append(f"split at channel {planned.split}")
     return ", ".join(parts)
@@ -85,12 +88,19 @@ def quantization_listing(qgraph: fx.GraphModule, planned: list[PlannedOp]) -> di
     if by_node:
         raise QtoolkitError(f"this quantized model quantizes node(s) the plan does not ({', '.join(sorted(by_node))}): "
                             "pass planned_ops() of the FP graph it was quantized from, with its config")
+    groups = timestep_groups_of(qgraph)
+    if groups is not None:
+        listing["timestep_groups"] = {"groups": groups.groups, "rule": quant_config_of(qgraph).timestep_boundaries,
+                                      "boundaries": groups.boundaries.tolist()}
     return listing
 
 
 def quantizer_record(quantizer: nn.Module) -> dict:
     """A frozen quantizer's parameters: per tensor a number, per channel a list, per part (a split input) one per
     part with the channel where the second begins."""
+    if isinstance(quantizer, GroupedFakeQuantize):
+        return {"bits": quantizer.bits, "symmetric": quantizer.symmetric, "granularity": "per_timestep_group",
+                "scale": quantizer.scale.tolist(), "zero_point": quantizer.zero_point.tolist()}
     params = quantizer.params
     record = {"bits": params.bits, "symmetric": params.symmetric}
     if isinstance(quantizer, SplitFakeQuantize):  # params repeat each part's values over its channels
@@ -98,6 +108,15 @@ def quantizer_record(quantizer: nn.Module) -> dict:
                 "scale": quantizer.scale.tolist(), "zero_point": quantizer.zero_point.tolist()}
     return {**record, "granularity": "per_tensor" if params.axis is None else "per_channel",
             "scale": params.scale.tolist(), "zero_point": params.zero_point.tolist()}
+
+
+def groups_line(groups: int, rule: str, boundaries: list[int] | None, num_timesteps: int) -> str:
+    """One line on a config's timestep groups, e.g. 'timestep groups: 4 (even): t = 0..249, 250..499, ...'."""
+    if boundaries is None:
+        return f"timestep groups: {groups} ({rule}: placed when the job runs, from the calibration set)"
+    edges = [0, *boundaries, num_timesteps]
+    spans = ", ".join(f"{edges[g]}..{edges[g + 1] - 1}" for g in range(groups))
+    return f"timestep groups: {groups} ({rule}): t = {spans}"
 
 
 def counts_line(listing: dict) -> str:

@@ -25,13 +25,17 @@ from ..devices import device_of
 from ..distributed import gather_objects, rank_and_world
 from ..errors import QtoolkitError
 from ..quant.config import QuantConfig
-from ..quant.fake_quant import activation_quantizer, weight_quantizer
+from ..quant.fake_quant import FakeQuantize, activation_quantizer, weight_quantizer
+from ..quant.observers import make_activation_observer
+from ..quant.timestep_groups import GroupedFakeQuantize, TimestepGroups
 from .capture import copy_graph
 from .patterns import GraphOp, concat_split, float_rules, quantizable_ops, weight_of
 from .quantized_ops import BiasFakeQuantize, OpQuantizers, QuantizedAttention
 
 # Where the quantizers live in a quantized graph: quantizers.<module path>.<op kind>.
 QUANTIZERS = "quantizers"
+# The module mapping the timestep input to each sample's timestep group (QuantConfig.timestep_groups > 1).
+TIMESTEP_GROUPS = "timestep_groups"
 # The graph's meta entry holding the QuantConfig: GraphModule.meta survives deepcopy, plain attributes do not.
 CONFIG_META = "qtoolkit_config"
 
@@ -86,14 +90,15 @@ def quantize(graph: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     planned = [p for p in plan(graph, config) if p.quantized]
     qgraph = copy_graph(graph)
     nodes = {node.name: node for node in qgraph.graph.nodes}
+    group = _insert_timestep_groups(qgraph, config) if config.grouped else None
     names: set[str] = set()
     for p in planned:
         node = nodes[p.op.node.name]
         name = _unique(f"{QUANTIZERS}.{p.op.path}.{p.op.kind}" if p.op.path else f"{QUANTIZERS}.{p.op.kind}", names)
         if p.op.kind == "attention":
-            _insert_attention(qgraph, node, name, p.op.path, config)
+            _insert_attention(qgraph, node, name, p.op.path, config, group)
         else:
-            _insert_layer(qgraph, node, name, p, config)
+            _insert_layer(qgraph, node, name, p, config, group)
     qgraph.graph.lint()
     qgraph.recompile()
     qgraph.meta[CONFIG_META] = config
@@ -108,36 +113,61 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _insert_layer(qgraph: fx.GraphModule, node: fx.Node, name: str, planned: PlannedOp, config: QuantConfig) -> None:
+def _insert_timestep_groups(qgraph: fx.GraphModule, config: QuantConfig) -> fx.Node:
+    """The node giving each sample's timestep group, right after the graph's inputs; its boundaries are set by
+    set_timestep_boundaries before calibration."""
+    placeholders = [node for node in qgraph.graph.nodes if node.op == "placeholder"]
+    qgraph.add_submodule(TIMESTEP_GROUPS, TimestepGroups(config.timestep_groups).to(device_of(qgraph)))
+    with qgraph.graph.inserting_after(placeholders[-1]):
+        return qgraph.graph.call_module(TIMESTEP_GROUPS, (placeholders[1],))  # (sample, timestep, ...)
+
+
+def _activation_quantizer(config: QuantConfig, split: tuple[int, int] | None = None) -> FakeQuantize | None:
+    """The activation quantizer as configured: with timestep groups, one observer and frozen scale per group."""
+    if config.grouped and config.activation_bits is not None:
+        return GroupedFakeQuantize([make_activation_observer(config) for _ in range(config.timestep_groups)],
+                                   config.activation_bits, config.activation_symmetric)
+    return activation_quantizer(config, split)
+
+
+def _insert_layer(qgraph: fx.GraphModule, node: fx.Node, name: str, planned: PlannedOp, config: QuantConfig,
+                  group: fx.Node | None) -> None:
     weight = weight_of(qgraph, planned.op)
     quantizers = OpQuantizers(planned.op.path, planned.op.kind, node.name, node.args[1].target)
     split = None if planned.split is None else (planned.split, weight.shape[1])
-    quantizers.input = activation_quantizer(config, split)
+    quantizers.input = _activation_quantizer(config, split)
     quantizers.weight = weight_quantizer(config, weight.shape[0])
     has_bias = len(node.args) > 2 and node.args[2] is not None
     if config.quantize_conv_outputs and planned.op.kind == "conv2d":
-        quantizers.output = activation_quantizer(config)
-        if has_bias:
+        quantizers.output = _activation_quantizer(config)
+        # The bias on the accumulator's int32 grid (input scale x weight scale): with timestep groups that grid
+        # changes with the sample, which one bias tensor cannot follow, so the bias stays float. So do PyTorch's
+        # int8 kernels (fbgemm and oneDNN add a float bias to the rescaled accumulator).
+        if has_bias and not config.grouped:
             quantizers.bias = BiasFakeQuantize(weight.shape[0])
     quantizers.to(weight.device)
     qgraph.add_submodule(name, quantizers)
+    grouped = () if group is None else (group,)
     args = list(node.args)
     with qgraph.graph.inserting_before(node):
         for index, role in ((0, "input"), (1, "weight"), (2, "bias")):
             if getattr(quantizers, role) is not None:
-                args[index] = qgraph.graph.call_module(f"{name}.{role}", (args[index],))
+                extra = grouped if role == "input" else ()
+                args[index] = qgraph.graph.call_module(f"{name}.{role}", (args[index], *extra))
     node.args = tuple(args)
     if quantizers.output is not None:
         with qgraph.graph.inserting_after(node):
-            output = qgraph.graph.call_module(f"{name}.output", (node,))
+            output = qgraph.graph.call_module(f"{name}.output", (node, *grouped))
         node.replace_all_uses_with(output, delete_user_cb=lambda user: user is not output)
 
 
-def _insert_attention(qgraph: fx.GraphModule, node: fx.Node, name: str, path: str, config: QuantConfig) -> None:
-    attention = QuantizedAttention(path, node.name, lambda: activation_quantizer(config))
+def _insert_attention(qgraph: fx.GraphModule, node: fx.Node, name: str, path: str, config: QuantConfig,
+                      group: fx.Node | None) -> None:
+    attention = QuantizedAttention(path, node.name, lambda: _activation_quantizer(config))
     qgraph.add_submodule(name, attention.to(device_of(qgraph)))
+    kwargs = dict(node.kwargs) if group is None else {**node.kwargs, "timestep_group": group}
     with qgraph.graph.inserting_before(node):
-        replacement = qgraph.graph.call_module(name, node.args, node.kwargs)
+        replacement = qgraph.graph.call_module(name, node.args, kwargs)
     replacement.meta = dict(node.meta)
     node.replace_all_uses_with(replacement)
     qgraph.graph.erase_node(node)
@@ -177,13 +207,22 @@ def merge_observations(graph: fx.GraphModule) -> None:
         return
     held = {f"{name}.{role}.{attr}": (quantizer, attr)
             for name, op in quant_ops(graph).items() for role, quantizer in op.activation_quantizers().items()
-            for attr in ("observer", "second_observer") if hasattr(quantizer, attr)}
+            for attr in ("observer", "second_observer", "observers") if hasattr(quantizer, attr)}
     everyone = gather_objects({key: getattr(quantizer, attr) for key, (quantizer, attr) in held.items()})
     for key, (quantizer, attr) in held.items():
-        merged = everyone[0][key]
-        for other in everyone[1:]:
-            merged.merge(other[key])
-        setattr(quantizer, attr, merged)
+        if attr == "observers":  # one per timestep group: merged group by group
+            setattr(quantizer, attr, [_merged([mine[key][g] for mine in everyone])
+                                      for g in range(len(everyone[0][key]))])
+        else:
+            setattr(quantizer, attr, _merged([mine[key] for mine in everyone]))
+
+
+def _merged(observers: list):
+    """The first observer, merged with each of the others in turn (rank order)."""
+    merged = observers[0]
+    for other in observers[1:]:
+        merged.merge(other)
+    return merged
 
 
 @contextmanager
@@ -218,6 +257,21 @@ def freeze(graph: fx.GraphModule) -> fx.GraphModule:
         for op in ops.values():
             op.freeze(None if op.weight_target is None else graph.get_parameter(op.weight_target))
     return graph
+
+
+def timestep_groups_of(graph: fx.GraphModule) -> TimestepGroups | None:
+    """The graph's timestep -> group module, or None for a graph with one scale per activation for every timestep."""
+    return getattr(graph, TIMESTEP_GROUPS, None)
+
+
+def set_timestep_boundaries(graph: fx.GraphModule, boundaries: list[int]) -> None:
+    """Fix where a timestep-grouped graph's groups begin (qtoolkit.quant.timestep_groups), before calibration."""
+    groups = timestep_groups_of(graph)
+    if groups is None:
+        raise QtoolkitError("this graph has no timestep groups: quantize it with timestep_groups > 1")
+    if any(op.is_frozen for op in quant_ops(graph).values()):
+        raise QtoolkitError("this graph is frozen: its groups' scales were observed within the boundaries it has")
+    groups.set_boundaries(boundaries)
 
 
 def is_frozen(graph: fx.GraphModule) -> bool:

@@ -102,11 +102,13 @@ class QuantizedAttention(OpQuantizers):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+                scale: float | None = None, enable_gqa: bool = False,
+                timestep_group: torch.Tensor | None = None) -> torch.Tensor:
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             repeat = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
-        query, key, value = self.query(query), self.key(key), self.value(value)
+        grouped = () if timestep_group is None else (timestep_group,)  # QuantConfig.timestep_groups > 1
+        query, key, value = self.query(query, *grouped), self.key(key, *grouped), self.value(value, *grouped)
         scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
         if is_causal:
             keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
@@ -118,4 +120,4 @@ class QuantizedAttention(OpQuantizers):
         probs = scores.softmax(dim=-1)
         if dropout_p > 0 and self.training:
             probs = nn.functional.dropout(probs, dropout_p)
-        return self.probs(probs) @ value
+        return self.probs(probs, *grouped) @ value

@@ -32,7 +32,8 @@ from ..models.loading import (MODEL_LOADERS_HOOK, QUANTIZED_MARKER, Denoiser, Di
 from ..quant.config import QuantConfig
 from ..quant.quantizer import QuantParams
 from .capture import SAMPLE_SHAPE_META, capture
-from .quantize import quant_config_of, quant_ops, quantize
+from ..quant.timestep_groups import GroupedFakeQuantize
+from .quantize import quant_config_of, quant_ops, quantize, timestep_groups_of
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = QUANTIZED_MARKER
@@ -51,11 +52,21 @@ def _params_to_json(params: QuantParams) -> dict:
             "qmax": params.qmax, "scale": params.scale.tolist(), "zero_point": params.zero_point.tolist()}
 
 
+def _quantizer_to_json(quantizer: nn.Module) -> dict:
+    if isinstance(quantizer, GroupedFakeQuantize):  # one per timestep group: scale and zero_point are lists
+        groups = [_params_to_json(quantizer.group_params(g)) for g in range(quantizer.groups)]
+        return {**groups[0], "per": "timestep_group", "scale": [g["scale"] for g in groups],
+                "zero_point": [g["zero_point"] for g in groups]}
+    return _params_to_json(quantizer.params)
+
+
 def frozen_params(qgraph: fx.GraphModule) -> dict[str, dict]:
     """{quantizer module name: {path, kind, quantizers: {role: its parameters as JSON}}} for every quantized op of
-    a frozen graph (roles: input, weight, output, bias; query, key, probs, value for attention)."""
+    a frozen graph (roles: input, weight, output, bias; query, key, probs, value for attention). A timestep-grouped
+    quantizer has a list of scales and zero points, one per group, and "per": "timestep_group"; the boundaries are
+    under "timestep_boundaries" of the saved metadata."""
     return {name: {"path": op.path, "kind": op.kind,
-                   "quantizers": {role: _params_to_json(q.params) for role, q in op.quantizers().items()}}
+                   "quantizers": {role: _quantizer_to_json(q) for role, q in op.quantizers().items()}}
             for name, op in quant_ops(qgraph).items()}
 
 
@@ -104,6 +115,9 @@ def quantized_metadata(qgraph: fx.GraphModule, model: DiffusionModel, extra_conf
         "frozen_params": frozen_params(qgraph),
         "extra_config": extra_config,
     }
+    groups = timestep_groups_of(qgraph)
+    if groups is not None:
+        metadata["timestep_boundaries"] = groups.boundaries.tolist()
     try:
         json.dumps(metadata)
     except (TypeError, ValueError) as e:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .. import plugins
 from ..errors import QtoolkitError
 from .observers import observer_for
 from .overflow import FIXED_WEIGHT_BITS, WEIGHTS_7BIT, check_choice, resolve_overflow_fix
 from .quantizer import check_bits
 
 GRANULARITIES = ("per_channel", "per_tensor")
+MAX_TIMESTEP_GROUPS = 64
 
 # The graph rules that keep ops in full precision (qtoolkit.graph.patterns says what each matches and why):
 # NVIDIA ModelOpt's diffusion defaults, found on the captured graph instead of by module name.
@@ -21,6 +23,18 @@ SHORTCUT_RULE = "shortcut"
 def default_keep_float(split_shortcuts: bool) -> list[str]:
     """FLOAT_RULES, less the shortcut convolutions when split_shortcuts asks to quantize them (per part)."""
     return [rule for rule in FLOAT_RULES if not (split_shortcuts and rule == SHORTCUT_RULE)]
+
+
+def boundary_rule(name: str | None):
+    """The installed timestep boundary rule `name` (None: the one a plugin registers as the default)."""
+    if name is not None:
+        return plugins.timestep_boundaries(name)  # unknown: one line naming the installed ones
+    records = plugins.registry().records["register_timestep_boundaries"]
+    defaults = [record for record in records.values() if record.default]
+    if len(defaults) != 1:
+        raise QtoolkitError(f"timestep_boundaries is not set and {len(defaults) or 'no'} installed rules are registered "
+                            f"as the default: set timestep_boundaries to one of: {', '.join(sorted(records)) or 'none'}")
+    return defaults[0]
 
 
 @dataclass
@@ -67,6 +81,14 @@ class QuantConfig:
     target_cpu: for "auto": "host" (default: the CPU this runs on, including FBGEMM_ENABLE_INSTRUCTIONS /
         ONEDNN_MAX_CPU_ISA forcing its AVX2 code), "any" (right on every CPU: the fix) or "vnni" (VNNI/AMX CPUs
         and ARM only: no fix).
+    timestep_groups: 1 (default): one activation scale and zero point per quantizer, for every timestep. G > 1
+        (up to 64): the timesteps [0, T) are split into G contiguous groups and every activation quantizer gets one
+        scale and zero point per group, observed on that group's calibration inputs only; the network picks its
+        group from the timestep it is called with (qtoolkit.quant.timestep_groups). Weights keep one set.
+    timestep_boundaries: the rule that places the groups' boundaries (a plugin, hook register_timestep_boundaries):
+        "even" (equal timestep ranges; the rule the built-in plugin registers as the default, which construction
+        fills in when timestep_groups > 1) or "min-step" (where the layers' observed ranges change, from one
+        full-precision pass over the calibration set).
     include / exclude: fnmatch patterns on the module path of each op (e.g. "down_blocks.*.resnets.*.conv1";
         an attention's path is its attention module's). An op is quantized when its path matches an include
         pattern, no exclude pattern, and no keep_float rule matches it. Every pattern must match an op.
@@ -86,6 +108,8 @@ class QuantConfig:
     split_shortcuts: bool = False
     overflow_fix: str = "auto"  # resolved on construction: "none" or "weights-7bit"
     target_cpu: str = "host"
+    timestep_groups: int = 1
+    timestep_boundaries: str | None = None  # None: the registered default rule, filled in when timestep_groups > 1
     keep_float: list[str] | None = None  # None: default_keep_float(split_shortcuts)
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
@@ -117,6 +141,7 @@ class QuantConfig:
             raise QtoolkitError("split_shortcuts splits the input quantizer of the skip-concatenation layers: it needs "
                               "activation_bits and cannot be combined with quantize_conv_outputs (one int32 bias grid "
                               "needs one input scale); turn one of them off")
+        self._check_timestep_groups()
         if self.keep_float is None:
             self.keep_float = default_keep_float(self.split_shortcuts)
         if isinstance(self.keep_float, str) or any(rule not in FLOAT_RULES for rule in self.keep_float):
@@ -127,6 +152,25 @@ class QuantConfig:
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
                 raise QtoolkitError(f"{name} = {patterns!r} must be a list of non-empty name patterns, e.g. ['conv_in']")
             setattr(self, name, list(patterns))
+
+    def _check_timestep_groups(self) -> None:
+        groups = self.timestep_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= MAX_TIMESTEP_GROUPS:
+            raise QtoolkitError(f"timestep_groups = {groups!r} must be an integer from 1 (one scale for every "
+                                f"timestep) to {MAX_TIMESTEP_GROUPS}")
+        if groups > 1 or self.timestep_boundaries is not None:
+            self.timestep_boundaries = boundary_rule(self.timestep_boundaries).name
+        if groups > 1 and self.activation_bits is None:
+            raise QtoolkitError("timestep_groups gives activations one scale per group of timesteps, and this config "
+                                "quantizes no activation: set activation_bits, or timestep_groups 1")
+        if groups > 1 and self.split_shortcuts:
+            raise QtoolkitError("timestep_groups cannot be combined with split_shortcuts yet (a split input's two "
+                                "ranges per group): turn one of them off")
+
+    @property
+    def grouped(self) -> bool:
+        """Whether activations have one scale and zero point per timestep group."""
+        return self.timestep_groups > 1
 
     @property
     def weight_grid_bits(self) -> int | None:

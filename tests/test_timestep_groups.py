@@ -1,0 +1,240 @@
+"""Timestep groups (QuantConfig.timestep_groups): one activation scale and zero point per group of timesteps,
+observed on the group's own calibration inputs, placed by a boundary rule (a plugin), and deployed on PyTorch's
+int8 backends, where each sample's timestep picks its group's scales."""
+
+import json
+
+import pytest
+import torch
+
+from qtoolkit import hookimpl, plugins
+from qtoolkit.calibration import chains
+from qtoolkit.cli import main
+from qtoolkit.deploy import lower_graph
+from qtoolkit.engines import resolve_backend
+from qtoolkit.errors import QtoolkitError
+from qtoolkit.graph import (calibrate, freeze, load_quantized, quant_ops, quantize, save_quantized,
+                            set_timestep_boundaries, timestep_groups_of)
+from qtoolkit.graph.listing import quantization_listing, planned_ops
+from qtoolkit.plugins import PluginInfo
+from qtoolkit.ptq import CalibrationSettings, check_ptq, observe_calibration_set
+from qtoolkit.quant import QuantConfig
+from qtoolkit.quant.timestep_groups import BoundaryRequest, check_boundaries
+from qtoolkit.registry import TimestepBoundaries
+from qtoolkit.sampling import unet_predictor
+from qtoolkit.step_error import per_timestep_error, sqnr_db
+from qtoolkit_plugins.timestep_boundaries import min_step
+
+from conftest import calibration_inputs
+
+# The least per-step SQNR (dB) of a deployed grouped model against its simulation, per backend (see the test).
+FOLLOWS_THE_SIMULATION_DB = {"fbgemm": 30, "qnnpack": 20}
+GROUPED = QuantConfig(quantize_conv_outputs=True, timestep_groups=2, overflow_fix="weights-7bit")
+
+
+def _grouped(fp, config, boundaries, inputs):
+    q = quantize(fp, config)
+    set_timestep_boundaries(q, boundaries)
+    with calibrate(q):
+        q(*inputs)
+    return freeze(q)
+
+
+def _activation_scales(qgraph) -> dict[str, torch.Tensor]:
+    return {f"{name}.{role}": q.scale.clone() for name, op in quant_ops(qgraph).items()
+            for role, q in op.activation_quantizers().items()}
+
+
+def test_one_group_is_the_quantization_without_groups(fp):
+    inputs = calibration_inputs(16, 0)
+    plain = quantize(fp, QuantConfig())
+    one = quantize(fp, QuantConfig(timestep_groups=1))
+    assert timestep_groups_of(one) is None and one.code == plain.code
+    for q in (plain, one):
+        with calibrate(q):
+            q(*inputs)
+        freeze(q)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), one.state_dict().values()))
+    assert torch.equal(plain(*inputs), one(*inputs))
+    # A config saved before timestep groups existed reads as one group.
+    saved = QuantConfig().to_dict()
+    del saved["timestep_groups"], saved["timestep_boundaries"]
+    assert QuantConfig.from_dict(saved).timestep_groups == 1
+
+
+def test_a_groups_scales_come_only_from_its_own_inputs(fp):
+    x, t = calibration_inputs(24, 1)
+    t = torch.where(torch.arange(24) % 3 == 0, t % 400, 400 + t % 600)  # both groups in every batch
+    config = QuantConfig(timestep_groups=2, activation_observer="minmax")
+    grouped = _grouped(fp, config, [400], (x, t))
+    for g, inside in enumerate((t < 400, t >= 400)):
+        alone = quantize(fp, QuantConfig(activation_observer="minmax"))
+        with calibrate(alone):
+            alone(x[inside], t[inside])
+        freeze(alone)
+        for key, scale in _activation_scales(alone).items():
+            torch.testing.assert_close(_activation_scales(grouped)[key][g], scale, rtol=1e-5, atol=0, msg=key)
+    assert not torch.allclose(*_activation_scales(grouped)["quantizers.down_blocks.0.resnets.0.conv1.conv2d.input"])
+
+
+def test_a_batch_across_groups_is_quantized_sample_by_sample(fp):
+    x, t = calibration_inputs(8, 2)
+    grouped = _grouped(fp, QuantConfig(timestep_groups=4), [250, 500, 750], calibration_inputs(32, 3))
+    t = torch.tensor([10, 300, 600, 900, 10, 300, 600, 900])
+    with torch.no_grad():
+        together = grouped(x, t)
+        one_by_one = torch.cat([grouped(x[i:i + 1], t[i:i + 1]) for i in range(8)])
+    torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def grouped_qgraph(fp_model):
+    fp, graph, calibration = fp_model
+    q = quantize(graph, GROUPED)
+    set_timestep_boundaries(q, [500])
+    with calibrate(q):
+        q(calibration.x, calibration.t)
+    return freeze(q)
+
+
+@pytest.mark.parametrize("backend", ["fbgemm", "qnnpack"])
+def test_the_torch_backends_run_each_groups_scales_and_agree_with_the_simulation(fp_model, grouped_qgraph, backend):
+    fp = fp_model[0]
+    lowered = lower_graph(grouped_qgraph, backend)
+    # Along the model's own chain (both groups), as the test of the backends without groups measures them.
+    result = per_timestep_error(fp, unet_predictor(grouped_qgraph), {backend: lowered}, steps=10, num=4)
+    # fbgemm adds the float bias to its rescaled accumulator, as the simulation of a grouped model does: exact but
+    # for one-code flips. qnnpack rounds the bias onto the int32 grid of the call's input scale, which the
+    # simulation does not model with groups (one bias tensor cannot sit on a grid per sample): a few dB less.
+    assert min(result[backend]["sqnr_db"]) >= FOLLOWS_THE_SIMULATION_DB[backend], result
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    mixed = torch.tensor([100, 900, 100, 900])
+    with torch.no_grad():
+        # A mixed batch runs each layer once per group, on that group's samples: what each sample alone gets.
+        alone = torch.cat([lowered(x[i:i + 1], mixed[i:i + 1]) for i in range(4)])
+        torch.testing.assert_close(lowered(x, mixed), alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_deployed_layers_use_the_scales_of_the_callers_group(grouped_qgraph):
+    """fbgemm follows the simulation of a grouped model to the code: with each group given the other's scales, the
+    deployed model at an early timestep is far from it."""
+    x, early = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((4,), 100)
+    with torch.no_grad():
+        simulated = grouped_qgraph(x, early)
+        right = sqnr_db(simulated, lower_graph(grouped_qgraph, "fbgemm")(x, early))
+        swapped = sqnr_db(simulated, lower_graph(_swapped_groups(grouped_qgraph), "fbgemm")(x, early))
+    assert swapped < right - 10, (swapped, right)
+
+
+def _swapped_groups(qgraph):
+    from qtoolkit.graph import copy_graph
+
+    swapped = copy_graph(qgraph)
+    for op in quant_ops(swapped).values():
+        for q in op.activation_quantizers().values():
+            q.scale.copy_(q.scale.flip(0))
+            q.zero_point.copy_(q.zero_point.flip(0))
+    return swapped
+
+
+@pytest.mark.parametrize("backend", ["x86-onednn", "onnxruntime", "openvino"])
+def test_backends_without_timestep_groups_say_so_and_auto_passes_them_over(backend):
+    assert "timestep groups" in plugins.backend(backend).cannot_run(GROUPED)
+    assert resolve_backend("auto", GROUPED).name in ("fbgemm", "qnnpack")
+
+
+def test_the_onnx_export_refuses_a_grouped_model_in_one_line(grouped_qgraph):
+    from qtoolkit.export.qdq import qdq_graph
+
+    with pytest.raises(QtoolkitError, match="does not carry timestep groups"):
+        qdq_graph(grouped_qgraph)
+
+
+def test_a_grouped_model_saves_and_reloads_bit_identically(fp_model, grouped_qgraph, tmp_path):
+    save_quantized(grouped_qgraph, tmp_path / "unet", fp_model[0])
+    metadata = json.loads((tmp_path / "unet" / "quantization.json").read_text())
+    assert metadata["timestep_boundaries"] == [500] and metadata["quant_config"]["timestep_groups"] == 2
+    reloaded = load_quantized(tmp_path / "unet")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t), grouped_qgraph(x, t))
+    listing = quantization_listing(grouped_qgraph, planned_ops(fp_model[1], GROUPED))
+    assert listing["timestep_groups"]["boundaries"] == [500]
+    entry = next(op for op in listing["ops"] if op["quantized"] and op["kind"] == "conv2d")
+    assert entry["quantizers"]["input"]["granularity"] == "per_timestep_group"
+    assert len(entry["quantizers"]["input"]["scale"]) == 2
+
+
+def test_calibration_places_the_boundaries_and_records_the_groups(fp_model):
+    fp, graph, calibration = fp_model
+    config = QuantConfig(timestep_groups=2, timestep_boundaries="min-step")
+    q = quantize(graph, config)
+    with pytest.raises(QtoolkitError, match="boundaries are not chosen yet"):
+        with calibrate(q):
+            q(calibration.x, calibration.t)
+    plain = quantize(graph, config)
+    groups = observe_calibration_set(plain, graph, calibration, 1000, progress=False)
+    assert groups["rule"] == "min-step" and len(groups["boundaries"]) == 1
+    assert sum(groups["calibration_inputs"]) == len(calibration) and min(groups["calibration_inputs"]) >= 16
+
+
+def test_even_boundaries_split_the_timesteps_equally():
+    request = BoundaryRequest(4, 1000, torch.arange(1000))
+    assert plugins.timestep_boundaries("even").choose(request) == [250, 500, 750]
+
+
+def test_min_step_puts_the_boundary_where_the_ranges_jump():
+    timesteps = torch.arange(0, 1000, 10)
+    # One layer whose range is [0, 1] up to t = 600 and [0, 10] after, another flat: the split is at the jump.
+    jump = torch.stack([torch.zeros(100), torch.where(timesteps < 600, 1.0, 10.0)], 1)
+    flat = torch.stack([torch.zeros(100), torch.ones(100)], 1)
+    request = BoundaryRequest(2, 1000, timesteps.repeat(4), observe_ranges=lambda: (timesteps, {"a": jump, "b": flat}))
+    assert min_step(request) == [595]
+    # A group must keep its inputs: with at least 200 of the 400 each, the split can only be in the middle.
+    request.min_inputs = 200
+    assert min_step(request) == [495]
+
+
+def test_a_group_without_enough_calibration_inputs_is_refused_before_any_network_call(tiny_model, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the FP chain ran")
+
+    monkeypatch.setattr(chains, "collect_chain_inputs", no_network)
+    monkeypatch.setattr("qtoolkit.calibration.generate.collect_chain_inputs", no_network)
+    calib = CalibrationSettings(strategy="first-n", size=64, steps=10, params={"n": 2})
+    with pytest.raises(QtoolkitError, match=r"timestep group 0 \(t = 0\.\.499\) holds 0 of the 64 calibration inputs"):
+        check_ptq(tiny_model, QuantConfig(timestep_groups=2), calib)
+    with pytest.raises(QtoolkitError, match="cannot be split into 4 groups"):
+        check_ptq(tiny_model, QuantConfig(timestep_groups=4, timestep_boundaries="min-step"), calib)
+
+
+def test_a_broken_boundary_rule_is_named():
+    request = BoundaryRequest(3, 1000, torch.arange(1000))
+    with pytest.raises(QtoolkitError, match="rule 'mine' returned \\[500, 400\\]"):
+        check_boundaries([500, 400], request, "mine")
+
+
+@pytest.fixture
+def plugin_state():
+    """The installed plugins, to which a test may add its own; forgotten afterwards."""
+    plugins.reload()
+    yield
+    plugins.reload()
+
+
+def test_a_third_party_boundary_rule_registers_and_is_used(fp_model, plugin_state, capsys):
+    class Middle:
+        @hookimpl
+        def register_timestep_boundaries(self, register):
+            register(TimestepBoundaries(name="middle", choose=lambda request: [request.num_timesteps // 2],
+                                        description="two halves"))
+
+    plugins.add_plugin(Middle(), PluginInfo("middle-plugin", "1.0", "dist-middle", "tests.middle"))
+    assert main(["plugins", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert listed["middle-plugin"]["timestep_boundaries"] == ["middle"]
+    assert {"even", "min-step"} <= set(listed["timestep-groups"]["timestep_boundaries"])
+    fp, graph, calibration = fp_model
+    q = quantize(graph, QuantConfig(timestep_groups=2, timestep_boundaries="middle"))
+    observe_calibration_set(q, graph, calibration, 1000, progress=False)
+    assert timestep_groups_of(q).boundaries.tolist() == [500]
