@@ -12,6 +12,9 @@ its calibration set (after the rounding, if any). --inputs-per-chain K takes up 
 each FP chain (about K times cheaper; compare K = 1 and K = 4 to see what it costs in quality). --quant KEY=VALUE sets a QuantConfig field for every
 model (e.g. quantize_conv_outputs=true, overflow_fix=none); --calib-param KEY=VALUE a strategy parameter (e.g.
 preset=paper); --scheduler the sampler of the calibration chains and of evaluation (ddim or ddpm).
+--timestep-groups G[:RULE] ... quantizes every model once per entry, with G timestep groups whose boundaries the
+rule places (QuantConfig.timestep_groups / timestep_boundaries; default 1: one scale for every timestep), all on the
+same calibration set: e.g. --timestep-groups 1 4:even 8:even 4:min-step 8:min-step.
 Writes study.md (the table), study.json and one folder of figures per bit width to --out.
 
     python benchmarks/calibration_study.py --out runs/study
@@ -20,6 +23,7 @@ Writes study.md (the table), study.json and one folder of figures per bit width 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
@@ -30,8 +34,8 @@ from qtoolkit.calibration import CalibrationSet
 from qtoolkit.graph import copy_graph
 from qtoolkit.io import atomic_write_text
 from qtoolkit.models import load_diffusion_model
-from qtoolkit.ptq import (CalibrationSettings, RoundingSettings, calibrate_and_freeze, check_ptq, make_calibration_set,
-                          quantized_graph, round_on_calibration)
+from qtoolkit.ptq import (CalibrationSettings, RoundingSettings, check_ptq, make_calibration_set, num_train_timesteps,
+                          observe_calibration_set, quantized_graph, round_on_calibration)
 from qtoolkit.graph.bias_correction import correct_bias
 from qtoolkit.quant import QuantConfig
 from qtoolkit.report import COMPARISON_HEADER, ReportSettings, candidate_results, compare_to_fp, comparison_row
@@ -52,6 +56,16 @@ def parse_param(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def parse_groups(text: str) -> tuple[int, str]:
+    """G or G:RULE (RULE a timestep boundary rule; default even)."""
+    groups, _, rule = text.partition(":")
+    return int(groups), rule or "even"
+
+
+def groups_label(groups: int, rule: str) -> str:
+    return "" if groups == 1 else f" G{groups}-{rule}"
 
 
 def main() -> None:
@@ -81,6 +95,8 @@ def main() -> None:
     p.add_argument("--bias-correction", action="store_true",
                    help="also report each model after bias correction (qtoolkit.quant.correct_bias)")
     p.add_argument("--bias-samples", type=int, default=256, help="calibration inputs used by bias correction")
+    p.add_argument("--timestep-groups", type=parse_groups, nargs="+", default=[(1, "even")], metavar="G[:RULE]",
+                   help="timestep groups of the activation scales and their boundary rule, one model per entry")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -93,24 +109,27 @@ def main() -> None:
                       for s in a.strategies for seed in a.seeds}
     rounding = {seed: RoundingSettings(a.rounding, {**dict(a.rounding_param), "seed": seed}) for seed in a.seeds} \
         if a.rounding else {}
+    def config_of(bits: str, groups: int, rule: str) -> QuantConfig:
+        wbits, abits = parse_bits(bits)
+        return QuantConfig(weight_bits=wbits, activation_bits=abits, timestep_groups=groups, timestep_boundaries=rule,
+                           **dict(a.quant))
+
     for (strategy, seed), calib in calib_settings.items():  # every check before the first network call
         for bits in a.bits:
-            wbits, abits = parse_bits(bits)
-            check_ptq(model, QuantConfig(weight_bits=wbits, activation_bits=abits, **dict(a.quant)), calib,
-                      rounding.get(seed),
-                      a.bias_samples if a.bias_correction else None)
+            for groups, rule in a.timestep_groups:
+                check_ptq(model, config_of(bits, groups, rule), calib, rounding.get(seed),
+                          a.bias_samples if a.bias_correction else None)
     calibration_sets = {key: stored_calibration_set(model, calib, a.out) for key, calib in calib_settings.items()}
     sample_bits = set(a.bits if a.sample_bits is None else a.sample_bits)
     results = {}
     for bits in a.bits:
-        wbits, abits = parse_bits(bits)
-        config = QuantConfig(weight_bits=wbits, activation_bits=abits, **dict(a.quant))
         candidates = {}
-        for (strategy, seed), calibration in calibration_sets.items():
-            fp_graph, qgraph = quantized_graph(model, config)
-            qgraph = calibrate_and_freeze(qgraph, calibration)
-            candidates[f"{bits} {strategy} s{seed}"] = unet_predictor(qgraph)
-            name = f"{bits} {strategy}"
+        for ((strategy, seed), calibration), (groups, rule) in itertools.product(calibration_sets.items(),
+                                                                                 a.timestep_groups):
+            fp_graph, qgraph = quantized_graph(model, config_of(bits, groups, rule))
+            observe_calibration_set(qgraph, fp_graph, calibration, num_train_timesteps(model))
+            name = f"{bits} {strategy}{groups_label(groups, rule)}"
+            candidates[f"{name} s{seed}"] = unet_predictor(qgraph)
             if a.rounding:
                 qgraph = copy_graph(qgraph)
                 round_on_calibration(qgraph, fp_graph, calibration, rounding[seed])

@@ -117,7 +117,9 @@ def time_forward(backends: list[Backend], sample_shape: tuple[int, ...], setting
     generator = torch.Generator().manual_seed(settings.seed)
     for batch in settings.batch_sizes:
         x = torch.randn(batch, *sample_shape, generator=generator)
-        t = torch.randint(0, 1000, (batch,), generator=generator)
+        # One timestep for the whole batch, as a sampler calls the network (a model with timestep groups then runs
+        # each layer once, on its group's scales, as it does when sampling).
+        t = torch.randint(0, 1000, (1,), generator=generator).repeat(batch)
         outputs = {}
         seconds: dict[str, list[float]] = {b.name: [] for b in backends}
         for order in _rotations(backends, settings.iterations):
