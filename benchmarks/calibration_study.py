@@ -8,7 +8,8 @@ Calibration sets are made once per (strategy, seed), saved under --out/calibrati
 widths and by a re-run with the same --out (a study that was cut off resumes there); FP samples are cached.
 With --rounding METHOD (a rounding method plugin, e.g. brecq or adaround), every quantized model also gets a
 row with that rounding learned on its calibration set; with --bias-correction, a row with bias correction on
-its calibration set (after the rounding, if any). --inputs-per-chain K takes up to K calibration inputs from
+its calibration set (after the rounding, if any); with --bias-per-group, a row with bias correction per timestep group
+(+bcg, for the models with timestep groups). --inputs-per-chain K takes up to K calibration inputs from
 each FP chain (about K times cheaper; compare K = 1 and K = 4 to see what it costs in quality). --quant KEY=VALUE sets a QuantConfig field for every
 model (e.g. quantize_conv_outputs=true, overflow_fix=none); --calib-param KEY=VALUE a strategy parameter (e.g.
 preset=paper); --scheduler the sampler of the calibration chains and of evaluation (ddim or ddpm).
@@ -95,6 +96,8 @@ def main() -> None:
     p.add_argument("--bias-correction", action="store_true",
                    help="also report each model after bias correction (qtoolkit.quant.correct_bias)")
     p.add_argument("--bias-samples", type=int, default=256, help="calibration inputs used by bias correction")
+    p.add_argument("--bias-per-group", action="store_true",
+                   help="with timestep groups, also a row with bias correction per timestep group (+bcg)")
     p.add_argument("--timestep-groups", type=parse_groups, nargs="+", default=[(1, "even")], metavar="G[:RULE]",
                    help="timestep groups of the activation scales and their boundary rule, one model per entry")
     a = p.parse_args()
@@ -136,9 +139,14 @@ def main() -> None:
                 name += f"+{a.rounding}"
                 candidates[f"{name} s{seed}"] = unet_predictor(qgraph)
             if a.bias_correction:
-                qgraph = copy_graph(qgraph)
-                correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), samples=a.bias_samples, seed=seed)
-                candidates[f"{name}+bc s{seed}"] = unet_predictor(qgraph)
+                corrected = copy_graph(qgraph)
+                correct_bias(corrected, fp_graph, (calibration.x, calibration.t), samples=a.bias_samples, seed=seed)
+                candidates[f"{name}+bc s{seed}"] = unet_predictor(corrected)
+            if a.bias_per_group and groups > 1:
+                corrected = copy_graph(qgraph)
+                correct_bias(corrected, fp_graph, (calibration.x, calibration.t), samples=a.bias_samples, seed=seed,
+                             per_group=True)
+                candidates[f"{name}+bcg s{seed}"] = unet_predictor(corrected)
         sampled = {name for name in candidates if name.endswith(f" s{a.seeds[0]}")} if bits in sample_bits else set()
         results[bits] = compare_to_fp(model, candidates, settings, a.out / bits, sampled=sampled)
         print(format_study(results), flush=True)

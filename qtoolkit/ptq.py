@@ -71,7 +71,8 @@ def _check_source(source: str) -> None:
 
 
 def check_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings,
-              rounding: RoundingSettings | None = None, bias_correction: int | None = None) -> fx.GraphModule:
+              rounding: RoundingSettings | None = None, bias_correction: int | None = None,
+              bias_per_group: bool = False) -> fx.GraphModule:
     """Every check of a PTQ job, before any calibration: the calibration strategy, its settings and parameters
     (or the reused set), the rounding method and its parameters, the bias-correction sample count (none of them
     runs the network), then the model's graph can be captured and the config's patterns match its ops. Returns
@@ -89,6 +90,9 @@ def check_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSett
                                 "quantizes none: set weight bits, or drop the rounding")
     if bias_correction is not None:
         check_bias_samples(bias_correction)
+    if bias_per_group and (bias_correction is None or not config.grouped):
+        raise QtoolkitError("bias correction per timestep group needs bias correction and timestep groups: set "
+                            "quantization.timestep_groups > 1 (and bias_correction enabled), or per_timestep_group false")
     if config.grouped:
         _check_group_coverage(model, config, calib)
     # Last: capturing traces the network (and checks the graph at two batch sizes), the only check that runs it.
@@ -196,10 +200,12 @@ def _json_ready(settings) -> dict:
 
 def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettings, out: Path, *,
             rounding: RoundingSettings | None = None, bias_correction: int | None = None,
-            overwrite: bool = False, progress: bool = True, fp_graph: fx.GraphModule | None = None,
+            bias_per_group: bool = False, overwrite: bool = False, progress: bool = True,
+            fp_graph: fx.GraphModule | None = None,
             resume_from: Path | None = None) -> tuple[fx.GraphModule, CalibrationSet]:
     """Quantize `model` with `config`, calibrated on `calib` (then its weights rounded by `rounding`, if given,
-    and bias-corrected on `bias_correction` calibration inputs, if given); write the model, the calibration
+    and bias-corrected on `bias_correction` calibration inputs, if given, per timestep group with
+    `bias_per_group`); write the model, the calibration
     set and ptq.json (what was done, with every setting resolved) to `out`.
 
     Every check (`check_ptq`, and `out` free unless `overwrite` or resuming) runs before calibration; `fp_graph`,
@@ -215,7 +221,7 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
     if out.exists() and not overwrite and resume_from is None:
         raise QtoolkitError(f"{out} already exists: choose another output folder or allow overwriting")
     if fp_graph is None:
-        fp_graph = check_ptq(model, config, calib, rounding, bias_correction)
+        fp_graph = check_ptq(model, config, calib, rounding, bias_correction, bias_per_group)
     if resume_from is not None and (resume_from / PTQ_RECORD).is_file():
         if is_main_process():
             print(f"resumed: the quantized model {resume_from}/model, made before the interruption")
@@ -247,8 +253,9 @@ def run_ptq(model: DiffusionModel, config: QuantConfig, calib: CalibrationSettin
     if bias_correction is not None:
         with timed(seconds, "bias_correction"):
             layers = correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), samples=bias_correction,
-                                  seed=calib.seed, progress=progress)
-        provenance["bias_correction"] = {"samples": bias_correction, "seed": calib.seed, "layers": layers}
+                                  seed=calib.seed, progress=progress, per_group=bias_per_group)
+        provenance["bias_correction"] = {"samples": bias_correction, "seed": calib.seed,
+                                         "per_timestep_group": bias_per_group, "layers": layers}
     save_quantized_pipeline(qgraph, model, out / "model", provenance, overwrite=True)
     plot_timestep_histogram({strategy_of(calibration): calibration}, out / "calibration_timesteps.png")
     atomic_write_text(out / PTQ_RECORD, json.dumps({"quant_config": config.to_dict(), **provenance}, indent=2) + "\n")

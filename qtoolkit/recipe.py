@@ -7,7 +7,7 @@
     quantization: {weight_bits: 8, activation_bits: 8}
     calibration: {strategy: ndtc, size: 1024, params: {preset: paper}}
     rounding: null                     # or {method: brecq, params: {iterations: 1000}}
-    bias_correction: {enabled: true, samples: 256}
+    bias_correction: {enabled: true, samples: 256, per_timestep_group: false}
     backend: auto                      # or none, or a registered backend
     report: {num: 500, steps: 100}
 
@@ -162,10 +162,13 @@ class Rounding(Section):
 
 
 class BiasCorrection(Section):
-    """Shift each layer's bias so its output's channel means match the FP model's on `samples` calibration inputs."""
+    """Shift each layer's bias so its output's channel means match the FP model's on `samples` calibration inputs;
+    with per_timestep_group (and quantization.timestep_groups > 1), one shift per timestep group for every layer
+    whose output stays float (qtoolkit.graph.timestep_bias)."""
 
     enabled: bool = True
     samples: int = 256
+    per_timestep_group: bool = False
 
     @field_validator("samples")
     @classmethod

@@ -65,6 +65,7 @@ class Job:
     calibration: CalibrationSettings
     rounding: RoundingSettings | None
     bias_correction: int | None  # calibration inputs bias correction uses; None: off
+    bias_per_group: bool  # bias correction per timestep group
     backend: Backend | None  # None: the report samples the fake-quantized model in PyTorch
     report: ReportSettings | None
     plan: Any  # what the report can compute for this model (qtoolkit.report.plan_report)
@@ -80,7 +81,8 @@ def prepare(recipe: Recipe) -> Job:
     calibration = recipe.calibration.settings()
     rounding = recipe.rounding.settings() if recipe.rounding is not None else None
     bias_correction = recipe.bias_correction.samples if recipe.bias_correction.enabled else None
-    graph = check_ptq(model, config, calibration, rounding, bias_correction)
+    bias_per_group = recipe.bias_correction.enabled and recipe.bias_correction.per_timestep_group
+    graph = check_ptq(model, config, calibration, rounding, bias_correction, bias_per_group)
     backend = None if recipe.backend == NO_BACKEND else resolve_backend(recipe.backend, config)
     if backend is not None and (reason := backend.cannot_run(config)):
         raise QtoolkitError(f"backend {backend.name} cannot run this recipe's quantization: {reason}")
@@ -95,7 +97,8 @@ def prepare(recipe: Recipe) -> Job:
                                 f"on this machine, not {recipe.float_precision!r}: set float_precision to one of these")
     report = recipe.report.settings() if recipe.report.enabled else None
     plan = plan_report(model, report) if report is not None else None
-    return Job(recipe, model, config, calibration, rounding, bias_correction, backend, report, plan, graph)
+    return Job(recipe, model, config, calibration, rounding, bias_correction, bias_per_group, backend, report, plan,
+               graph)
 
 
 def candidate_name(job: Job, strategy: str) -> str:
@@ -104,7 +107,7 @@ def candidate_name(job: Job, strategy: str) -> str:
     if job.rounding is not None:
         name += f"-{job.rounding.method}"
     if job.bias_correction is not None:
-        name += "-bc"
+        name += "-bcg" if job.bias_per_group else "-bc"
     return name
 
 
@@ -141,7 +144,8 @@ def _do(job: Job, work: Path, out: Path, command: str, resume: bool) -> str | No
         atomic_write_text(work / "recipe.yaml", _resolved_recipe(job))  # first: what --resume checks against
     started, seconds = time.perf_counter(), {}
     qgraph, calibration = run_ptq(job.model, job.config, job.calibration, work, rounding=job.rounding,
-                                  bias_correction=job.bias_correction, overwrite=True, fp_graph=job.graph,
+                                  bias_correction=job.bias_correction, bias_per_group=job.bias_per_group,
+                                  overwrite=True, fp_graph=job.graph,
                                   resume_from=shared if resume else None)
     listing = quantization_listing(qgraph, planned_ops(job.graph, job.config))
     if main:  # under torchrun, rank 0 speaks for all

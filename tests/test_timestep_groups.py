@@ -3,6 +3,7 @@ observed on the group's own calibration inputs, placed by a boundary rule (a plu
 int8 backends, where each sample's timestep picks its group's scales."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,67 @@ def test_a_third_party_boundary_rule_registers_and_is_used(fp_model, plugin_stat
     q = quantize(graph, QuantConfig(timestep_groups=2, timestep_boundaries="middle"))
     observe_calibration_set(q, graph, calibration, 1000, progress=False)
     assert timestep_groups_of(q).boundaries.tolist() == [500]
+
+
+def test_bias_per_group_takes_each_groups_mean_error_out_of_the_float_outputs(fp_model, grouped_qgraph, tmp_path):
+    from qtoolkit.graph import copy_graph
+    from qtoolkit.graph.bias_correction import correct_bias
+
+    fp, graph, calibration = fp_model
+    inputs = (calibration.x, calibration.t)
+    shared, per_group = copy_graph(grouped_qgraph), copy_graph(grouped_qgraph)
+    correct_bias(shared, graph, inputs, samples=len(calibration), progress=False)
+    summaries = correct_bias(per_group, graph, inputs, samples=len(calibration), progress=False, per_group=True)
+    assert any("per_group" in s for s in summaries) and "timestep_bias" in per_group.code
+    with torch.no_grad():
+        errors = {name: [] for name in ("shared", "per_group")}
+        for g, inside in enumerate((calibration.t < 500, calibration.t >= 500)):
+            x, t = calibration.x[inside], calibration.t[inside]
+            reference = graph(x, t)
+            for name, q in (("shared", shared), ("per_group", per_group)):
+                errors[name].append((q(x, t) - reference).mean((0, 2, 3)).abs().max().item())
+    # The network's output is conv_out's, a float layer: per group, its mean error on the group's inputs is gone.
+    assert max(errors["per_group"]) < 1e-5 < max(errors["shared"]), errors
+    # It saves, reloads bit-identically and deploys.
+    save_quantized(per_group, tmp_path / "unet", fp)
+    assert json.loads((tmp_path / "unet" / "quantization.json").read_text())["timestep_bias"]
+    reloaded = load_quantized(tmp_path / "unet")
+    x, t = calibration.x[:4], torch.tensor([10, 900, 10, 900])
+    with torch.no_grad():
+        assert torch.equal(reloaded(x, t), per_group(x, t))
+        assert sqnr_db(per_group(x, t), lower_graph(per_group, "fbgemm")(x, t)) >= 30
+
+
+def test_bias_per_group_needs_timestep_groups(fp_model, tiny_model):
+    from qtoolkit.graph.bias_correction import correct_bias
+
+    fp, graph, calibration = fp_model
+    one_group = quantize(graph, QuantConfig())
+    with calibrate(one_group):
+        one_group(calibration.x, calibration.t)
+    freeze(one_group)
+    with pytest.raises(QtoolkitError, match="needs a graph with timestep groups"):
+        correct_bias(one_group, graph, (calibration.x, calibration.t), per_group=True)
+    with pytest.raises(QtoolkitError, match="per timestep group needs bias correction and timestep groups"):
+        check_ptq(tiny_model, QuantConfig(), CalibrationSettings(strategy="uniform", size=16, steps=4), None, 8, True)
+
+
+def test_a_recipe_with_timestep_groups_runs_on_fbgemm_and_its_report_measures_the_deployed_model(tiny_model_dir,
+                                                                                                tmp_path, capsys):
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "ddim_fmnist_w8a8.yaml"
+    out = tmp_path / "run"
+    small = ["calibration.size=64", "calibration.steps=10", "calibration.inputs_per_chain=4",
+             "calibration.strategy=uniform", "calibration.params={}", "bias_correction.samples=16",
+             "bias_correction.per_timestep_group=true", "quantization.timestep_groups=2", "report.num=1",
+             "report.steps=4", "report.error_num=2"]
+    assert main(["run", str(recipe), *[a for s in small for a in ("--set", s)], f"--set=model={tiny_model_dir}",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Activations quantized per timestep group: 2 groups (even), boundaries at t = 500." in text
+    ptq = json.loads((out / "ptq.json").read_text())
+    assert ptq["timestep_groups"]["boundaries"] == [500] and ptq["bias_correction"]["per_timestep_group"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantized_ops"]["timestep_groups"]["boundaries"] == [500]
+    assert "W8A8-uniform-bcg" in report
+    assert (out / "export" / "deploy.json").is_file()
+    assert [r["backend"] for r in json.loads((out / "speed.json").read_text())] == ["pytorch-fp32-eager", "fbgemm"] * 2

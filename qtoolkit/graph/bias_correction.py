@@ -43,7 +43,9 @@ from ..errors import QtoolkitError
 from .capture import module_path
 from .node_values import CAPTURE_BATCH, check_nodes, for_each_batch, random_subset
 from .patterns import CONV, LINEAR
-from .quantize import is_frozen, quant_ops
+from ..quant.timestep_groups import rows_of
+from .quantize import is_frozen, quant_ops, timestep_groups_of
+from .timestep_bias import TIMESTEP_BIAS, insert_timestep_bias, remove_zero_timestep_bias
 from ..progress import progress_bar
 
 DEFAULT_SAMPLES = 256
@@ -66,6 +68,7 @@ class _BiasedOp:
     bias: torch.nn.Parameter
     channel_dim: int  # of its output: 1 for a convolution, -1 for a linear op
     rerun: tuple[fx.Node, ...]
+    timestep_bias: str | None = None  # the module of its bias per timestep group, when `output` is that node
 
 
 def _biased_ops(qgraph: fx.GraphModule) -> list[_BiasedOp]:
@@ -87,9 +90,11 @@ def _biased_ops(qgraph: fx.GraphModule) -> list[_BiasedOp]:
         except AttributeError:  # a buffer or a constant: no float bias to correct
             continue
         output = next((user for user in node.users if user.op == "call_module"
-                       and user.target == output_quantizers.get(node.name)), node)
+                       and (user.target == output_quantizers.get(node.name)
+                            or user.target == f"{TIMESTEP_BIAS}.{node.name}")), node)
+        per_group = output.target if output is not node and output.target.startswith(f"{TIMESTEP_BIAS}.") else None
         ops.append(_BiasedOp(node.name, output.name, module_path(node), bias, 1 if node.target == CONV else -1,
-                             (*bias_quantizers, *_between(node, output))))
+                             (*bias_quantizers, *_between(node, output)), per_group))
     return ops
 
 
@@ -166,7 +171,8 @@ class _ChannelMeans:
         self.sums[name][chunk] = (flat.sum(0).cpu(), flat.shape[0])
 
     def means(self) -> dict[str, torch.Tensor]:
-        """Every node's means over all chunks of all processes (a collective under torchrun: every rank calls it)."""
+        """Every node's means over all chunks of all processes (a collective under torchrun: every rank calls it);
+        a name no chunk gave a value for is left out."""
         everyone = gather_objects(dict(self.sums))
         means = {}
         for name in self.channel_dims:
@@ -174,12 +180,26 @@ class _ChannelMeans:
             total, count = 0.0, 0
             for chunk_sum, chunk_count in chunks.values():
                 total, count = total + chunk_sum, count + chunk_count
-            means[name] = total / count
+            if count:
+                means[name] = total / count
         return means
+
+    def add_by_group(self, name: str, chunk: int, value: torch.Tensor, group: torch.Tensor, groups: int) -> None:
+        """add(name, ...) of the whole value, and of each timestep group's rows under "name@g"."""
+        self.add(name, chunk, value)
+        rows = rows_of(group, value.shape[0])
+        for g in range(groups):
+            if bool((rows == g).any()):
+                self.add(_grouped(name, g), chunk, value[rows == g])
+
+
+def _grouped(name: str, group: int) -> str:
+    return f"{name}@{group}"
 
 
 def correct_bias(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
-                 samples: int = DEFAULT_SAMPLES, seed: int = 0, progress: bool = True) -> list[dict]:
+                 samples: int = DEFAULT_SAMPLES, seed: int = 0, progress: bool = True,
+                 per_group: bool = False) -> list[dict]:
     """Bias correction of a frozen quantized graph, in place; returns one summary per op with a bias.
 
     qgraph: the output of freeze(qgraph) (after a rounding method, if used); fp_graph: the captured FP graph it
@@ -187,22 +207,49 @@ def correct_bias(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple
     ((x_t, t)), of which a seeded random subset of `samples` is used. Each summary has the op's module path
     ("layer") and the root-mean-square over channels of its output's mean error before the correction (after
     it, that error is zero on these inputs).
+
+    per_group (a graph with timestep groups): every op whose output stays float gets one correction per output
+    channel and timestep group instead, each measured on that group's inputs, in a TimestepBias node after it
+    (qtoolkit.graph.timestep_bias); a group the chosen inputs miss gets the correction of all of them. Ops with a
+    quantized output keep one correction in their bias. Their summaries add "per_group": the RMS of each group's
+    mean error.
     """
     check_samples(samples)
     if not is_frozen(qgraph):
         raise QtoolkitError("bias correction needs a quantized graph with fixed scales: quantize(graph, config), "
                             "calibrate it and call freeze(qgraph) first")
+    groups = timestep_groups_of(qgraph)
+    if per_group:
+        if groups is None:
+            raise QtoolkitError("bias correction per timestep group needs a graph with timestep groups: quantize with "
+                                "timestep_groups > 1, or correct one bias for every timestep")
+        for op in _biased_ops(qgraph):
+            if op.output == op.node:  # its output stays float
+                insert_timestep_bias(qgraph, op.node, op.bias.numel(), op.channel_dim)
+        qgraph.graph.lint()
+        qgraph.recompile()
     ops = _biased_ops(qgraph)
+    grouped = {op.node for op in ops if op.timestep_bias is not None} if per_group else set()
     check_nodes(fp_graph, [op.node for op in ops], "full-precision graph")
     inputs = random_subset(inputs, samples, torch.Generator().manual_seed(seed))
     device = device_of(qgraph)
     chunks = [tuple(x[start:start + CAPTURE_BATCH].to(device) for x in inputs)
               for start in range(0, len(inputs[0]), CAPTURE_BATCH)]
     mine = list(my_batches(len(chunks)))  # under torchrun, this process's chunks; alone, all
-    fp_means = _ChannelMeans({op.node: op.channel_dim for op in ops})
+    count = groups.groups if per_group else 0
+    group_of = {chunk: groups(chunks[chunk][1]) for chunk in mine} if per_group else {}
+    dims = {op.node: op.channel_dim for op in ops}
+    fp_means = _ChannelMeans({**dims, **{_grouped(name, g): dims[name] for name in grouped for g in range(count)}})
+
+    def record(name: str, value: torch.Tensor, chunk: int) -> None:
+        if name in grouped:
+            fp_means.add_by_group(name, chunk, value, group_of[chunk], count)
+        else:
+            fp_means.add(name, chunk, value)
+
     for chunk in mine:
         for_each_batch(fp_graph, chunks[chunk], [op.node for op in ops],
-                       lambda name, value, chunk=chunk: fp_means.add(name, chunk, value))
+                       lambda name, value, chunk=chunk: record(name, value, chunk))
     targets = fp_means.means()
     by_output = {op.output: op for op in ops}
     walk = _Walk(qgraph, [chunks[chunk] for chunk in mine], {node: op.rerun[-1] for op in ops for node in op.rerun})
@@ -212,13 +259,27 @@ def correct_bias(qgraph: fx.GraphModule, fp_graph: fx.GraphModule, inputs: tuple
             op = by_output.get(node.name)
             if op is None:
                 continue
-            means = _ChannelMeans({op.output: op.channel_dim})
+            names = [op.output, *(_grouped(op.output, g) for g in range(count) if op.node in grouped)]
+            means = _ChannelMeans(dict.fromkeys(names, op.channel_dim))
             for chunk, value in zip(mine, walk.values(node)):
-                means.add(op.output, chunk, value)
-            error = targets[op.node] - means.means()[op.output]
+                if op.node in grouped:
+                    means.add_by_group(op.output, chunk, value, group_of[chunk], count)
+                else:
+                    means.add(op.output, chunk, value)
+            measured = means.means()
+            error = targets[op.node] - measured[op.output]
+            summary = {"layer": op.path, "mean_error_rms": float(error.pow(2).mean().sqrt())}
             with torch.no_grad():
-                op.bias.add_(error.to(op.bias))
+                if op.node in grouped:
+                    by_group = [targets[_grouped(op.node, g)] - measured[_grouped(op.output, g)]
+                                if _grouped(op.output, g) in measured else error for g in range(count)]
+                    qgraph.get_submodule(op.timestep_bias).delta.copy_(torch.stack(by_group).to(op.bias))
+                    summary["per_group"] = [float(e.pow(2).mean().sqrt()) for e in by_group]
+                else:
+                    op.bias.add_(error.to(op.bias))
             walk.rerun(op.rerun)
-            summaries.append({"layer": op.path, "mean_error_rms": float(error.pow(2).mean().sqrt())})
+            summaries.append(summary)
             bar.advance()
+    if per_group:
+        remove_zero_timestep_bias(qgraph)
     return summaries

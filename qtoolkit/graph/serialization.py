@@ -34,6 +34,7 @@ from ..quant.quantizer import QuantParams
 from .capture import SAMPLE_SHAPE_META, capture
 from ..quant.timestep_groups import GroupedFakeQuantize
 from .quantize import quant_config_of, quant_ops, quantize, timestep_groups_of
+from .timestep_bias import restore_timestep_bias, timestep_bias_layout
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = QUANTIZED_MARKER
@@ -118,6 +119,7 @@ def quantized_metadata(qgraph: fx.GraphModule, model: DiffusionModel, extra_conf
     groups = timestep_groups_of(qgraph)
     if groups is not None:
         metadata["timestep_boundaries"] = groups.boundaries.tolist()
+        metadata["timestep_bias"] = timestep_bias_layout(qgraph)
     try:
         json.dumps(metadata)
     except (TypeError, ValueError) as e:
@@ -241,6 +243,7 @@ def rebuild_quantized(metadata: dict, state: dict, weights: Path) -> fx.GraphMod
         # The same network code as when the model was first captured and checked at every batch size.
         graph = capture(Denoiser(network, conditioning), tuple(metadata["sample_shape"]), check_batches=False)
         qgraph = quantize(graph, QuantConfig.from_dict(metadata["quant_config"]))
+        restore_timestep_bias(qgraph, metadata.get("timestep_bias", {}))
     except QtoolkitError as e:
         raise QtoolkitError(f"{folder}: rebuilding the saved quantized graph failed: {e}") from None
     _load_state(qgraph, state, weights)
