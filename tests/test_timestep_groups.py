@@ -303,3 +303,16 @@ def test_a_recipe_with_timestep_groups_runs_on_fbgemm_and_its_report_measures_th
     assert "W8A8-uniform-bcg" in report
     assert (out / "export" / "deploy.json").is_file()
     assert [r["backend"] for r in json.loads((out / "speed.json").read_text())] == ["pytorch-fp32-eager", "fbgemm"] * 2
+
+
+def test_the_timestep_groups_recipe_runs_on_a_small_calibration_set(tiny_model_dir, tmp_path, capsys):
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "ddim_fmnist_w8a6_tgroups.yaml"
+    out = tmp_path / "run"
+    small = [f"model={tiny_model_dir}", "calibration.size=512", "calibration.steps=20", "bias_correction.samples=64",
+             "report.num=1", "report.steps=4", "report.error_num=2"]
+    assert main(["run", str(recipe), *[a for s in small for a in ("--set", s)], "--out", str(out)]) == 0
+    ptq = json.loads((out / "ptq.json").read_text())
+    assert ptq["quant_config"]["timestep_groups"] == 8 and ptq["bias_correction"]["per_timestep_group"]
+    assert ptq["timestep_groups"]["boundaries"] == [125, 250, 375, 500, 625, 750, 875]
+    assert min(ptq["timestep_groups"]["calibration_inputs"]) >= 16
+    assert "W8A6-ndtc-bcg" in json.loads((out / "report.json").read_text())
