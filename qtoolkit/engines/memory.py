@@ -88,7 +88,7 @@ def probe(work: Path, backend: str, batch_sizes: list[int], threads: int, seed: 
     with torch.no_grad():
         for batch in sorted(batch_sizes):
             x = torch.randn(batch, *sources.sample_shape, generator=generator)
-            t = torch.randint(0, 1000, (batch,), generator=generator)
+            t = torch.randint(0, 1000, (1,), generator=generator).repeat(batch)  # one timestep, as a sampler sends
             backend.eps(x, t)
             _reset_peak()
             backend.eps(x, t)

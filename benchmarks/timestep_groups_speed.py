@@ -1,0 +1,126 @@
+"""What timestep groups cost the deployed int8 model: G groups against one, side by side, on the same calibration set.
+
+The bundled model (or --model) is quantized W8A8 with quantized convolution outputs (what fbgemm and qnnpack run),
+bias-corrected, once per entry of --groups, calibrated on one saved calibration set, and each written as a deployment
+folder (`qtoolkit deploy`'s format). Each is loaded as a user loads it (qtoolkit.deploy.load) on --backend and timed at
+every batch size, the models' calls interleaved in rotation (median and IQR of --iterations turns, one timestep per
+batch as a sampler sends); then each one's peak resident memory while serving that batch, measured alone in a fresh
+process above its baseline after imports (weights, packed kernels and activations together), median of --repeats.
+
+    python benchmarks/timestep_groups_speed.py --calibration runs/tgroups-fmnist/calibration/ndtc-preset-paper-s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qtoolkit.calibration import CalibrationSet
+from qtoolkit.deploy import export_deployment, load
+from qtoolkit.graph.bias_correction import correct_bias
+from qtoolkit.models import load_diffusion_model
+from qtoolkit.ptq import num_train_timesteps, observe_calibration_set, quantized_graph, save_quantized_pipeline
+from qtoolkit.quant import QuantConfig
+
+PEAK_PREFIX = "peak-mib: "
+
+
+def deployment(model, calibration: CalibrationSet, groups: int, out: Path) -> Path:
+    config = QuantConfig(quantize_conv_outputs=True, timestep_groups=groups)
+    fp_graph, qgraph = quantized_graph(model, config)
+    observe_calibration_set(qgraph, fp_graph, calibration, num_train_timesteps(model), progress=False)
+    correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), progress=False)
+    save_quantized_pipeline(qgraph, model, out / f"G{groups}-model", provenance={"benchmark": "timestep_groups_speed"})
+    export_deployment(out / f"G{groups}-model", out / f"G{groups}")
+    return out / f"G{groups}"
+
+
+def inputs(sample_shape, batch: int, seed: int):
+    generator = torch.Generator().manual_seed(seed + batch)
+    return (torch.randn(batch, *sample_shape, generator=generator),
+            torch.randint(0, 1000, (1,), generator=generator).repeat(batch))
+
+
+def peak_in_child(folder: Path, backend: str, batch: int, threads: int) -> float:
+    """Peak resident MiB above the baseline of a fresh process that loads `folder` and serves one batch (twice)."""
+    code = (f"import resource, torch, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import timestep_groups_speed as b; from qtoolkit.deploy import load; torch.set_num_threads({threads}); "
+            f"import diffusers, qtoolkit_plugins.torch_int8_backend; "
+            f"base = b.resident_mib(); m = load({str(folder)!r}, {backend!r}); x, t = b.inputs(m.sample_shape, {batch}, 0); "
+            f"m(x, t); m(x, t); print(b.PEAK_PREFIX + str(b.peak_mib() - base))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(next(line for line in done.stdout.splitlines() if line.startswith(PEAK_PREFIX))[len(PEAK_PREFIX):])
+
+
+def resident_mib() -> float:
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="fmnist-ddpm")
+    p.add_argument("--calibration", type=Path, required=True, help="a saved calibration set (a run's calibration/)")
+    p.add_argument("--groups", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--backend", default="fbgemm")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per memory figure")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_diffusion_model(a.model)
+    calibration = CalibrationSet.load(a.calibration)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        folders = {g: deployment(model, calibration, g, Path(work)) for g in a.groups}
+        models = {g: load(folder, a.backend) for g, folder in folders.items()}
+        with torch.no_grad():
+            for batch in a.batch_sizes:
+                x, t = inputs(model.sample_shape, batch, 0)
+                seconds = {g: [] for g in models}
+                for turn in range(a.iterations):
+                    order = list(models)[turn % len(models):] + list(models)[:turn % len(models)]
+                    for g in order:
+                        models[g](x, t)  # warm: the timed call finds this model's weights in the caches
+                        start = time.perf_counter()
+                        models[g](x, t)
+                        seconds[g].append(time.perf_counter() - start)
+                for g in models:
+                    ms = sorted(1000 * s for s in seconds[g])
+                    peaks = [peak_in_child(folders[g], a.backend, batch, a.threads) for _ in range(a.repeats)]
+                    rows.append({"groups": g, "batch": batch, "median_ms": statistics.median(ms),
+                                 "iqr_ms": ms[3 * len(ms) // 4] - ms[len(ms) // 4],
+                                 "peak_mib": statistics.median(peaks),
+                                 "folder_mb": sum(f.stat().st_size for f in folders[g].rglob("*") if f.is_file()) / 2**20})
+    first = {r["batch"]: r for r in rows if r["groups"] == a.groups[0]}
+    print(f"{a.model} W8A8 on {a.backend}, {a.threads} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, median of {a.iterations} interleaved calls\n")
+    print(f"| timestep groups | batch | median ms | IQR ms | vs G={a.groups[0]} | peak MiB | vs G={a.groups[0]} | folder MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = first[r["batch"]]
+        print(f"| {r['groups']} | {r['batch']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | "
+              f"{r['median_ms'] / base['median_ms']:.3f}x | {r['peak_mib']:.1f} | {r['peak_mib'] / base['peak_mib']:.2f}x | "
+              f"{r['folder_mb']:.2f} |")
+    if a.json:
+        a.json.write_text(json.dumps({"command": " ".join(sys.argv), "cpu_capability":
+                                      torch.backends.cpu.get_cpu_capability(), "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
