@@ -137,7 +137,11 @@ class TimestepGroups(nn.Module):
             raise QtoolkitError("the timestep groups' boundaries are not chosen yet: call "
                                 "qtoolkit.graph.set_timestep_boundaries(qgraph, boundaries) before calibrating")
         timestep = torch.as_tensor(timestep, device=self.boundaries.device)
-        return torch.bucketize(timestep, self.boundaries.to(timestep.dtype), right=True)
+        group = torch.bucketize(timestep, self.boundaries.to(timestep.dtype), right=True)
+        # Whether the batch is in one group, worked out once per forward for every layer that reads it (a sampler's
+        # batches are: each int8 layer then runs once, on that group's scales).
+        group.single_group = _single_group(group)
+        return group
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, boundaries={self.boundaries.tolist() if bool(self.chosen) else 'not chosen'}"
@@ -157,9 +161,17 @@ def rows_of(group: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def single_group(rows: torch.Tensor) -> int | None:
-    """The group every row is in, or None when they differ."""
+    """The group every row is in, or None when they differ (as TimestepGroups worked it out, when it made `rows`)."""
+    known = getattr(rows, "single_group", _UNKNOWN)
+    return _single_group(rows) if known is _UNKNOWN else known
+
+
+_UNKNOWN = object()
+
+
+def _single_group(rows: torch.Tensor) -> int | None:
     first = int(rows[0])
-    return first if bool((rows == first).all()) else None
+    return first if len(rows) == 1 or bool((rows == first).all()) else None
 
 
 class GroupedFakeQuantize(FakeQuantize):
