@@ -316,3 +316,29 @@ def test_the_timestep_groups_recipe_runs_on_a_small_calibration_set(tiny_model_d
     assert ptq["timestep_groups"]["boundaries"] == [125, 250, 375, 500, 625, 750, 875]
     assert min(ptq["timestep_groups"]["calibration_inputs"]) >= 16
     assert "W8A6-ndtc-bcg" in json.loads((out / "report.json").read_text())
+
+
+def test_under_torchrun_each_groups_observers_merge_into_what_one_process_observes(fp, monkeypatch):
+    import importlib
+
+    quantize_module = importlib.import_module("qtoolkit.graph.quantize")  # the package's `quantize` is the function
+
+    config = QuantConfig(timestep_groups=2, activation_observer="minmax")
+    x, t = calibration_inputs(16, 5)
+    everything = _grouped(fp, config, [500], (x, t))
+    ranks = []
+    for half in (slice(0, 8), slice(8, 16)):  # each "process" observes its share of the batches
+        q = quantize(fp, config)
+        set_timestep_boundaries(q, [500])
+        with calibrate(q):
+            q(x[half], t[half])
+        ranks.append(q)
+    # Rank 0's view of a gather: its own observers, then rank 1's.
+    rank_1 = {f"{name}.{role}.observers": quantizer.observers for name, op in quant_ops(ranks[1]).items()
+              for role, quantizer in op.activation_quantizers().items()}
+    monkeypatch.setattr(quantize_module, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(quantize_module, "gather_objects", lambda mine: [mine, rank_1])
+    quantize_module.merge_observations(ranks[0])
+    freeze(ranks[0])
+    for key, scale in _activation_scales(everything).items():
+        torch.testing.assert_close(_activation_scales(ranks[0])[key], scale, rtol=1e-6, atol=0, msg=key)

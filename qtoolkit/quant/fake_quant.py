@@ -60,15 +60,19 @@ class FakeQuantize(nn.Module):
             raise QtoolkitError("quantization parameters are not fixed yet: calibrate(model), then freeze(model)")
         return QuantParams(self.scale, self.zero_point, self.bits, self.symmetric, self.axis)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        """`context`: what a subclass's quantizer reads besides x (a timestep-grouped one: each sample's group)."""
         if self.mode == "observe":
-            self.observe(x)
+            self.observe(x, *context)
             return x
         if self.mode == "pass":
             return x
         if not self.is_frozen:
             raise QtoolkitError("a quantizer of this model has no fixed parameters yet: run calibration batches inside "
                                 "`with calibrate(model):`, then call freeze(model)")
+        return self.fake_quantize(x, *context)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         return self.params.fake_quantize(x)
 
     def extra_repr(self) -> str:

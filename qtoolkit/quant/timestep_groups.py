@@ -218,18 +218,7 @@ class GroupedFakeQuantize(FakeQuantize):
     def params(self) -> QuantParams:
         raise QtoolkitError("this quantizer has one scale and zero point per timestep group: read group_params(g)")
 
-    def forward(self, x: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
-        if group is None:
-            raise QtoolkitError("a timestep-grouped quantizer needs the group of each sample: call it as "
-                                "quantizer(x, group)")
-        if self.mode == "observe":
-            self.observe(x, group)
-            return x
-        if self.mode == "pass":
-            return x
-        if not self.is_frozen:
-            raise QtoolkitError("a quantizer of this model has no fixed parameters yet: run calibration batches inside "
-                                "`with calibrate(model):`, then call freeze(model)")
+    def fake_quantize(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         rows = rows_of(group, x.shape[0])
         only = single_group(rows)
         if only is not None:
