@@ -45,9 +45,10 @@ from qtoolkit.sampling import unet_predictor
 STRATEGIES = ["ndtc", "uniform", "random", "first-n", "real-data"]
 
 
-def parse_bits(text: str) -> tuple[int, int]:
+def parse_bits(text: str) -> tuple[int | None, int | None]:
+    """W8A8, W4A8, ...; "fp" keeps that side in full precision (W8Afp: weights only)."""
     w, a = text.upper().lstrip("W").split("A")
-    return int(w), int(a)
+    return tuple(None if bits == "FP" else int(bits) for bits in (w, a))
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -89,6 +90,8 @@ def main() -> None:
                    help="calibration seeds; all get the per-step SQNR, the first also samples + FID/KID/IS/PSNR")
     p.add_argument("--sample-bits", nargs="*", default=None,
                    help="bit widths that get samples + FID/KID/IS/PSNR (default: all); others get per-step SQNR only")
+    p.add_argument("--sample-rows", nargs="*", default=None, metavar="ROW",
+                   help="sample only these rows (names without bit widths and seed, e.g. 'ndtc+bc'); default all")
     p.add_argument("--rounding", default=None, metavar="METHOD",
                    help="also report each model after this rounding method (e.g. brecq, adaround)")
     p.add_argument("--rounding-param", type=parse_param, nargs="*", default=[], metavar="KEY=VALUE",
@@ -147,7 +150,9 @@ def main() -> None:
                 correct_bias(corrected, fp_graph, (calibration.x, calibration.t), samples=a.bias_samples, seed=seed,
                              per_group=True)
                 candidates[f"{name}+bcg s{seed}"] = unet_predictor(corrected)
-        sampled = {name for name in candidates if name.endswith(f" s{a.seeds[0]}")} if bits in sample_bits else set()
+        sampled = {name for name in candidates if name.endswith(f" s{a.seeds[0]}") and
+                   (not a.sample_rows or name.removeprefix(f"{bits} ").rsplit(" s", 1)[0] in a.sample_rows)} \
+            if bits in sample_bits else set()
         results[bits] = compare_to_fp(model, candidates, settings, a.out / bits, sampled=sampled)
         print(format_study(results), flush=True)
 
