@@ -122,7 +122,7 @@ def int8_layers(qgraph: fx.GraphModule) -> dict[str, Int8Layer]:
             continue
         if op.output is not None and not all(_is_uint8(p) for p in outputs):
             continue
-        layers[name] = layer = _layer(qgraph, name, op, nodes[op.node], inputs[0], weight_params)
+        layers[name] = layer = _layer(qgraph, name, op, nodes[op.node], inputs[0], weight_params, outputs[0])
         if isinstance(op.input, GroupedFakeQuantize):
             layer.timestep_groups = [(float(i.scale), int(i.zero_point), None if o is None else
                                       (float(o.scale), int(o.zero_point))) for i, o in zip(inputs, outputs)]
@@ -137,7 +137,7 @@ def _per_group(quantizer) -> list[QuantParams]:
 
 
 def _layer(qgraph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node, input_params: QuantParams,
-           weight_params: QuantParams) -> Int8Layer:
+           weight_params: QuantParams, output_params: QuantParams | None) -> Int8Layer:
     weight = qgraph.get_parameter(op.weight_target).detach()
     codes = weight_params.quantize(weight).to(torch.int8)
     scale = weight_params.scale.detach().float().expand(weight.shape[0]).contiguous()
@@ -147,8 +147,7 @@ def _layer(qgraph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node, i
         bias = qgraph.get_parameter(bias_node.target).detach().float()
         if op.bias is not None:  # the bias on the accumulator's grid, as the simulation adds it
             bias = op.bias.params.fake_quantize(bias)
-    output = None if op.output is None else \
-        (float(_per_group(op.output)[0].scale), int(_per_group(op.output)[0].zero_point))
+    output = None if output_params is None else (float(output_params.scale), int(output_params.zero_point))
     layer = Int8Layer(name, op.path, op.kind, codes, scale, float(input_params.scale), int(input_params.zero_point),
                       bias, output)
     if op.kind == "conv2d":
