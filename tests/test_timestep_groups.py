@@ -28,6 +28,9 @@ from qtoolkit_plugins.timestep_boundaries import min_step
 
 from conftest import calibration_inputs
 
+# Deployed int8 numerics: run again with the AVX2 code paths forced (make test-avx2-paths).
+pytestmark = pytest.mark.avx2_paths
+
 # The least per-step SQNR (dB) of a deployed grouped model against its simulation, per backend (see the test).
 FOLLOWS_THE_SIMULATION_DB = {"fbgemm": 30, "qnnpack": 20}
 GROUPED = QuantConfig(quantize_conv_outputs=True, timestep_groups=2, overflow_fix="weights-7bit")
@@ -117,14 +120,17 @@ def test_the_torch_backends_run_each_groups_scales_and_agree_with_the_simulation
 
 
 def test_the_deployed_layers_use_the_scales_of_the_callers_group(grouped_qgraph):
-    """fbgemm follows the simulation of a grouped model to the code: with each group given the other's scales, the
-    deployed model at an early timestep is far from it."""
+    """With each group given the other's scales, the deployed model follows that simulation, not the first: at an
+    early timestep each fbgemm model is closer to the simulation whose scales it holds (on any CPU: without VNNI
+    fbgemm is a few one-code flips away from either simulation, not exact)."""
     x, early = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.full((4,), 100)
+    swapped_graph = _swapped_groups(grouped_qgraph)
     with torch.no_grad():
-        simulated = grouped_qgraph(x, early)
-        right = sqnr_db(simulated, lower_graph(grouped_qgraph, "fbgemm")(x, early))
-        swapped = sqnr_db(simulated, lower_graph(_swapped_groups(grouped_qgraph), "fbgemm")(x, early))
-    assert swapped < right - 10, (swapped, right)
+        simulated, simulated_swapped = grouped_qgraph(x, early), swapped_graph(x, early)
+        deployed = lower_graph(grouped_qgraph, "fbgemm")(x, early)
+        deployed_swapped = lower_graph(swapped_graph, "fbgemm")(x, early)
+    assert sqnr_db(simulated, deployed) > sqnr_db(simulated_swapped, deployed) + 3
+    assert sqnr_db(simulated_swapped, deployed_swapped) > sqnr_db(simulated, deployed_swapped) + 3
 
 
 def _swapped_groups(qgraph):
