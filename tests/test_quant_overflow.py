@@ -1,4 +1,5 @@
-"""The overflow fix: int8 products that x86 CPUs without VNNI saturate, and the 7-bit weight grid that avoids them.
+"""The overflow fix: int8 products that x86 CPUs without VNNI saturate, and the weight grids that avoid them (pairs
+of codes within the int16 limit; the 7-bit grid).
 
 The kernel test runs in a child process with the int8 libraries forced onto their AVX2 code, so that a VNNI or
 AMX machine shows what an AVX2 user gets (and so that the forced-AVX2 agreement run, `make test`'s second stage,
@@ -56,7 +57,7 @@ def host(monkeypatch):
 def test_the_host_saturates_where_its_int8_kernels_have_no_vnni(host, flags, env, saturates):
     host(flags, **env)
     assert int8_capability()[0] is saturates
-    assert QuantConfig().overflow_fix == ("weights-7bit" if saturates else "none")
+    assert QuantConfig().overflow_fix == ("weight-pairs" if saturates else "none")
 
 
 def test_an_arm_host_never_saturates(monkeypatch):
@@ -67,10 +68,14 @@ def test_an_arm_host_never_saturates(monkeypatch):
 @pytest.mark.parametrize("flags", [{"avx2"}, {"avx512_vnni"}])
 def test_target_cpu_any_and_vnni_decide_whatever_the_host(host, flags):
     host(flags)
-    assert QuantConfig(target_cpu="any").overflow_fix == "weights-7bit"
+    assert QuantConfig(target_cpu="any").overflow_fix == "weight-pairs"
     assert QuantConfig(target_cpu="vnni").overflow_fix == "none"
     assert QuantConfig(overflow_fix="weights-7bit", target_cpu="vnni").overflow_fix == "weights-7bit"
     assert QuantConfig(overflow_fix="none", target_cpu="any").overflow_fix == "none"
+
+
+def test_asymmetric_weights_get_the_7bit_grid_for_the_pair_limit_holds_signed_codes_only():
+    assert QuantConfig(weight_symmetric=False, target_cpu="any").overflow_fix == "weights-7bit"
 
 
 @pytest.mark.parametrize("bits", [(4, 8), (8, 6), (8, None), (None, 8)])
@@ -88,7 +93,9 @@ def test_an_unknown_setting_is_refused_with_the_choices(field, value):
 def test_a_saved_config_keeps_its_grid_on_any_host(host):
     host({"avx2"})
     fixed = QuantConfig.from_dict(QuantConfig(target_cpu="any").to_dict())
-    assert (fixed.overflow_fix, fixed.weight_grid_bits) == ("weights-7bit", 7)
+    assert (fixed.overflow_fix, fixed.weight_grid_bits) == ("weight-pairs", 8)
+    seven = QuantConfig.from_dict(QuantConfig(overflow_fix="weights-7bit").to_dict())
+    assert (seven.overflow_fix, seven.weight_grid_bits) == ("weights-7bit", 7)
     # A config saved before the setting existed was frozen on the full 8-bit grid: it stays there, whatever
     # "auto" would choose on this host.
     older = {k: v for k, v in QuantConfig(overflow_fix="none").to_dict().items()
@@ -96,19 +103,21 @@ def test_a_saved_config_keeps_its_grid_on_any_host(host):
     assert QuantConfig.from_dict(older).overflow_fix == "none"
 
 
-def test_the_plan_says_which_weights_are_on_the_7bit_grid():
+def test_the_plan_says_how_the_weights_avoid_saturation():
     from qtoolkit.graph.listing import scheme
 
     class Planned:  # the one field scheme reads of a planned conv2d besides its split
         op, split = type("Op", (), {"kind": "conv2d"})(), None
     assert scheme(QuantConfig(target_cpu="any"), Planned) == \
+        "W8A8, per-channel weights, weight code pairs within 128 (overflow_fix weight-pairs)"
+    assert scheme(QuantConfig(overflow_fix="weights-7bit"), Planned) == \
         "W8A8, per-channel weights, weights on the 7-bit grid (overflow_fix weights-7bit)"
     assert scheme(QuantConfig(target_cpu="vnni"), Planned) == "W8A8, per-channel weights"
 
 
 def test_weights_7bit_puts_every_weight_on_the_7bit_grid_and_leaves_activations_at_8(fp):
     inputs = calibration_inputs(16, 0)
-    fixed = frozen_copy(fp, QuantConfig(target_cpu="any"), inputs)
+    fixed = frozen_copy(fp, QuantConfig(overflow_fix="weights-7bit"), inputs)
     full = frozen_copy(fp, QuantConfig(target_cpu="vnni"), inputs)
     for name, op in quant_ops(fixed).items():
         if op.weight is not None:
@@ -118,6 +127,60 @@ def test_weights_7bit_puts_every_weight_on_the_7bit_grid_and_leaves_activations_
             assert quant_ops(full)[name].weight.params.qmax == 127
         if op.input is not None:
             assert (op.input.params.qmin, op.input.params.qmax) == (0, 255)
+
+
+def _pairs_over_the_limit(codes: torch.Tensor, parts: tuple[int, ...]) -> int:
+    rows = codes.reshape(codes.shape[0], -1)
+    over = 0
+    for pairs in overflow.pairings(codes.shape[1], rows.shape[1] // codes.shape[1], parts):
+        a, b = rows[:, pairs[:, 0]], rows[:, pairs[:, 1]]
+        over += int(((a * b > 0) & ((a + b).abs() > overflow.PAIR_LIMIT)).sum())
+    return over
+
+
+def _weight_error(graph) -> float:
+    error = 0.0
+    for op in quant_ops(graph).values():
+        if op.weight is not None:
+            weight = graph.get_parameter(op.weight_target).detach()
+            error += float((op.weight.params.fake_quantize(weight) - weight).pow(2).sum())
+    return error
+
+
+def test_weight_pairs_keep_every_pair_within_the_limit_and_lie_closer_to_the_weights_than_the_7bit_grid(fp):
+    inputs = calibration_inputs(16, 0)
+    models = {fix: frozen_copy(fp, QuantConfig(overflow_fix=fix), inputs) for fix in ("none", "weight-pairs",
+                                                                                      "weights-7bit")}
+    pairs = models["weight-pairs"]
+    over_without_fix = 0
+    for name, op in quant_ops(pairs).items():
+        if op.weight is not None:
+            weight = pairs.get_parameter(op.weight_target)
+            params = op.weight.params
+            assert params.pair_parts == (0, weight.shape[1]) and (params.qmin, params.qmax) == (-127, 127)
+            assert _pairs_over_the_limit(params.quantize(weight), params.pair_parts) == 0, op.path
+            none = quant_ops(models["none"])[name].weight.params
+            over_without_fix += _pairs_over_the_limit(none.quantize(weight), params.pair_parts)
+    assert over_without_fix > 0  # the tiny UNet's weights do pair over the limit: the fix has work to do
+    errors = {fix: _weight_error(graph) for fix, graph in models.items()}
+    assert errors["none"] < errors["weight-pairs"] < errors["weights-7bit"], errors
+
+
+def test_limit_pairs_moves_only_the_pairs_over_the_limit_to_the_nearest_pair_on_it():
+    codes = torch.tensor([[[100.0], [90.0], [-100.0], [-20.0], [127.0], [-127.0], [70.0], [60.0]]])  # (1, 8, 1)
+    limited = overflow.limit_pairs(codes, codes + 0.2, (0, 8), 127)
+    # 100.2 + 90.2 is 62.4 over: each gives half; opposite signs and sums within 128 stay.
+    assert limited.flatten().tolist() == [69.0, 59.0, -100.0, -20.0, 127.0, -127.0, 69.0, 59.0]
+    # No code grows, even where the targets lie elsewhere (a code an earlier pairing moved): 60 + 70 gives 2.
+    assert overflow.limit_pairs(torch.tensor([[[60.0], [70.0]]]), torch.tensor([[[120.0], [10.0]]]), (0, 2),
+                                127).flatten().tolist() == [60.0, 68.0]
+
+
+def test_an_odd_part_is_also_held_in_the_flattened_tap_channel_order():
+    # 3 input channels, 2 taps: by channel (0, 2), (1, 3); in (tap, channel) order (0, 2), (4, 1), (3, 5).
+    by_channel, flattened = overflow.pairings(3, 2, (0, 3))
+    assert by_channel.tolist() == [[0, 2], [1, 3]] and flattened.tolist() == [[0, 2], [4, 1], [3, 5]]
+    assert len(overflow.pairings(4, 9, (0, 4))) == 1  # even parts: the two orders pair the same elements
 
 
 @pytest.mark.parametrize("fix, bits, warns", [("none", 8, True), ("weights-7bit", 8, False), ("none", 4, False)])
@@ -132,38 +195,50 @@ def test_the_saturation_warning_names_the_cpu_and_the_setting(host, fix, bits, w
     assert saturation_warning(config, "fbgemm") is None
 
 
-# One 3x3 convolution, 64 to 64 channels, inputs and weights over their full grids: the layer that saturates.
+# Layers whose inputs and weights use their full grids: the layers that saturate. Each is run on codes drawn over the
+# full 8-bit weight grid ("full"), the 7-bit grid ("7bit") and the full grid with its pairs limited ("pairs"): a 3x3
+# convolution of 64 channels, one of 5 (an odd part, which fbgemm pairs across taps) and a linear of 33 inputs.
 KERNEL_PROBE = """
 import json, sys, torch
-from torch.ao.nn.quantized import Conv2d
+from torch.ao.nn.quantized import Conv2d, Linear
+from qtoolkit.quant.overflow import limit_pairs
 torch.backends.quantized.engine = sys.argv[1]
 g = torch.Generator().manual_seed(0)
-codes_x = torch.randint(0, 256, (1, 64, 8, 8), generator=g)
 errors = {}
-for qmax in (127, 63):
-    codes_w = torch.randint(-qmax, qmax + 1, (64, 64, 3, 3), generator=g).float()
+for name, cin, kernel in (("conv64", 64, 3), ("conv5", 5, 3), ("linear33", 33, None)):
+    codes_x = torch.randint(0, 256, (1, cin, 8, 8) if kernel else (16, cin), generator=g)
     x = torch._make_per_tensor_quantized_tensor(codes_x.to(torch.uint8), 1.0, 0)
-    w = torch.quantize_per_channel(codes_w, torch.ones(64, dtype=torch.double), torch.zeros(64, dtype=torch.long), 0,
-                                   torch.qint8)
-    exact = torch.nn.functional.conv2d(codes_x.double(), codes_w.double(), padding=1)
-    scale = float(exact.abs().max()) / 120  # an output grid that holds every exact sum
-    conv = Conv2d(64, 64, 3, padding=1)
-    conv.set_weight_bias(w, None)
-    conv.scale, conv.zero_point = scale, 128
-    out = conv(x).dequantize().double()
-    errors[qmax] = float((out - exact).abs().max() / scale)  # in steps of the output grid
+    for grid in ("full", "7bit", "pairs"):
+        qmax = 63 if grid == "7bit" else 127
+        codes_w = torch.randint(-qmax, qmax + 1, (64, cin, kernel, kernel) if kernel else (64, cin), generator=g)
+        codes_w = codes_w.float()
+        if grid == "pairs":
+            codes_w = limit_pairs(codes_w, codes_w, (0, cin), 127)
+        w = torch.quantize_per_channel(codes_w, torch.ones(64, dtype=torch.double), torch.zeros(64, dtype=torch.long),
+                                       0, torch.qint8)
+        if kernel:
+            exact, layer = torch.nn.functional.conv2d(codes_x.double(), codes_w.double(), padding=1), Conv2d(cin, 64, kernel, padding=1)
+        else:
+            exact, layer = codes_x.double() @ codes_w.double().t(), Linear(cin, 64)
+        scale = float(exact.abs().max()) / 120  # an output grid that holds every exact sum
+        layer.set_weight_bias(w, None)
+        layer.scale, layer.zero_point = scale, 128
+        out = layer(x).dequantize().double()
+        errors[f"{name}-{grid}"] = float((out - exact).abs().max() / scale)  # in steps of the output grid
 print(json.dumps(errors))
 """
 
 
 @pytest.mark.skipif(not X86, reason=f"saturation is x86's (vpmaddubsw); this CPU is {platform.machine()}")
 @pytest.mark.parametrize("engine", ["fbgemm", "x86"])
-def test_forced_avx2_kernels_saturate_full_range_weights_and_are_exact_on_the_7bit_grid(engine):
+def test_forced_avx2_kernels_saturate_full_range_weights_and_are_exact_with_either_fix(engine):
     run = subprocess.run([sys.executable, "-c", KERNEL_PROBE, engine], capture_output=True, text=True, check=True,
                          env={**os.environ, **FORCED_AVX2})
     errors = json.loads(run.stdout.strip().splitlines()[-1])
-    assert errors["63"] <= 0.5 + 1e-6, errors  # exact, up to the output's own rounding
-    assert errors["127"] > 10, errors  # clipped pair sums: many output steps off
+    for layer in ("conv64", "conv5", "linear33"):
+        assert errors[f"{layer}-7bit"] <= 0.5 + 1e-4, errors  # exact, up to the output's own rounding (and float)
+        assert errors[f"{layer}-pairs"] <= 0.5 + 1e-4, errors
+        assert errors[f"{layer}-full"] > 10, errors  # clipped pair sums: many output steps off
 
 
 @pytest.fixture(scope="module")

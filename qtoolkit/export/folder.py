@@ -19,7 +19,7 @@ from ..errors import QtoolkitError
 from ..graph import quant_config_of, quant_ops
 from ..io import atomic_dir, read_description
 from ..models.loading import DiffusionModel
-from ..quant.overflow import int8_arithmetic
+from ..quant.overflow import PAIR_LIMIT, WEIGHT_PAIRS, int8_arithmetic
 from .onnx_graph import BATCH, export_onnx, graph_summary, network_graph, require_exporter
 
 ONNX_FILE = "model.onnx"
@@ -41,6 +41,8 @@ def _quantization(graph: torch.fx.GraphModule) -> dict | None:
         granularity = "per output channel (axis 0)" if config.weight_granularity == "per_channel" else "per tensor"
         codes = "symmetric int8" if config.weight_symmetric else "asymmetric uint8"
         weights = f"{config.weight_grid_bits}-bit {granularity}: {codes} codes -> DequantizeLinear"
+        if config.overflow_fix == WEIGHT_PAIRS:
+            weights += f" (adjacent input channels' same-sign codes sum to at most {PAIR_LIMIT})"
     if config.activation_bits is not None:
         inputs = ("8-bit per tensor: QuantizeLinear (uint8, zero point) -> DequantizeLinear before each quantized "
                   "layer; layers that read the same tensor with the same parameters share one pair")

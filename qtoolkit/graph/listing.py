@@ -17,6 +17,7 @@ from torch import fx, nn
 from ..errors import QtoolkitError
 from ..quant.config import QuantConfig
 from ..quant.fake_quant import SplitFakeQuantize
+from ..quant.overflow import PAIR_LIMIT, WEIGHT_PAIRS
 from ..quant.timestep_groups import GroupedFakeQuantize
 from .patterns import OP_KINDS, quantizable_ops
 from .quantize import PlannedOp, plan, quant_config_of, quant_ops, timestep_groups_of
@@ -47,6 +48,8 @@ def scheme(config: QuantConfig, planned: PlannedOp) -> str:
         parts.append(f"{config.weight_granularity.replace('_', '-')} weights")
     if config.weight_grid_bits != config.weight_bits:
         parts.append(f"weights on the {config.weight_grid_bits}-bit grid (overflow_fix {config.overflow_fix})")
+    elif config.overflow_fix == WEIGHT_PAIRS:
+        parts.append(f"weight code pairs within {PAIR_LIMIT} (overflow_fix {config.overflow_fix})")
     if planned.op.kind == "conv2d" and config.quantize_conv_outputs:
         parts.append("output quantized")
     if config.grouped:

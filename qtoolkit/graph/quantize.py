@@ -136,7 +136,7 @@ def _insert_layer(qgraph: fx.GraphModule, node: fx.Node, name: str, planned: Pla
     quantizers = OpQuantizers(planned.op.path, planned.op.kind, node.name, node.args[1].target)
     split = None if planned.split is None else (planned.split, weight.shape[1])
     quantizers.input = _activation_quantizer(config, split)
-    quantizers.weight = weight_quantizer(config, weight.shape[0])
+    quantizers.weight = weight_quantizer(config, weight.shape, planned.split)
     has_bias = len(node.args) > 2 and node.args[2] is not None
     if config.quantize_conv_outputs and planned.op.kind == "conv2d":
         quantizers.output = _activation_quantizer(config)

@@ -73,9 +73,11 @@ class QuantConfig:
     keep_float: the graph rules whose ops stay in full precision (FLOAT_RULES; default all of them, less
         "shortcut" with split_shortcuts, which quantizes those convolutions per part); [] to quantize every op
         the patterns select, as PTQ4DM's code did.
-    overflow_fix: "auto" (default), "none" or "weights-7bit": whether 8-bit weights use the 7-bit grid [-63, 63], so
-        that x86 CPUs without VNNI, whose int8 kernels add pairs of u8 x s8 products in a saturating int16, compute
-        the deployed model exactly (qtoolkit.quant.overflow says why). "auto" is resolved on construction from
+    overflow_fix: "auto" (default), "none", "weight-pairs" or "weights-7bit": how 8-bit weights keep x86 CPUs without
+        VNNI, whose int8 kernels add pairs of u8 x s8 products in a saturating int16, computing the deployed model
+        exactly (qtoolkit.quant.overflow says why): "weight-pairs" limits the pairs of codes the kernels add to
+        128, "weights-7bit" puts every weight on the 7-bit grid [-63, 63] (asymmetric weights, which the pair
+        limit does not cover, get it for "weight-pairs"). "auto" is resolved on construction from
         target_cpu; the resolved value is what the config holds, saves and reports. Only W8A8 can saturate:
         any other quantization resolves to "none".
     target_cpu: for "auto": "host" (default: the CPU this runs on, including FBGEMM_ENABLE_INSTRUCTIONS /
@@ -106,7 +108,7 @@ class QuantConfig:
     quantize_attention_matmuls: bool = False
     quantize_conv_outputs: bool = False
     split_shortcuts: bool = False
-    overflow_fix: str = "auto"  # resolved on construction: "none" or "weights-7bit"
+    overflow_fix: str = "auto"  # resolved on construction: "none", "weight-pairs" or "weights-7bit"
     target_cpu: str = "host"
     timestep_groups: int = 1
     timestep_boundaries: str | None = None  # None: the registered default rule, filled in when timestep_groups > 1
@@ -119,7 +121,7 @@ class QuantConfig:
         check_bits(self.activation_bits, "activation_bits")
         check_choice(self.weight_granularity, GRANULARITIES, "weight_granularity")
         self.overflow_fix = resolve_overflow_fix(self.overflow_fix, self.target_cpu, self.weight_bits,
-                                                 self.activation_bits)
+                                                 self.activation_bits, self.weight_symmetric)
         self.weight_observer = observer_for("weight", self.weight_observer).name
         self.activation_observer = observer_for("activation", self.activation_observer).name
         for name in ("weight_symmetric", "activation_symmetric", "quantize_attention_matmuls", "quantize_conv_outputs",

@@ -9,13 +9,19 @@ running unquantized would make every later measurement a lie.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from ..errors import QtoolkitError
 from .config import QuantConfig
 from .observers import Observer, make_activation_observer, make_weight_observer
+from .overflow import WEIGHT_PAIRS
 from .quantizer import QuantParams
+
+# The factors by which a pair-limited weight quantizer may widen its observer's scale (PairLimitedFakeQuantize).
+PAIR_WIDENINGS = torch.linspace(1, 2, 33)
 
 
 class FakeQuantize(nn.Module):
@@ -120,6 +126,46 @@ class SplitFakeQuantize(FakeQuantize):
         return f"{super().extra_repr()}, split={self.split} of {self.channels} channels"
 
 
+class PairLimitedFakeQuantize(FakeQuantize):
+    """A weight quantizer under overflow_fix "weight-pairs": 8-bit codes whose pairs, as x86 kernels without VNNI
+    add them in int16, stay within the limit (qtoolkit.quant.overflow.limit_pairs). `pair_parts`: the input
+    channel boundaries of the kernels that run the weight (QuantParams.pair_parts).
+
+    At the observer's scale the largest weights of a channel often pair over the limit, and moving such a pair
+    onto it costs far more than rounding does. So freeze widens each channel's scale by the factor in
+    [1, 2] (PAIR_WIDENINGS) whose pair-limited codes are nearest to the weight (squared error): at 2 the codes
+    reach 64 at most and no pair is over the limit, so the result is never further from the weight than the 7-bit
+    grid, and on trained weights it lies much closer."""
+
+    def __init__(self, observer: Observer, bits: int, channels: int | None, pair_parts: tuple[int, ...]):
+        super().__init__(observer, bits, symmetric=True, channels=channels)
+        self.pair_parts = pair_parts
+        self._weight: torch.Tensor | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        super().observe(x)
+        self._weight = x
+
+    def freeze(self) -> None:
+        super().freeze()
+        weight, self._weight = self._weight, None
+        base, best_error = self.params, None
+        for widening in PAIR_WIDENINGS:
+            params = replace(base, scale=base.scale * widening)
+            error = (params.dequantize(params.quantize(weight)) - weight).pow(2)
+            error = error.sum() if self.axis is None else error.flatten(1).sum(1)
+            better = torch.ones_like(error, dtype=torch.bool) if best_error is None else error < best_error
+            best_error = error if best_error is None else torch.where(better, error, best_error)
+            self.scale.copy_(torch.where(better, params.scale, self.scale))
+
+    @property
+    def params(self) -> QuantParams:
+        return replace(super().params, pair_parts=self.pair_parts)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pairs limited in input-channel parts {self.pair_parts}"
+
+
 def activation_quantizer(config: QuantConfig, split: tuple[int, int] | None = None) -> FakeQuantize | None:
     """A per-tensor activation quantizer as configured (per part, for split = (split channel, channels)),
     or None when activations stay in full precision."""
@@ -132,11 +178,15 @@ def activation_quantizer(config: QuantConfig, split: tuple[int, int] | None = No
     return FakeQuantize(observer(), config.activation_bits, config.activation_symmetric)
 
 
-def weight_quantizer(config: QuantConfig, out_channels: int) -> FakeQuantize | None:
-    """A weight quantizer as configured, or None when weights stay in full precision."""
+def weight_quantizer(config: QuantConfig, shape: torch.Size, split: int | None = None) -> FakeQuantize | None:
+    """A quantizer as configured for a weight of `shape` (out, in, *kernel), run as one kernel per input-channel part
+    [0, split) and [split, in) for a split layer; or None when weights stay in full precision."""
     if config.weight_bits is None:
         return None
     per_channel = config.weight_granularity == "per_channel"
     observer = make_weight_observer(config, 0 if per_channel else None)
-    return FakeQuantize(observer, config.weight_grid_bits, config.weight_symmetric,
-                        out_channels if per_channel else None)
+    channels = shape[0] if per_channel else None
+    if config.overflow_fix == WEIGHT_PAIRS:
+        parts = (0, shape[1]) if split is None else (0, split, shape[1])
+        return PairLimitedFakeQuantize(observer, config.weight_bits, channels, parts)
+    return FakeQuantize(observer, config.weight_grid_bits, config.weight_symmetric, channels)

@@ -9,10 +9,17 @@ model is no longer the model the fake-quant simulation measured (10-20 dB of per
 
 The fix is part of the quantization, so the simulation models it exactly (QuantConfig.overflow_fix):
 
-- "weights-7bit": 8-bit weights on the 7-bit grid [-63, 63]: 255 x 63 x 2 = 32,130 fits, on every x86 CPU. The
-  codes are still stored as int8, so every backend runs them unchanged. NNCF's OverflowFix and OpenVINO's
-  documented workaround do the same; measured on the bundled model and on pulfer-fmnist it costs less than 7-bit
-  activations (PyTorch's and ONNX Runtime's `reduce_range`), which is why it is the fix qtoolkit offers.
+- "weight-pairs": 8-bit weights whose codes, taken two by two as the kernels pair them, never sum to more than
+  128 in magnitude with the same sign: 255 x 128 = 32,640 fits. Only the pairs of two large same-sign weights
+  move (to the nearest pair on the limit); every other weight keeps its 8-bit code. The kernels pair adjacent
+  input channels at each kernel tap (fbgemm, ONNX Runtime's MLAS and oneDNN in PyTorch and OpenVINO lay a
+  convolution's weights out as (tap, input channel) with channels innermost), or, where a part has an odd
+  number of input channels, adjacent elements of that flattened order: `limit_pairs` holds both.
+- "weights-7bit": 8-bit weights on the 7-bit grid [-63, 63]: 255 x 63 x 2 = 32,130 fits, whatever the pairing.
+  NNCF's OverflowFix and OpenVINO's documented workaround do this; it costs more than the pair limit (every
+  weight loses a bit), and less than 7-bit activations (PyTorch's and ONNX Runtime's `reduce_range`).
+
+Either way the codes are still int8, so every backend runs them unchanged.
 - "none": full 8-bit grids: exact on CPUs with VNNI and on ARM (qnnpack and ARM int8 kernels widen before adding).
 - "auto" (the default) chooses from QuantConfig.target_cpu: "host" (the CPU the job runs on), "any" (a model that
   must be right everywhere: always the fix) or "vnni" (a model for VNNI/AMX CPUs only: never the fix).
@@ -30,17 +37,23 @@ import os
 import platform
 from pathlib import Path
 
+import torch
+
 from ..errors import QtoolkitError
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 NONE = "none"
+WEIGHT_PAIRS = "weight-pairs"
 WEIGHTS_7BIT = "weights-7bit"
-OVERFLOW_FIXES = (AUTO, NONE, WEIGHTS_7BIT)
+OVERFLOW_FIXES = (AUTO, NONE, WEIGHT_PAIRS, WEIGHTS_7BIT)
 TARGET_CPUS = ("host", "any", "vnni")
 # The weight grid that cannot saturate a u8 x s8 pair sum in int16: 255 x 63 x 2 <= 32,767.
 FIXED_WEIGHT_BITS = 7
+# The largest magnitude of the sum of two same-sign weight codes that an int16 holds against any pair of u8
+# activation codes: 255 x 128 = 32,640 <= 32,767 (and -32,640 >= -32,768); 129 would not fit.
+PAIR_LIMIT = 128
 
 # The CPU flags (Linux /proc/cpuinfo names) of an int8 dot product that accumulates in int32 without an int16 step.
 # AVX-VNNI (avx_vnni, 256-bit, Alder Lake and later) is not among them: fbgemm has no kernel for it and uses
@@ -90,8 +103,6 @@ def int8_capability() -> tuple[bool, str]:
 
 
 def _aten_capability() -> str:
-    import torch  # torch's own reading of the CPU, for the message only
-
     return torch.backends.cpu.get_cpu_capability()
 
 
@@ -105,18 +116,70 @@ def check_choice(value, choices: tuple[str, ...], name: str) -> None:
         raise QtoolkitError(f"{name} = {value!r} is not known: choose one of {', '.join(choices)}")
 
 
-def resolve_overflow_fix(fix: str, target_cpu: str, weight_bits: int | None, activation_bits: int | None) -> str:
-    """The overflow fix that `fix` means for this quantization and target CPU: "auto" becomes "weights-7bit" where
+def resolve_overflow_fix(fix: str, target_cpu: str, weight_bits: int | None, activation_bits: int | None,
+                         weight_symmetric: bool = True) -> str:
+    """The overflow fix that `fix` means for this quantization and target CPU: "auto" becomes "weight-pairs" where
     the target's kernels would saturate full 8-bit grids, else "none". A quantization that cannot saturate (weights
-    or activations below 8 bits, or not quantized: 255 x 127 x 2 needs both at 8) needs no fix."""
+    or activations below 8 bits, or not quantized: 255 x 127 x 2 needs both at 8) needs no fix. The pair limit is
+    one of signed codes: asymmetric weights get the 7-bit grid instead."""
     check_choice(fix, OVERFLOW_FIXES, "overflow_fix")
     check_choice(target_cpu, TARGET_CPUS, "target_cpu")
     if weight_bits != 8 or activation_bits != 8:
         return NONE
-    if fix != AUTO:
-        return fix
-    saturates = {"host": int8_products_saturate, "any": lambda: True, "vnni": lambda: False}[target_cpu]()
-    return WEIGHTS_7BIT if saturates else NONE
+    if fix == AUTO:
+        saturates = {"host": int8_products_saturate, "any": lambda: True, "vnni": lambda: False}[target_cpu]()
+        fix = WEIGHT_PAIRS if saturates else NONE
+    if fix == WEIGHT_PAIRS and not weight_symmetric:
+        return WEIGHTS_7BIT
+    return fix
+
+
+def _pairs(index: torch.Tensor) -> torch.Tensor:
+    """(P, 2): consecutive elements of `index`, two by two (an odd last one pairs with the kernels' zero padding)."""
+    return index[:index.numel() // 2 * 2].reshape(-1, 2)
+
+
+@functools.cache
+def pairings(in_channels: int, taps: int, parts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The pairs of weight elements that x86 kernels add in one int16, as (P, 2) indices into one output channel's
+    weights flattened from (in_channels, *kernel) (taps = the kernel's size, 1 for a linear). `parts`: the input
+    channel boundaries of the kernels that run the weight: (0, in_channels), or (0, split, in_channels) for a
+    split layer, which runs as one kernel per part.
+
+    First pairing: adjacent input channels of a part at the same tap, as fbgemm, MLAS and oneDNN pack them
+    (channels innermost, a part's odd last channel against zero padding). Second, only for a part with an odd
+    number of channels: adjacent elements of the part's (tap, channel) order, as an im2col GEMM over that order
+    pairs them (fbgemm, MLAS), crossing taps."""
+    element = torch.arange(in_channels * taps).reshape(in_channels, taps)
+    by_channel, flattened = [], []
+    for start, end in zip(parts, parts[1:]):
+        part = element[start:end]
+        by_channel.append(_pairs(part[:(end - start) // 2 * 2].reshape(-1, 2, taps).transpose(1, 2).reshape(-1)))
+        if (end - start) % 2:
+            flattened.append(_pairs(part.t().reshape(-1)))
+    return tuple(torch.cat(pairing) for pairing in (by_channel, flattened) if pairing)
+
+
+def limit_pairs(codes: torch.Tensor, targets: torch.Tensor, parts: tuple[int, ...], qmax: int) -> torch.Tensor:
+    """Symmetric weight codes (float, (out, in, *kernel) or (out, in), on [-qmax, qmax]) with every pair of
+    `pairings` within PAIR_LIMIT: a pair of same-sign codes whose magnitudes sum to more moves to the nearest
+    pair on the limit, sharing the excess of `targets` (the unrounded codes, weight / scale) equally, without either
+    code growing. Pairs within the limit keep their codes. Moving codes towards zero never breaks another pair's
+    limit, so holding the pairings one after the other holds them all."""
+    rows = codes.reshape(codes.shape[0], -1).clone()
+    size = targets.reshape(codes.shape[0], -1).abs().clamp(max=qmax)
+    for pairs in pairings(codes.shape[1], rows.shape[1] // codes.shape[1], parts):
+        first, second = pairs[:, 0].to(rows.device), pairs[:, 1].to(rows.device)
+        a, b = rows[:, first], rows[:, second]
+        over = (a * b > 0) & ((a + b).abs() > PAIR_LIMIT)
+        if not bool(over.any()):
+            continue
+        excess = size[:, first] + size[:, second] - PAIR_LIMIT
+        # Nearest to the targets on the limit, but no code grows: a pairing held before stays held.
+        kept = torch.maximum(torch.minimum(torch.round(size[:, first] - excess / 2), a.abs()), PAIR_LIMIT - b.abs())
+        rows[:, first] = torch.where(over, a.sign() * kept, a)
+        rows[:, second] = torch.where(over, b.sign() * (PAIR_LIMIT - kept), b)
+    return rows.reshape(codes.shape)
 
 
 def _can_saturate(config) -> bool:
@@ -129,6 +192,10 @@ def int8_arithmetic(config) -> str:
     if config.overflow_fix == WEIGHTS_7BIT:
         return ("8-bit weights on the 7-bit grid [-63, 63] (overflow_fix weights-7bit): no u8 x s8 pair sum can "
                 "saturate int16, exact on every CPU")
+    if config.overflow_fix == WEIGHT_PAIRS:
+        return (f"8-bit weights whose same-sign codes sum to at most {PAIR_LIMIT} in every pair of adjacent input "
+                "channels (overflow_fix weight-pairs): no u8 x s8 pair sum can saturate int16 in fbgemm, oneDNN "
+                "(PyTorch, OpenVINO) or ONNX Runtime, exact on every CPU")
     if _can_saturate(config):
         return ("full 8-bit weights and activations (overflow_fix none): exact on CPUs with AVX-512 VNNI or AMX and "
                 "on ARM; x86 CPUs without VNNI saturate u8 x s8 pair sums in int16 (fbgemm, oneDNN, ONNX Runtime, "
@@ -147,7 +214,7 @@ def saturation_warning(config, backend: str) -> str | None:
         return None
     return (f"this model assumes int8 products that cannot saturate (quantization.overflow_fix: none), but on this CPU "
             f"({capability}) {backend}'s int8 kernels saturate them: its outputs will differ from the model that was "
-            "measured; re-quantize it with quantization.overflow_fix: auto (or weights-7bit, or target_cpu: any)")
+            "measured; re-quantize it with quantization.overflow_fix: auto (or weight-pairs, or target_cpu: any)")
 
 
 def warn_if_saturating(config, backend) -> None:

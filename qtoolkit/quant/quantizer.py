@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QtoolkitError
+from .overflow import limit_pairs
 
 MIN_BITS, MAX_BITS = 2, 8
 # Floor for scales so that an all-zero tensor or channel still gets a valid (positive) scale.
@@ -59,6 +60,9 @@ class QuantParams:
     bits: int
     symmetric: bool
     axis: int | None
+    # Weights under overflow_fix "weight-pairs": the input-channel boundaries of the kernels that run the weight,
+    # whose pairs of codes quantize() keeps within the int16 limit (qtoolkit.quant.overflow.limit_pairs); None: none.
+    pair_parts: tuple[int, ...] | None = None
 
     @property
     def qmin(self) -> int:
@@ -93,9 +97,17 @@ class QuantParams:
         return t.reshape(shape)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes (int32), exactly as ONNX QuantizeLinear computes them."""
+        """Integer codes (int32), exactly as ONNX QuantizeLinear computes them (then, for a weight with
+        pair_parts, with its pairs limited)."""
         scale, zero_point = self._along_axis(self.scale, x), self._along_axis(self.zero_point, x)
-        return torch.clamp(torch.round(x.float() / scale) + zero_point, self.qmin, self.qmax).to(torch.int32)
+        return self._grid_codes(x.float() / scale, zero_point).to(torch.int32)
+
+    def _grid_codes(self, scaled: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        """The float codes of `scaled` (x / scale) on this grid."""
+        codes = torch.clamp(torch.round(scaled) + zero_point, self.qmin, self.qmax)
+        if self.pair_parts is None:
+            return codes
+        return limit_pairs(codes, scaled, self.pair_parts, self.qmax)  # symmetric: zero point 0
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self._along_axis(self.scale, q), self._along_axis(self.zero_point, q)
@@ -109,12 +121,15 @@ class QuantParams:
         exact zero, so an exporter that recomputes QuantizeLinear/DequantizeLinear gets the same numbers.
         """
         scale, zero_point = self._along_axis(self.scale, x), self._along_axis(self.zero_point, x)
-        if not (torch.is_grad_enabled() and x.requires_grad):
+        inference = not (torch.is_grad_enabled() and x.requires_grad)
+        if inference and self.pair_parts is None:
             # Inference (sampling, evaluation): the same arithmetic in place, without the gradient mask;
-            # activations are large and these passes are memory-bound, so this halves their cost.
+            # activations are large and these passes are memory-bound, so this halves their cost. (A weight with
+            # pair_parts has codes that depend on each other; weights are small.)
             x_hat = torch.div(x.float(), scale).round_().add_(zero_point).clamp_(self.qmin, self.qmax)
             return x_hat.sub_(zero_point).mul_(scale).to(x.dtype)
-        codes = torch.round(x.detach().float() / scale) + zero_point
+        scaled = x.detach().float() / scale
+        codes = torch.round(scaled) + zero_point
         inside = (codes >= self.qmin) & (codes <= self.qmax)
-        x_hat = (torch.clamp(codes, self.qmin, self.qmax) - zero_point) * scale
+        x_hat = (self._grid_codes(scaled, zero_point) - zero_point) * scale
         return x_hat.to(x.dtype) + (x - x.detach()) * inside
