@@ -166,6 +166,20 @@ def test_weight_pairs_keep_every_pair_within_the_limit_and_lie_closer_to_the_wei
     assert errors["none"] < errors["weight-pairs"] < errors["weights-7bit"], errors
 
 
+def test_a_pair_limited_weight_is_quantized_again_when_the_weight_or_its_scale_changes(fp):
+    graph = frozen_copy(fp, QuantConfig(overflow_fix="weight-pairs"), calibration_inputs(16, 0))
+    op = next(op for op in quant_ops(graph).values() if op.weight is not None)
+    weight = graph.get_parameter(op.weight_target)
+    with torch.no_grad():
+        assert torch.equal(op.weight(weight), op.weight.params.fake_quantize(weight))
+        weight.mul_(0.5)  # as a rounding method writes its weights back
+        assert torch.equal(op.weight(weight), op.weight.params.fake_quantize(weight))
+        op.weight.scale.mul_(2)
+        assert torch.equal(op.weight(weight), op.weight.params.fake_quantize(weight))
+        other = weight.clone()
+        assert torch.equal(op.weight(other), op.weight.params.fake_quantize(other))
+
+
 def test_limit_pairs_moves_only_the_pairs_over_the_limit_to_the_nearest_pair_on_it():
     codes = torch.tensor([[[100.0], [90.0], [-100.0], [-20.0], [127.0], [-127.0], [70.0], [60.0]]])  # (1, 8, 1)
     limited = overflow.limit_pairs(codes, codes + 0.2, (0, 8), 127)

@@ -141,6 +141,7 @@ class PairLimitedFakeQuantize(FakeQuantize):
         super().__init__(observer, bits, symmetric=True, channels=channels)
         self.pair_parts = pair_parts
         self._weight: torch.Tensor | None = None
+        self._cached: tuple | None = None  # (weight, (its version, the scale's), fake-quantized weight)
 
     def observe(self, x: torch.Tensor) -> None:
         super().observe(x)
@@ -161,6 +162,17 @@ class PairLimitedFakeQuantize(FakeQuantize):
     @property
     def params(self) -> QuantParams:
         return replace(super().params, pair_parts=self.pair_parts)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        # Limiting the pairs is a few passes over the weight, at every forward: half as long again as the rest of
+        # a simulated forward at batch 16. Outside autograd the result is kept until the weight or the scale
+        # changes (in place, which bumps their version, or by another tensor: the cache holds the one it saw).
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().fake_quantize(x)
+        key = (x._version, self.scale._version)
+        if self._cached is None or self._cached[0] is not x or self._cached[1] != key:
+            self._cached = (x, key, super().fake_quantize(x))
+        return self._cached[2]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pairs limited in input-channel parts {self.pair_parts}"
