@@ -197,6 +197,13 @@ def test_an_odd_part_is_also_held_in_the_flattened_tap_channel_order():
     assert len(overflow.pairings(4, 9, (0, 4))) == 1  # even parts: the two orders pair the same elements
 
 
+@pytest.mark.parametrize("fix, words", [("none", "x86 CPUs without VNNI saturate"),
+                                        ("weight-pairs", "sum to at most 128"), ("weights-7bit", "7-bit grid")])
+def test_the_arithmetic_a_deployed_model_assumes_names_its_fix(fix, words):
+    arithmetic = overflow.int8_arithmetic(QuantConfig(overflow_fix=fix))
+    assert words in arithmetic and (fix == "none" or "exact on every CPU" in arithmetic)
+
+
 @pytest.mark.parametrize("fix, bits, warns", [("none", 8, True), ("weights-7bit", 8, False), ("none", 4, False)])
 def test_the_saturation_warning_names_the_cpu_and_the_setting(host, fix, bits, warns):
     host({"avx2"})
