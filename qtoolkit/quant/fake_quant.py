@@ -9,6 +9,7 @@ running unquantized would make every later measurement a lie.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -150,13 +151,14 @@ class PairLimitedFakeQuantize(FakeQuantize):
     def freeze(self) -> None:
         super().freeze()
         weight, self._weight = self._weight, None
-        base, best_error = self.params, None
+        base = self.params
+        best_error = torch.full(self.scale.shape, math.inf, device=self.scale.device)
         for widening in PAIR_WIDENINGS:
             params = replace(base, scale=base.scale * widening)
             error = (params.dequantize(params.quantize(weight)) - weight).pow(2)
             error = error.sum() if self.axis is None else error.flatten(1).sum(1)
-            better = torch.ones_like(error, dtype=torch.bool) if best_error is None else error < best_error
-            best_error = error if best_error is None else torch.where(better, error, best_error)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
             self.scale.copy_(torch.where(better, params.scale, self.scale))
 
     @property
