@@ -18,11 +18,11 @@ The fix is part of the quantization, so the simulation models it exactly (QuantC
 - "weights-7bit": 8-bit weights on the 7-bit grid [-63, 63]: 255 x 63 x 2 = 32,130 fits, whatever the pairing.
   NNCF's OverflowFix and OpenVINO's documented workaround do this; it costs more than the pair limit (every
   weight loses a bit), and less than 7-bit activations (PyTorch's and ONNX Runtime's `reduce_range`).
-
-Either way the codes are still int8, so every backend runs them unchanged.
 - "none": full 8-bit grids: exact on CPUs with VNNI and on ARM (qnnpack and ARM int8 kernels widen before adding).
 - "auto" (the default) chooses from QuantConfig.target_cpu: "host" (the CPU the job runs on), "any" (a model that
   must be right everywhere: always the fix) or "vnni" (a model for VNNI/AMX CPUs only: never the fix).
+
+Either fix leaves the codes int8, so every backend runs them unchanged.
 
 `int8_products_saturate()` reads the host from /proc/cpuinfo's flags, and from the two variables that force the
 int8 libraries onto their AVX2 code on any CPU (FBGEMM_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), so that a VNNI or
