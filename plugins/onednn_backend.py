@@ -43,6 +43,7 @@ from qtoolkit import hookimpl
 from qtoolkit.deploy import loader
 from qtoolkit.errors import QtoolkitError
 from qtoolkit.export.int8_layers import UINT8, Int8Layer, int8_kernel_problem, lower
+from qtoolkit.export.timestep_tables import on_fixed_grids
 from qtoolkit.graph.capture import SAMPLE_SHAPE_META, example_inputs, torch_pytree_warning_hidden
 from qtoolkit.progress import progress_bar
 from qtoolkit.registry import Backend
@@ -208,8 +209,10 @@ def float_precisions() -> tuple[str, ...]:
 
 
 def reference_graph(qgraph: fx.GraphModule) -> fx.GraphModule:
-    """The frozen graph with each int8 layer in PT2E's reference form, the graph that is compiled."""
-    return lower(qgraph, ReferenceInt8Layer)[0]
+    """The frozen graph with each int8 layer in PT2E's reference form, the graph that is compiled. With timestep
+    groups the layers run on fixed grids between their groups' tables (qtoolkit.export.timestep_tables): the
+    compiled code holds each layer's scales as literals."""
+    return lower(on_fixed_grids(qgraph), ReferenceInt8Layer)[0]
 
 
 def lower_graph(qgraph: fx.GraphModule) -> nn.Module:
@@ -221,7 +224,7 @@ def lower_graph(qgraph: fx.GraphModule) -> nn.Module:
 def register_backends(register):
     register(Backend(name=NAME, load=loader(NAME), float_precisions=float_precisions, export_format="torch",
                      auto_priority=20, runtime_version=lambda: torch.__version__, runtime="torch", lower=lower_graph,
-                     unsupported=int8_kernel_problem,
+                     unsupported=int8_kernel_problem, runs_timestep_groups=True,
                      description="PyTorch int8 (oneDNN, x86, AOTInductor): int8 convolutions and linears on plain "
                                  "uint8/int8 tensors; takes float convolution outputs; compiled once per model and "
                                  "machine, then cached"))

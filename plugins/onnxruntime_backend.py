@@ -56,5 +56,5 @@ def runtime_version() -> str:
 @hookimpl
 def register_backends(register):
     register(Backend(name="onnxruntime", load=load, float_precisions=float_precisions, runtime_version=runtime_version,
-                     runtime="onnxruntime",
+                     runtime="onnxruntime", runs_timestep_groups=True,
                      description="ONNX Runtime (CPU): integer GEMMs; QLinearConv for graphs with quantized conv outputs"))

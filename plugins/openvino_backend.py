@@ -126,6 +126,6 @@ def runtime_version() -> str:
 @hookimpl
 def register_backends(register):
     register(Backend(name="openvino", load=load, float_precisions=float_precisions, auto_priority=10,
-                     runtime_version=runtime_version, runtime="openvino",
+                     runtime_version=runtime_version, runtime="openvino", runs_timestep_groups=True,
                      description="OpenVINO (CPU): int8 convolutions and matmuls from the ONNX QDQ graph; bf16 float "
                                  "parts where the CPU has them"))

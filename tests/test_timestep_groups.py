@@ -7,32 +7,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DModel
 
 from qtoolkit import hookimpl, plugins
 from qtoolkit.calibration import chains
 from qtoolkit.cli import main
 from qtoolkit.deploy import lower_graph
-from qtoolkit.engines import resolve_backend
+from qtoolkit.engines import load_engine
 from qtoolkit.errors import QtoolkitError
+from qtoolkit.export.timestep_tables import fixed_grid_graph
 from qtoolkit.graph import (calibrate, freeze, load_quantized, quant_ops, quantize, save_quantized,
                             set_timestep_boundaries, timestep_groups_of)
 from qtoolkit.graph.listing import quantization_listing, planned_ops
+from qtoolkit.models.loading import DEFAULT_SCHEDULER_CONFIG, load_diffusion_model, save_diffusion_model
 from qtoolkit.plugins import PluginInfo
 from qtoolkit.ptq import CalibrationSettings, check_ptq, observe_calibration_set
 from qtoolkit.quant import QuantConfig
-from qtoolkit.quant.timestep_groups import BoundaryRequest, check_boundaries
+from qtoolkit.quant.timestep_groups import BoundaryRequest, GroupedFakeQuantize, check_boundaries
 from qtoolkit.registry import TimestepBoundaries
 from qtoolkit.sampling import unet_predictor
 from qtoolkit.step_error import per_timestep_error, sqnr_db
 from qtoolkit_plugins.timestep_boundaries import min_step
 
-from conftest import calibration_inputs
+from conftest import TINY_UNET, calibration_inputs
 
 # Deployed int8 numerics: run again with the AVX2 code paths forced (make test-avx2-paths).
 pytestmark = pytest.mark.avx2_paths
 
 # The least per-step SQNR (dB) of a deployed grouped model against its simulation, per backend (see the test).
-FOLLOWS_THE_SIMULATION_DB = {"fbgemm": 30, "qnnpack": 20}
+FOLLOWS_THE_SIMULATION_DB = {"fbgemm": 30, "qnnpack": 20, "x86-onednn": 30, "openvino": 30, "onnxruntime": 30}
 GROUPED = QuantConfig(quantize_conv_outputs=True, timestep_groups=2, overflow_fix="weights-7bit")
 
 
@@ -144,17 +147,49 @@ def _swapped_groups(qgraph):
     return swapped
 
 
-@pytest.mark.parametrize("backend", ["x86-onednn", "onnxruntime", "openvino"])
-def test_backends_without_timestep_groups_say_so_and_auto_passes_them_over(backend):
-    assert "timestep groups" in plugins.backend(backend).cannot_run(GROUPED)
-    assert resolve_backend("auto", GROUPED).name in ("fbgemm", "qnnpack")
+def test_the_fixed_grid_graph_computes_what_the_grouped_simulation_computes(fp):
+    """What x86-onednn compiles and the ONNX export writes: each layer on the fixed grid (1, 0) between its
+    groups' tables. Input-only quantization has no rounding after the layers, so float rounding is all it may
+    differ by; a batch spanning all four groups runs in one call, each sample on its own group's numbers."""
+    grouped = _grouped(fp, QuantConfig(timestep_groups=4, overflow_fix="weight-pairs"), [250, 500, 750],
+                       calibration_inputs(32, 3))
+    fixed = fixed_grid_graph(grouped)
+    x, _ = calibration_inputs(8, 2)
+    t = torch.tensor([10, 300, 600, 900, 900, 600, 300, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(x, t), grouped(x, t), rtol=1e-5, atol=1e-5)
+    kinds = {type(m).__name__ for m in fixed.modules()}
+    assert {"GroupInputMap", "GroupOutputMap", "TimestepGroupIndex"} <= kinds
+    assert not any(isinstance(op.input, GroupedFakeQuantize) for op in quant_ops(fixed).values()
+                   if op.kind != "attention")
+    # The fixed grid's codes are each group's: the maps read the group's own scale and zero point.
+    swapped = fixed_grid_graph(_swapped_groups(grouped))
+    with torch.no_grad():
+        assert sqnr_db(grouped(x, t), swapped(x, t)) < 40
 
 
-def test_the_onnx_export_refuses_a_grouped_model_in_one_line(grouped_qgraph):
-    from qtoolkit.export.qdq import qdq_graph
+def _follows_the_grouped_simulation(fp, qgraph, engine, backend):
+    """The engine, along the FP model's chain (both groups), agrees with the simulation as closely as the torch
+    backends; a batch that spans the groups gets what each sample alone gets."""
+    result = per_timestep_error(fp, unet_predictor(qgraph), {backend: engine}, steps=10, num=4)
+    assert min(result[backend]["sqnr_db"]) >= FOLLOWS_THE_SIMULATION_DB[backend], result
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    mixed = torch.tensor([100, 900, 100, 900])
+    with torch.no_grad():
+        together = torch.as_tensor(engine(x, mixed))
+        alone = torch.cat([torch.as_tensor(engine(x[i:i + 1], mixed[i:i + 1])) for i in range(4)])
+        simulated = qgraph(x, mixed)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+    assert sqnr_db(simulated, together) >= FOLLOWS_THE_SIMULATION_DB[backend]
 
-    with pytest.raises(QtoolkitError, match="does not carry timestep groups"):
-        qdq_graph(grouped_qgraph)
+
+def test_a_backend_that_does_not_declare_timestep_groups_is_refused_and_the_built_in_ones_all_run_them():
+    from qtoolkit.registry import Backend
+
+    legacy = Backend(name="legacy", load=lambda *a, **k: None, float_precisions=lambda: ("fp32",))
+    assert "timestep groups" in legacy.cannot_run(GROUPED)
+    for name in ("fbgemm", "qnnpack", "x86-onednn", "openvino", "onnxruntime"):
+        assert plugins.backend(name).cannot_run(GROUPED) is None, name
 
 
 def test_a_grouped_model_saves_and_reloads_bit_identically(fp_model, grouped_qgraph, tmp_path):
@@ -290,25 +325,74 @@ def test_bias_per_group_needs_timestep_groups(fp_model, tiny_model):
         check_ptq(tiny_model, QuantConfig(), CalibrationSettings(strategy="uniform", size=16, steps=4), None, 8, True)
 
 
-def test_a_recipe_with_timestep_groups_runs_on_fbgemm_and_its_report_measures_the_deployed_model(tiny_model_dir,
-                                                                                                tmp_path, capsys):
+@pytest.fixture(scope="module")
+def grouped_runs(tmp_path_factory):
+    """backend -> the run folder of the W8A8 recipe on a tiny UNet with 2 timestep groups and bias per group, run
+    once per backend for the tests below (x86-onednn compiles the model in the run; its tests then load the
+    cached package)."""
+    torch.manual_seed(0)
+    model = tmp_path_factory.mktemp("tiny") / "tiny-ddpm"
+    save_diffusion_model(UNet2DModel(**TINY_UNET), dict(DEFAULT_SCHEDULER_CONFIG), model)
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "ddim_fmnist_w8a8.yaml"
-    out = tmp_path / "run"
-    small = ["calibration.size=64", "calibration.steps=10", "calibration.inputs_per_chain=4",
-             "calibration.strategy=uniform", "calibration.params={}", "bias_correction.samples=16",
-             "bias_correction.per_timestep_group=true", "quantization.timestep_groups=2", "report.num=1",
-             "report.steps=4", "report.error_num=2"]
-    assert main(["run", str(recipe), *[a for s in small for a in ("--set", s)], f"--set=model={tiny_model_dir}",
-                 "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "Activations quantized per timestep group: 2 groups (even), boundaries at t = 500." in text
+    runs = {}
+
+    def run(backend: str) -> Path:
+        if backend not in runs:
+            out = tmp_path_factory.mktemp(f"run-{backend}") / "run"
+            small = [f"model={model}", "calibration.size=64", "calibration.steps=10",
+                     "calibration.inputs_per_chain=4", "calibration.strategy=uniform", "calibration.params={}",
+                     "bias_correction.samples=16", "bias_correction.per_timestep_group=true",
+                     "quantization.timestep_groups=2", "report.num=1", "report.steps=4", "report.error_num=2",
+                     f"backend={backend}"]
+            assert main(["run", str(recipe), *[a for s in small for a in ("--set", s)], "--out", str(out)]) == 0
+            runs[backend] = out
+        return runs[backend]
+    run.model = model
+    return run
+
+
+@pytest.mark.parametrize("backend", ["auto", "x86-onednn", "openvino"])
+def test_a_recipe_with_timestep_groups_runs_on_each_backend_and_its_report_measures_the_deployed_model(
+        grouped_runs, backend):
+    out = grouped_runs(backend)
+    assert "Activations quantized per timestep group: 2 groups (even), boundaries at t = 500." in \
+        (out / "report.md").read_text()
     ptq = json.loads((out / "ptq.json").read_text())
     assert ptq["timestep_groups"]["boundaries"] == [500] and ptq["bias_correction"]["per_timestep_group"]
     report = json.loads((out / "report.json").read_text())
     assert report["quantized_ops"]["timestep_groups"]["boundaries"] == [500]
     assert "W8A8-uniform-bcg" in report
-    assert (out / "export" / "deploy.json").is_file()
-    assert [r["backend"] for r in json.loads((out / "speed.json").read_text())] == ["pytorch-fp32-eager", "fbgemm"] * 2
+    deployed = {"auto": "fbgemm"}.get(backend, backend)
+    assert [r["backend"] for r in json.loads((out / "speed.json").read_text())] == ["pytorch-fp32-eager",
+                                                                                   deployed] * 2
+
+
+@pytest.mark.parametrize("backend, run", [("x86-onednn", "x86-onednn"), ("openvino", "openvino"),
+                                          ("onnxruntime", "openvino")])
+def test_the_compiled_and_onnx_engines_run_each_groups_tables_and_agree_with_the_simulation(grouped_runs, backend,
+                                                                                          run):
+    """x86-onednn and the ONNX engines run the recipe's grouped model (per-group bias included) from its run
+    folder's export: each layer on the fixed grid between its groups' tables (qtoolkit.export.timestep_tables)."""
+    out = grouped_runs(run)
+    engine = load_engine(backend, out / "export", threads=1)
+    qgraph = load_quantized(out / "model" / "unet")
+    _follows_the_grouped_simulation(load_diffusion_model(str(grouped_runs.model)), qgraph, engine, backend)
+
+
+def test_openvino_runs_a_grouped_models_quantized_convolutions_in_u8(grouped_runs):
+    import openvino as ov
+
+    from qtoolkit_plugins.openvino_backend import read_for_batch
+
+    out = grouped_runs("openvino")
+    core = ov.Core()
+    runtime = core.compile_model(read_for_batch(core, out / "export" / "model.onnx", 4), "CPU",
+                                 {"INFERENCE_PRECISION_HINT": "f32"}).get_runtime_model()
+    info = [op.get_rt_info() for op in runtime.get_ops() if op.get_type_name() == "ExecutionNode"]
+    convolutions = [i["runtimePrecision"].astype(str) for i in info if i["layerType"].astype(str) == "Convolution"]
+    quantized = [op for op in quant_ops(load_quantized(out / "model" / "unet")).values()
+                 if op.kind == "conv2d" and op.input is not None]
+    assert quantized and convolutions.count("u8") == len(quantized), convolutions
 
 
 def test_the_timestep_groups_recipe_runs_on_a_small_calibration_set(tiny_model_dir, tmp_path, capsys):

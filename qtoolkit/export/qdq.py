@@ -46,8 +46,9 @@ from ..graph import OpQuantizers, QuantizedAttention, copy_graph, quant_ops, tim
 from ..graph.patterns import conv_args
 from ..graph.quantize import quantizer_node
 from ..graph.quantized_ops import ATTENTION_OPERANDS
-from ..quant.fake_quant import SplitFakeQuantize
+from ..quant.fake_quant import FakeQuantize, SplitFakeQuantize
 from ..quant.quantizer import QuantParams
+from .timestep_tables import fixed_grid_graph
 
 METADATA_PREFIX = "qtoolkit."
 METADATA_LAYER = METADATA_PREFIX + "layer"
@@ -117,21 +118,20 @@ def _codes(params: QuantParams, tensor: torch.Tensor, dtype: torch.dtype) -> tor
 def qdq_graph(qgraph: fx.GraphModule) -> fx.GraphModule:
     """A copy of the frozen quantized graph `qgraph` whose quantizers export as QuantizeLinear / DequantizeLinear
     nodes (see the module docstring); `qgraph` is untouched."""
-    if timestep_groups_of(qgraph) is not None:
-        raise QtoolkitError("the ONNX export does not carry timestep groups yet (quantization.timestep_groups > 1): "
-                            "deploy this model with the PyTorch backends (qtoolkit deploy, backend fbgemm or qnnpack), "
-                            "or quantize with timestep_groups 1")
     ops = quant_ops(qgraph)
     unfrozen = [op.path or name for name, op in ops.items() if not op.is_frozen]
     if unfrozen:
         raise QtoolkitError(f"{len(unfrozen)} quantized op(s) are not frozen (e.g. {unfrozen[0]!r}): calibrate the "
                             "graph and call freeze(qgraph) before exporting it")
-    exported = copy_graph(qgraph)
+    # With timestep groups: each layer on a fixed grid between its groups' tables, whose Q/DQ pair has constant
+    # parameters as the engines need (timestep_tables.py); the copy is then already made.
+    exported = copy_graph(qgraph) if timestep_groups_of(qgraph) is None else fixed_grid_graph(qgraph)
     nodes = {node.name: node for node in exported.graph.nodes}
     for name, op in quant_ops(exported).items():
         if isinstance(op, QuantizedAttention):
             for operand in ATTENTION_OPERANDS:
-                setattr(op, operand, QuantizeDequantize(getattr(op, operand).params, op.path, operand))
+                if isinstance(getattr(op, operand), FakeQuantize):  # not a grouped one: those stay float ops
+                    setattr(op, operand, QuantizeDequantize(getattr(op, operand).params, op.path, operand))
         else:
             _rewrite_layer(exported, name, op, nodes[op.node])
     exported.graph.eliminate_dead_code()
@@ -156,7 +156,7 @@ def _rewrite_layer(graph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.
     if isinstance(op.input, SplitFakeQuantize):
         _split_convolution(graph, name, op, node, weight_codes)
         return
-    if op.input is not None:
+    if isinstance(op.input, FakeQuantize):  # not an IndexedFakeQuantize (timestep groups), which stays float ops
         op.input = QuantizeDequantize(op.input.params, op.path, "input")
     if weight_codes is not None:
         _stand_in(graph, node, 1, f"{name}.weight", Dequantize(weight_codes, op.weight.params, op.path, "weight"))

@@ -151,12 +151,13 @@ def rows_of(group: torch.Tensor, rows: int) -> torch.Tensor:
     """The group of each of `rows` rows of an activation, from the group of each sample: the same when the
     activation has one row per sample; each sample's group repeated when a network folded another dimension into
     the batch's (attention heads: (batch x heads, ...), sample-major)."""
-    if rows == len(group):
+    samples = group.shape[0]  # not len(group), which would fix a traced graph's batch size
+    if rows == samples:
         return group
-    if len(group) and rows % len(group) == 0:
-        return group.repeat_interleave(rows // len(group))
+    if samples and rows % samples == 0:
+        return group.repeat_interleave(rows // samples)
     raise QtoolkitError(f"an activation with {rows} rows cannot be matched to the timesteps of a batch of "
-                        f"{len(group)}: this network reshapes its batch in a way timestep groups do not follow; "
+                        f"{samples}: this network reshapes its batch in a way timestep groups do not follow; "
                         "quantize it with timestep_groups 1")
 
 
