@@ -22,7 +22,9 @@ CACHE_DIR, keyed by a hash of the exported graph, its weights, torch's version, 
 number of threads (the compiled loops are laid out for it), and the next load of the same model takes seconds
 instead of the compile's minute or more. The deployment folder itself stays data: the native code is built on
 the machine that runs it, from the folder's tensors.
-Everything else stays float.
+Everything else stays float. A model with timestep groups is compiled from its fixed-grid form
+(qtoolkit.export.timestep_tables): the same int8 layers on constant scales, between per-group tables that the
+compiled code indexes with each sample's group.
 """
 
 from __future__ import annotations

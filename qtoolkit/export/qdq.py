@@ -29,6 +29,11 @@ quantizer's role (METADATA_ROLE), so graph checks can map ONNX nodes to quantize
 merges identical nodes: ops that read the same tensor with the same input parameters (an attention's to_q,
 to_k, to_v) end up sharing one QuantizeLinear / DequantizeLinear pair.
 
+Timestep groups (QuantConfig.timestep_groups > 1): the copy is first made by timestep_tables.fixed_grid_graph, so
+that each grouped layer's Q/DQ pair has constant parameters (the fixed grid) between its groups' tables, which
+export as Gather and element-wise nodes; the grouped quantizers without a constant form (convolution outputs,
+attention operands) export as their float arithmetic.
+
 Padding: a convolution with padding_mode other than zeros is captured as aten.pad (reflect, replicate, ...)
 followed by a zero-padding aten.conv2d, so the padding is a float op of its own and every captured convolution
 exports exactly.
