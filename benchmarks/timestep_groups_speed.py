@@ -1,7 +1,7 @@
 """What timestep groups cost the deployed int8 model: G groups against one, side by side, on the same calibration set.
 
-The bundled model (or --model) is quantized W8A8 with quantized convolution outputs (what fbgemm and qnnpack run)
-once per entry of --groups, calibrated on one saved calibration set and bias-corrected (per timestep group with
+The bundled model (or --model) is quantized W8A8 with quantized convolution outputs (what fbgemm and qnnpack run;
+--input-only: without) once per entry of --groups, calibrated on one saved calibration set and bias-corrected (per timestep group with
 G > 1: the recipe's setting). Each is written as each backend of --backends reads it (a deployment folder for the
 PyTorch backends, the ONNX export for the others), loaded as a user loads it (qtoolkit.engines.load_engine) and
 timed at every batch size, the G models of one backend called interleaved in rotation (median and IQR of
@@ -39,8 +39,8 @@ from qtoolkit.quant import QuantConfig
 PEAK_PREFIX = "peak-mib: "
 
 
-def quantized_folder(model, calibration: CalibrationSet, groups: int, out: Path) -> Path:
-    config = QuantConfig(quantize_conv_outputs=True, timestep_groups=groups)
+def quantized_folder(model, calibration: CalibrationSet, groups: int, out: Path, conv_outputs: bool) -> Path:
+    config = QuantConfig(quantize_conv_outputs=conv_outputs, timestep_groups=groups)
     fp_graph, qgraph = quantized_graph(model, config)
     observe_calibration_set(qgraph, fp_graph, calibration, num_train_timesteps(model), progress=False)
     correct_bias(qgraph, fp_graph, (calibration.x, calibration.t), progress=False, per_group=groups > 1)
@@ -97,6 +97,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per memory figure")
+    p.add_argument("--input-only", action="store_true",
+                   help="quantize only the layers' inputs, not the convolution outputs (x86-onednn, openvino, "
+                        "onnxruntime; fbgemm and qnnpack need the outputs)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
@@ -105,13 +108,13 @@ def main() -> None:
     calibration = CalibrationSet.load(a.calibration)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        quantized = {g: quantized_folder(model, calibration, g, Path(work)) for g in a.groups}
+        quantized = {g: quantized_folder(model, calibration, g, Path(work), not a.input_only) for g in a.groups}
         for backend in a.backends:
             folders = {g: exported(quantized[g], backend, Path(work) / f"{backend}-G{g}") for g in a.groups}
             models = {g: load_engine(backend, folder, a.threads) for g, folder in folders.items()}
             rows += timed(models, folders, backend, model.sample_shape, a)
             del models
-    print(f"{a.model} W8A8, {a.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, median of "
+    print(f"{a.model} W8A8{' (inputs only)' if a.input_only else ''}, {a.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, median of "
           f"{a.iterations} interleaved calls\n")
     print(f"| backend | timestep groups | batch | median ms | IQR ms | vs G={a.groups[0]} | peak MiB | vs G={a.groups[0]} "
           "| files MB |")

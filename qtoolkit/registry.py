@@ -74,6 +74,8 @@ class Backend:
     with overflow_fix "none" on such a CPU then warns (qtoolkit.quant.overflow).
     runs_timestep_groups: whether it runs models whose activations have one scale per timestep group
     (QuantConfig.timestep_groups > 1): the network picks its group's scales from the timestep it is called with.
+    The ONNX export carries them as the graph's own nodes (per-group tables around Q/DQ pairs with constant
+    parameters: qtoolkit.export.timestep_tables), so an "onnx" backend whose runtime runs the export runs them.
     """
 
     name: str
@@ -92,8 +94,8 @@ class Backend:
     def cannot_run(self, config) -> str | None:
         """Why this backend cannot run models quantized with `config` (a QuantConfig), or None."""
         if getattr(config, "timestep_groups", 1) > 1 and not self.runs_timestep_groups:
-            return ("it does not run timestep groups (quantization.timestep_groups > 1) yet: choose fbgemm or "
-                    "qnnpack, or set timestep_groups 1")
+            return ("it does not declare that it runs timestep groups (quantization.timestep_groups > 1): choose "
+                    "a backend that does (every built-in one: see `qtoolkit plugins`), or set timestep_groups 1")
         return self.unsupported(config)
 
 
