@@ -328,8 +328,7 @@ def test_bias_per_group_needs_timestep_groups(fp_model, tiny_model):
 @pytest.fixture(scope="module")
 def grouped_runs(tmp_path_factory):
     """backend -> the run folder of the W8A8 recipe on a tiny UNet with 2 timestep groups and bias per group, run
-    once per backend for the tests below (x86-onednn compiles the model in the run; its tests then load the
-    cached package)."""
+    once per backend for the tests below."""
     torch.manual_seed(0)
     model = tmp_path_factory.mktemp("tiny") / "tiny-ddpm"
     save_diffusion_model(UNet2DModel(**TINY_UNET), dict(DEFAULT_SCHEDULER_CONFIG), model)
@@ -351,7 +350,7 @@ def grouped_runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("backend", ["auto", "x86-onednn", "openvino"])
+@pytest.mark.parametrize("backend", ["auto", "openvino"])
 def test_a_recipe_with_timestep_groups_runs_on_each_backend_and_its_report_measures_the_deployed_model(
         grouped_runs, backend):
     out = grouped_runs(backend)
@@ -367,16 +366,27 @@ def test_a_recipe_with_timestep_groups_runs_on_each_backend_and_its_report_measu
                                                                                    deployed] * 2
 
 
-@pytest.mark.parametrize("backend, run", [("x86-onednn", "x86-onednn"), ("openvino", "openvino"),
-                                          ("onnxruntime", "openvino")])
-def test_the_compiled_and_onnx_engines_run_each_groups_tables_and_agree_with_the_simulation(grouped_runs, backend,
-                                                                                          run):
-    """x86-onednn and the ONNX engines run the recipe's grouped model (per-group bias included) from its run
-    folder's export: each layer on the fixed grid between its groups' tables (qtoolkit.export.timestep_tables)."""
-    out = grouped_runs(run)
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_the_onnx_engines_run_each_groups_tables_and_agree_with_the_simulation(grouped_runs, backend):
+    """The ONNX engines run the recipe's grouped model (bias per group included) from the openvino run's export:
+    each layer on the fixed grid between its groups' tables (qtoolkit.export.timestep_tables)."""
+    out = grouped_runs("openvino")
     engine = load_engine(backend, out / "export", threads=1)
     qgraph = load_quantized(out / "model" / "unet")
     _follows_the_grouped_simulation(load_diffusion_model(str(grouped_runs.model)), qgraph, engine, backend)
+
+
+def test_x86_onednn_compiles_a_grouped_model_with_bias_per_group_and_agrees_with_the_simulation(fp_model,
+                                                                                              grouped_qgraph):
+    """The same on x86-onednn's compiled code (the runner's path to it is fbgemm's, tested above with `auto`)."""
+    from qtoolkit.graph import copy_graph
+    from qtoolkit.graph.bias_correction import correct_bias
+
+    fp, graph, calibration = fp_model
+    qgraph = copy_graph(grouped_qgraph)
+    correct_bias(qgraph, graph, (calibration.x, calibration.t), samples=16, progress=False, per_group=True)
+    assert "timestep_bias" in qgraph.code
+    _follows_the_grouped_simulation(fp, qgraph, lower_graph(qgraph, "x86-onednn"), "x86-onednn")
 
 
 def test_openvino_runs_a_grouped_models_quantized_convolutions_in_u8(grouped_runs):
