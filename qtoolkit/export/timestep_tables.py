@@ -15,9 +15,10 @@ and its codes q are those that the fixed grid (scale 1, zero point 0) gives x' =
 an ordinary int8 op on the fixed grid, between two maps read from tables: x -> round(x / s[g]) + z[g] before
 it (the simulation's own arithmetic, so the kernel gets the simulation's codes), y -> y s[g] + shift[g, o]
 after it (G x output-channels numbers, the bias folded in). One packed weight serves every group, and the
-maps are element-wise, so the compilers fuse them into the ops beside them. Padding: a zero-padded border must
-hold the code z_g, not 0, so a padded convolution gets its input padded explicitly, in float before the map,
-and runs unpadded.
+maps are element-wise, so the compilers fuse them into the ops beside them. Padding: the kernel pads the fixed
+grid's codes with 0 where group g's grid has z_g, so the output map of a padded convolution also adds
+s_g z_g border[o, h, w], the sum of the weights that fall on the padding at each output position (a constant
+of the layer's geometry: out channels x out height x out width numbers).
 
 The other grouped quantizers (a convolution's output with quantize_conv_outputs, attention operands, inputs of
 ops no kernel takes) become `IndexedFakeQuantize`: the simulation's own fake quantization with each sample's
@@ -34,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from ..graph import QuantizedAttention, copy_graph, quant_ops, timestep_groups_of
+from ..graph.node_values import example_value
 from ..graph.patterns import conv_args
 from ..graph.quantize import TIMESTEP_GROUPS, quantizer_node
 from ..graph.quantized_ops import ATTENTION_OPERANDS, OpQuantizers
@@ -82,16 +84,21 @@ class GroupInputMap(nn.Module):
 
 
 class GroupOutputMap(nn.Module):
-    """y -> y s[g] + shift[g, channel]: the fixed-grid op's output back on group g's scale, with the bias."""
+    """y -> y s[g] + shift[g, channel] (+ s[g] z[g] border): the fixed-grid op's output back on group g's scale,
+    with the bias, and for a padded convolution the zero point's part that the kernel's zero border left out."""
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int):
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int,
+                 zero_point: torch.Tensor | None = None, border: torch.Tensor | None = None):
         super().__init__()
         self.channel_dim = channel_dim
         self.register_buffer("scale", scale.detach().float().clone())
         self.register_buffer("shift", shift.detach().float().clone())
+        self.register_buffer("border_scale", None if border is None else (scale * zero_point).detach().float().clone())
+        self.register_buffer("border", None if border is None else border.detach().float().clone())
 
     def forward(self, y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        return y * _per_row(self.scale, group, y) + _per_row(self.shift, group, y, self.channel_dim)
+        y = y * _per_row(self.scale, group, y) + _per_row(self.shift, group, y, self.channel_dim)
+        return y if self.border is None else y + _per_row(self.border_scale, group, y) * self.border
 
 
 class IndexedFakeQuantize(nn.Module):
@@ -158,7 +165,7 @@ def _index_output(graph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.N
 
 
 def _fold_into_tables(graph: fx.GraphModule, name: str, op: OpQuantizers, node: fx.Node) -> None:
-    """conv(Q_g(x), W, b) -> output_map(conv(Q_fixed(input_map(pad(x))), W), unpadded): see the module docstring."""
+    """conv(Q_g(x), W, b) -> output_map(conv(Q_fixed(input_map(x)), W)): see the module docstring."""
     grouped = op.input
     input_quantizer = quantizer_node(node, 0, f"{name}.input")
     x, group = input_quantizer.args
@@ -175,16 +182,15 @@ def _fold_into_tables(graph: fx.GraphModule, name: str, op: OpQuantizers, node: 
     # fx_passes/quantization.py: torch.Size of a symbolic size). The copy is fused into the map's own kernel.
     graph.add_submodule(_tables_path(name, "input_map"),
                         GroupInputMap(scale, zero_point, contiguous=node.target == LINEAR))
+    border = None
+    if node.target == CONV and any(args[4]) and bool(zero_point.any()):
+        border = _border(weight, example_value(x).shape[1:], args)
     graph.add_submodule(_tables_path(name, "output_map"),
-                        GroupOutputMap(scale, shift, channel_dim=1 if node.target == CONV else -1))
+                        GroupOutputMap(scale, shift, 1 if node.target == CONV else -1, zero_point, border))
     fixed = FakeQuantize(grouped.observers[0], grouped.bits, grouped.symmetric)
     fixed.frozen.fill_(True)  # scale 1, zero point 0: the buffers' initial values
     op.input = fixed
     with graph.graph.inserting_before(input_quantizer):
-        if node.target == CONV and any(args[4]):
-            pad_h, pad_w = args[4]
-            x = graph.graph.call_function(torch.ops.aten.constant_pad_nd.default, (x, [pad_w, pad_w, pad_h, pad_h], 0.0))
-            args[4] = [0, 0]
         mapped = graph.graph.call_module(_tables_path(name, "input_map"), (x, group))
     input_quantizer.args = (mapped,)
     args[2] = None  # in the output map's shift
@@ -193,3 +199,14 @@ def _fold_into_tables(graph: fx.GraphModule, name: str, op: OpQuantizers, node: 
         output = graph.graph.call_module(_tables_path(name, "output_map"), (node, group))
     output.meta = dict(node.meta)
     node.replace_all_uses_with(output, delete_user_cb=lambda user: user is not output)
+
+
+def _border(weight: torch.Tensor, input_shape, args: list) -> torch.Tensor:
+    """(out channels, out height, out width): at each output position, the sum of the weights that fall on the
+    convolution's zero padding. The kernel pads the fixed grid's codes with 0 where group g's grid has z_g, so the
+    output map adds s_g z_g times this back (an explicit pad of the input instead was written twice by Inductor,
+    in float32 and uint8: docs/results.md#timestep-groups)."""
+    ones = torch.ones(1, *(int(size) for size in input_shape), dtype=torch.float64, device=weight.device)
+    stride, padding, dilation, groups = args[3:7]
+    inside = torch.nn.functional.conv2d(ones, weight.double(), None, stride, padding, dilation, groups)[0]
+    return weight.double().flatten(1).sum(1)[:, None, None] - inside
