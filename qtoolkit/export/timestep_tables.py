@@ -41,7 +41,7 @@ from ..graph.quantize import TIMESTEP_GROUPS, quantizer_node
 from ..graph.quantized_ops import ATTENTION_OPERANDS, OpQuantizers
 from ..quant.fake_quant import FakeQuantize
 from ..quant.quantizer import QuantParams
-from ..quant.timestep_groups import GroupedFakeQuantize, rows_of
+from ..quant.timestep_groups import GroupedFakeQuantize, per_row, rows_of
 
 TABLES = "timestep_tables"  # where the tables live: timestep_tables.<op path>.<kind>.{input_map,output_map,output}
 CONV = torch.ops.aten.conv2d.default
@@ -60,14 +60,6 @@ class TimestepGroupIndex(nn.Module):
         return (torch.as_tensor(timestep).reshape(-1, 1) >= self.boundaries).sum(-1)
 
 
-def _per_row(table: torch.Tensor, group: torch.Tensor, like: torch.Tensor, channel_dim: int | None = None):
-    """table[group of each row of `like`], shaped to broadcast against it (along channel_dim for a (G, C) table)."""
-    shape = [like.shape[0]] + [1] * (like.dim() - 1)
-    if channel_dim is not None:
-        shape[channel_dim] = table.shape[1]
-    return table[rows_of(group, like.shape[0])].reshape(shape)
-
-
 class GroupInputMap(nn.Module):
     """x -> round(x / s[g]) + z[g]: the codes of group g's grid, as floats, for the fixed grid (1, 0) to take.
     `contiguous`: the result laid out contiguously (a linear's input; see _fold_into_tables)."""
@@ -79,7 +71,7 @@ class GroupInputMap(nn.Module):
         self.register_buffer("zero_point", zero_point.detach().float().clone())
 
     def forward(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        codes = torch.round(x / _per_row(self.scale, group, x)) + _per_row(self.zero_point, group, x)
+        codes = torch.round(x / per_row(self.scale, group, x)) + per_row(self.zero_point, group, x)
         return codes.contiguous() if self.contiguous else codes
 
 
@@ -97,8 +89,8 @@ class GroupOutputMap(nn.Module):
         self.register_buffer("border", None if border is None else border.detach().float().clone())
 
     def forward(self, y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        y = y * _per_row(self.scale, group, y) + _per_row(self.shift, group, y, self.channel_dim)
-        return y if self.border is None else y + _per_row(self.border_scale, group, y) * self.border
+        y = y * per_row(self.scale, group, y) + per_row(self.shift, group, y, self.channel_dim)
+        return y if self.border is None else y + per_row(self.border_scale, group, y) * self.border
 
 
 class IndexedFakeQuantize(nn.Module):

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import QtoolkitError
-from ..quant.timestep_groups import rows_of
+from ..quant.timestep_groups import per_row
 from .quantize import TIMESTEP_GROUPS, timestep_groups_of
 
 TIMESTEP_BIAS = "timestep_bias"  # where the tables live: timestep_bias.<name of the op's node>
@@ -33,10 +33,7 @@ class TimestepBias(nn.Module):
         self.register_buffer("delta", torch.zeros(groups, channels))
 
     def forward(self, y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        rows = rows_of(group, y.shape[0])
-        shape = [y.shape[0]] + [1] * (y.ndim - 1)
-        shape[self.channel_dim] = self.delta.shape[1]
-        return y + self.delta[rows].reshape(shape).to(y.dtype)
+        return y + per_row(self.delta, group, y, self.channel_dim).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"groups={self.delta.shape[0]}, channels={self.delta.shape[1]}, channel_dim={self.channel_dim}"

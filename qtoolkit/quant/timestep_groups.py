@@ -161,6 +161,15 @@ def rows_of(group: torch.Tensor, rows: int) -> torch.Tensor:
                         "quantize it with timestep_groups 1")
 
 
+def per_row(table: torch.Tensor, group: torch.Tensor, like: torch.Tensor, channel_dim: int | None = None):
+    """table[group of each row of `like`], shaped to broadcast against it: one value per row of a (G,) table, or
+    one row of a (G, C) table along `like`'s channel_dim."""
+    shape = [like.shape[0]] + [1] * (like.dim() - 1)
+    if channel_dim is not None:
+        shape[channel_dim] = table.shape[1]
+    return table[rows_of(group, like.shape[0])].reshape(shape)
+
+
 def single_group(rows: torch.Tensor) -> int | None:
     """The group every row is in, or None when they differ (as TimestepGroups worked it out, when it made `rows`)."""
     known = getattr(rows, "single_group", _UNKNOWN)
