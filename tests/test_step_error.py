@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qtoolkit.step_error import per_timestep_error, psnr, sample_agreement, sqnr_db, ssim, ssim_window
-from qtoolkit.sampling import unet_predictor
+from qtoolkit.sampling import denoise, initial_noise, make_scheduler, unet_predictor
 
 
 def test_sqnr_matches_its_definition():
@@ -54,3 +54,18 @@ def test_mean_error_and_pixel_shift_measure_the_systematic_part_only(tiny_model)
     a = torch.rand(64, 1, 16, 16) * 1.6 - 0.8  # inside [-1, 1], so the +0.05 is not clamped away
     assert sample_agreement(a, a + 0.05)["mean_shift"] == pytest.approx(0.05, abs=1e-6)
     assert abs(sample_agreement(a, a + 0.05 * torch.randn_like(a))["mean_shift"]) < 0.002
+
+
+def test_per_timestep_error_runs_the_fp_network_once_per_step_on_the_fp_chains_own_inputs(tiny_model):
+    fp, seen = unet_predictor(tiny_model.unet), []
+
+    def counted(x, t):
+        seen.append(x.clone())
+        return fp(x, t)
+
+    per_timestep_error(tiny_model, counted, {"same": fp}, steps=5, num=2, seed=3)
+    chain = []
+    denoise(fp, make_scheduler("ddim", tiny_model.scheduler_config, 5), initial_noise(2, tiny_model.sample_shape, 3),
+            on_step=lambda i, t, x: chain.append(x.clone()))
+    assert len(seen) == 5  # the chain's own step reuses the reference, not a second FP call
+    assert all(torch.equal(a, b) for a, b in zip(seen, chain))  # and the chain is the plain FP chain, bit for bit
