@@ -99,6 +99,10 @@ def sample_agreement(fp_samples: torch.Tensor, q_samples: torch.Tensor) -> dict:
     the mean shift of the quantized samples' pixels (what a biased noise prediction adds up to)."""
     a, b = fp_samples.clamp(-1, 1), q_samples.clamp(-1, 1)
     p, s = psnr(a, b), ssim(a, b)
-    return {"psnr_db_mean": p.mean().item(), "psnr_db_std": p.std().item(), "mean_shift": (b - a).mean().item(),
-            "ssim_mean": s.mean().item(), "ssim_std": s.std().item(), "ssim_window": ssim_window(*a.shape[-2:]),
+
+    def spread(values: torch.Tensor) -> float | None:  # one sample has none (not NaN, which JSON cannot hold)
+        return values.std().item() if len(values) > 1 else None
+
+    return {"psnr_db_mean": p.mean().item(), "psnr_db_std": spread(p), "mean_shift": (b - a).mean().item(),
+            "ssim_mean": s.mean().item(), "ssim_std": spread(s), "ssim_window": ssim_window(*a.shape[-2:]),
             "num": len(a)}

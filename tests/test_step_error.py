@@ -69,3 +69,11 @@ def test_per_timestep_error_runs_the_fp_network_once_per_step_on_the_fp_chains_o
             on_step=lambda i, t, x: chain.append(x.clone()))
     assert len(seen) == 5  # the chain's own step reuses the reference, not a second FP call
     assert all(torch.equal(a, b) for a, b in zip(seen, chain))  # and the chain is the plain FP chain, bit for bit
+
+
+def test_the_agreement_of_one_sample_has_no_spread_rather_than_nan(recwarn):
+    a = torch.zeros(1, 1, 8, 8)
+    agreement = sample_agreement(a, a + 0.01)
+    assert agreement["psnr_db_std"] is None and agreement["ssim_std"] is None and agreement["num"] == 1
+    assert math.isfinite(agreement["psnr_db_mean"]) and not recwarn.list  # no "degrees of freedom" warning
+    assert sample_agreement(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8) + 0.01)["psnr_db_std"] == 0.0
