@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .models.loading import DiffusionModel
 from .progress import progress_bar
-from .sampling import NoisePredictor, denoise, initial_noise, make_scheduler
+from .sampling import NoisePredictor, denoise, initial_noise, in_cpu_calls, make_scheduler
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -35,13 +35,15 @@ def per_timestep_error(model: DiffusionModel, fp: NoisePredictor, candidates: di
     sched = make_scheduler(scheduler, model.scheduler_config, steps)
     result: dict = {"t": [], **{name: {"sqnr_db": [], "mse": [], "mean_error": []} for name in candidates}}
     references: list[torch.Tensor] = []
+    fp_in_calls = in_cpu_calls(fp)
+    candidates_in_calls = {name: in_cpu_calls(eps) for name, eps in candidates.items()}
 
     def compare(i: int, t: int, x: torch.Tensor) -> None:
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
-        reference = fp(x, t_batch)
+        reference = fp_in_calls(x, t_batch)
         references.append(reference)
         result["t"].append(t)
-        for name, eps in candidates.items():
+        for name, eps in candidates_in_calls.items():
             out = eps(x, t_batch)
             result[name]["sqnr_db"].append(sqnr_db(reference, out))
             result[name]["mse"].append(F.mse_loss(out.double(), reference.double()).item())

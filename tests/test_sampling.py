@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.sampling import denoise, make_scheduler, sample
+from qtoolkit.sampling import CPU_CALL_BATCH, denoise, in_cpu_calls, make_scheduler, sample, unet_predictor
 
 
 def test_sampling_is_deterministic_for_a_seed(tiny_model):
@@ -46,3 +46,20 @@ def test_x0_clipping_follows_the_models_scheduler_config(tiny_model, kind):
     clipped, free = draw(True), draw(False)
     assert free.max() > 2
     assert clipped.max() < 1.2  # x_0 clipped to [-1, 1] at every step; the last step adds sqrt(1 - alpha_bar_0) noise
+
+
+def test_a_cpu_network_gets_at_most_cpu_call_batch_samples_a_call_and_the_chains_are_unchanged(tiny_model):
+    network, calls = unet_predictor(tiny_model.unet), []
+
+    def recorded(x, t):
+        calls.append(x.shape[0])
+        return network(x, t)
+
+    num = 2 * CPU_CALL_BATCH + 5
+    chunked = sample(tiny_model, "ddim", 3, num=num, seed=0, batch_size=num, eps=recorded, progress=False)
+    assert max(calls) == CPU_CALL_BATCH and calls[:3] == [CPU_CALL_BATCH, CPU_CALL_BATCH, 5]
+    scheduler = make_scheduler("ddim", tiny_model.scheduler_config, 3)
+    x_T = torch.randn((num, *tiny_model.sample_shape), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(chunked, denoise(network, scheduler, x_T), rtol=1e-5, atol=1e-5)  # whole batches
+    x, t = torch.randn(num, 1, 8, 8), torch.arange(num)
+    assert torch.equal(in_cpu_calls(lambda x, t: x * t[:, None, None, None])(x, t), x * t[:, None, None, None])
