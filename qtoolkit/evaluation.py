@@ -94,17 +94,18 @@ def feature_extractor(features: str = "classifier", classifier: str | Path = "fm
     raise QtoolkitError(f"unknown feature network {features!r}: use {' or '.join(map(repr, FEATURE_NETWORKS))}")
 
 
-def evaluate_images(samples: torch.Tensor, reference: torch.Tensor, extractor, bootstrap: int = 200, seed: int = 0) -> dict:
-    """Metrics of `samples` against `reference`. Raw samples are clamped to [-1, 1] first, as every diffusion
-    pipeline does when it turns them into images: the metrics judge the images a user would get."""
-    from .metrics import evaluate
+def evaluate_images(samples: torch.Tensor, reference, extractor, bootstrap: int = 200, seed: int = 0) -> dict:
+    """Metrics of `samples` against `reference` (images, or qtoolkit.metrics.EmbeddedImages made with `extractor`).
+    Raw samples are clamped to [-1, 1] first, as every diffusion pipeline does when it turns them into images: the
+    metrics judge the images a user would get."""
+    from .metrics import EmbeddedImages, evaluate
 
     samples = samples.clamp(-1, 1)
-
-    if samples.shape[1:] != reference.shape[1:]:
-        raise QtoolkitError(f"samples {tuple(samples.shape[1:])} and reference {tuple(reference.shape[1:])} differ in shape")
+    images = reference.images if isinstance(reference, EmbeddedImages) else reference
+    if samples.shape[1:] != images.shape[1:]:
+        raise QtoolkitError(f"samples {tuple(samples.shape[1:])} and reference {tuple(images.shape[1:])} differ in shape")
     return evaluate(samples, reference, extractor, bootstrap=bootstrap, seed=seed,
-                    kid_subset_size=min(1000, len(samples), len(reference)))
+                    kid_subset_size=min(1000, len(samples), len(images)))
 
 
 def evaluate_samples(samples: Path, reference: str | Path = "fmnist-test", features: str = "classifier",

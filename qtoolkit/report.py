@@ -8,6 +8,7 @@ model's own numbers beside them as the yardstick for "within sampling noise".
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -31,6 +32,7 @@ from .images import load_samples, save_grid, save_samples  # noqa: E402
 from .io import atomic_write_text  # noqa: E402
 from .models.loading import DiffusionModel  # noqa: E402
 from .progress import timed  # noqa: E402
+from .metrics import embed_images  # noqa: E402
 from .metrics.inception import WEIGHTS_FILENAME, cached_weights_path  # noqa: E402
 from .sampling import NoisePredictor, make_scheduler, sample, unet_predictor  # noqa: E402
 
@@ -281,7 +283,12 @@ def _metrics_of(plan: ReportPlan, settings: ReportSettings):
     size = plan.sample_shape[-1]
     extractor = feature_extractor(settings.features, resolution=size)
     reference = load_reference(REFERENCE, data_root=settings.data_root, size=size)
-    return lambda images: evaluate_images(images, reference, extractor, settings.bootstrap, settings.seed)
+
+    @functools.cache  # the reference's features, computed on the first call: every candidate compares with them
+    def embedded_reference():
+        return embed_images(reference, extractor)
+
+    return lambda images: evaluate_images(images, embedded_reference(), extractor, settings.bootstrap, settings.seed)
 
 
 def within_fp_noise(fp: dict, q: dict) -> dict:

@@ -11,7 +11,8 @@ from torch import nn
 
 from qtoolkit.data import DEFAULT_ROOT, load_fashion_mnist
 from qtoolkit.errors import QtoolkitError
-from qtoolkit.metrics import ClassifierFeatures, InceptionFeatures, cached_weights_path, evaluate, fid, format_table
+from qtoolkit.metrics import (ClassifierFeatures, InceptionFeatures, cached_weights_path, embed_images, evaluate, fid,
+                              format_table)
 from qtoolkit.metrics.inception import WEIGHTS_FILENAME
 
 
@@ -190,3 +191,20 @@ def test_fid_on_real_fashion_mnist_separates_data_from_noise():
     noise_features, _ = extractor(noise)
     same_data = fid(train_features, test_features)
     assert same_data * 20 < fid(noise_features, test_features)
+
+
+def test_a_reference_embedded_once_gives_the_metrics_of_the_images():
+    torch.manual_seed(0)
+    calls = []
+
+    def extractor(images):
+        calls.append(len(images))
+        flat = images.flatten(1).double().numpy()
+        return flat[:, :8], None
+
+    reference, samples = torch.rand(40, 1, 4, 4) * 2 - 1, torch.rand(30, 1, 4, 4) * 2 - 1
+    direct = evaluate(samples, reference, extractor, bootstrap=10, kid_subset_size=20)
+    embedded = embed_images(reference, extractor)
+    assert calls == [30, 40, 40]
+    assert evaluate(samples, embedded, extractor, bootstrap=10, kid_subset_size=20) == direct
+    assert calls == [30, 40, 40, 30]  # the reference was not embedded again

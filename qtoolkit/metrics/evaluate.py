@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -31,23 +32,40 @@ def _embed(extractor: Extractor, images: torch.Tensor, name: str) -> tuple[np.nd
     return features, probabilities
 
 
+@dataclass(frozen=True)
+class EmbeddedImages:
+    """Images with their features and class probabilities from one extractor: a reference set embedded once and
+    compared with many sample sets (a report's FP samples and each quantized model's)."""
+
+    images: torch.Tensor
+    features: np.ndarray
+    probabilities: np.ndarray | None
+
+
+def embed_images(images: torch.Tensor, extractor: Extractor, name: str = "reference images") -> EmbeddedImages:
+    images = check_images(images, name)
+    return EmbeddedImages(images, *_embed(extractor, images, name))
+
+
 def _score_or_none(probabilities: np.ndarray | None, splits: int) -> tuple[float | None, float | None]:
     if probabilities is None:
         return None, None
     return tuple(inception_score(probabilities, min(splits, len(probabilities))))
 
 
-def evaluate(samples: torch.Tensor, reference: torch.Tensor, extractor: Extractor, *, kid_subsets: int = 100,
+def evaluate(samples: torch.Tensor, reference: torch.Tensor | EmbeddedImages, extractor: Extractor, *, kid_subsets: int = 100,
              kid_subset_size: int = 1000, bootstrap: int = 200, seed: int = 0, is_splits: int = 10,
              pr_k: int = 3) -> dict:
     """FID (with a bootstrap interval), KID, IS, precision and recall of `samples` against `reference`.
 
-    Both are image batches (N, C, H, W) in [-1, 1]; `extractor` maps such a batch to (features (N, D),
-    class probabilities (N, K) or None). bootstrap=0 skips the FID interval. The result is a flat,
-    JSON-serialisable dict; "notes" lists every adjustment made and every metric skipped.
+    Both are image batches (N, C, H, W) in [-1, 1] (`reference` may come embedded by `embed_images` with the same
+    extractor); `extractor` maps such a batch to (features (N, D), class probabilities (N, K) or None).
+    bootstrap=0 skips the FID interval. The result is a flat, JSON-serialisable dict; "notes" lists every
+    adjustment made and every metric skipped.
     """
     samples = check_images(samples, "samples")
-    reference = check_images(reference, "reference images")
+    embedded = reference if isinstance(reference, EmbeddedImages) else None
+    reference = embedded.images if embedded else check_images(reference, "reference images")
     if samples.shape[1:] != reference.shape[1:]:
         raise QtoolkitError(f"samples {tuple(samples.shape[1:])} and reference images {tuple(reference.shape[1:])} "
                           "differ in (channels, height, width): compare images of the same kind")
@@ -57,7 +75,8 @@ def evaluate(samples: torch.Tensor, reference: torch.Tensor, extractor: Extracto
             notes.append(f"{name} are all >= 0: if they are [0, 1] images, rescale them with x * 2 - 1")
 
     sample_features, sample_probabilities = _embed(extractor, samples, "samples")
-    reference_features, reference_probabilities = _embed(extractor, reference, "reference images")
+    embedded = embedded or EmbeddedImages(reference, *_embed(extractor, reference, "reference images"))
+    reference_features, reference_probabilities = embedded.features, embedded.probabilities
     n, m = len(samples), len(reference)
     # Independent streams: changing the number of bootstrap resamples leaves KID's subsets unchanged.
     kid_seed, bootstrap_seed = np.random.SeedSequence(seed).generate_state(2)
