@@ -75,7 +75,7 @@ def evaluate(samples: torch.Tensor, reference: torch.Tensor | EmbeddedImages, ex
             notes.append(f"{name} are all >= 0: if they are [0, 1] images, rescale them with x * 2 - 1")
 
     sample_features, sample_probabilities = _embed(extractor, samples, "samples")
-    embedded = embedded or EmbeddedImages(reference, *_embed(extractor, reference, "reference images"))
+    embedded = embedded or embed_images(reference, extractor)
     reference_features, reference_probabilities = embedded.features, embedded.probabilities
     n, m = len(samples), len(reference)
     # Independent streams: changing the number of bootstrap resamples leaves KID's subsets unchanged.
